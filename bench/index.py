@@ -1,0 +1,138 @@
+"""Capacity index benchmark: a synthetic cluster of 5,000 nodes and 150,000 pods in 6 zones.
+
+Prints build time, pod-event apply rate, decision latency (median, p99) and index memory per pod.
+Targets on a 2-core machine: build < 3 s, >= 100,000 pod events/s, decision median < 20 us and p99 < 100 us,
+<= 600 bytes per pod.
+
+    python bench/index.py [--nodes 5000] [--pods 150000] [--zones 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import statistics
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from webhook.model.cni import CniSettings  # noqa: E402
+from webhook.model.config import Settings  # noqa: E402
+from webhook.model.decide import decide  # noqa: E402
+from webhook.model.index import CapacityIndex, PodUse  # noqa: E402
+from webhook.model.limits import LimitsTable  # noqa: E402
+
+TYPES = ["m5.large", "m5.xlarge", "m5.2xlarge", "c5.xlarge", "c5.4xlarge", "r5.2xlarge", "m5.4xlarge"]
+
+
+def build(nodes: int, pods: int, zones: int, seed: int = 7) -> tuple[CapacityIndex, list[str]]:
+    rng = random.Random(seed)
+    index = CapacityIndex(LimitsTable(), CniSettings())
+    zone_names = [f"us-east-1{chr(ord('a') + z)}" for z in range(zones)]
+    node_names = []
+    for i in range(nodes):
+        zone = zone_names[i % zones]
+        name = f"ip-10-{i // 250}-{i % 250}.ec2.internal"
+        node_names.append(name)
+        index.upsert_node(
+            name,
+            zone=zone,
+            instance_type=TYPES[i % len(TYPES)],
+            pod_subnet=f"subnet-{zone}-{i % 3}",
+            allocatable_pods=110,
+        )
+    for zone in zone_names:
+        for s in range(3):
+            index.upsert_subnet(f"subnet-{zone}-{s}", zone=zone, free_ips=rng.randint(0, 4000))
+    for p in range(pods):
+        node = node_names[p % nodes]
+        use = PodUse.NONE if p % 30 == 0 else PodUse.IP
+        index.upsert_pod(f"ns-{p % 200}/pod-{p}", node, use)
+    return index, node_names
+
+
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--nodes", type=int, default=5000)
+    parser.add_argument("--pods", type=int, default=150_000)
+    parser.add_argument("--zones", type=int, default=6)
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--decisions", type=int, default=20_000)
+    args = parser.parse_args()
+
+    gc.collect()
+    t0 = time.perf_counter()
+    index, node_names = build(args.nodes, args.pods, args.zones)
+    build_s = time.perf_counter() - t0
+
+    # Pod events: a churn of deletes and re-adds on other nodes, as a rolling deployment produces.
+    rng = random.Random(11)
+    keys = list(index.pods)
+    ops = []
+    for _ in range(args.events // 2):
+        key = keys[rng.randrange(len(keys))]
+        ops.append((key, node_names[rng.randrange(len(node_names))]))
+    t0 = time.perf_counter()
+    for key, node in ops:
+        index.remove_pod(key)
+        index.upsert_pod(key, node, PodUse.IP)
+    events_s = time.perf_counter() - t0
+    rate = 2 * len(ops) / events_s
+
+    # Decisions on a Deployment pod with a zone affinity; every fifth one takes a reservation as /validate does.
+    settings = Settings(zone_reserve=5)
+    pod = {
+        "metadata": {"generateName": "api-7d9c8b6f5d-", "namespace": "payments", "labels": {"app": "api"}},
+        "spec": {
+            "containers": [{"name": "api", "image": "api:1"}],
+            "affinity": {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {
+                        "nodeSelectorTerms": [
+                            {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "NotIn",
+                                                   "values": ["us-east-1f"]}]}
+                        ]
+                    }
+                }
+            },
+        },
+    }
+    latencies = []
+    clock = time.perf_counter_ns
+    for i in range(args.decisions):
+        t = clock()
+        decision = decide(pod, index, settings, namespace="payments")
+        latencies.append(clock() - t)
+        if i % 5 == 0 and decision.reserve_zone:
+            index.reserve(f"payments/bench-{i}", decision.reserve_zone)
+    latencies.sort()
+    median_us = statistics.median(latencies) / 1000
+    p99_us = latencies[int(len(latencies) * 0.99)] / 1000
+
+    # Memory: the index built again under tracemalloc (slower, so not timed).
+    del index
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.take_snapshot()
+    index2, _ = build(args.nodes, args.pods, args.zones)
+    total = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(base, "filename"))
+    tracemalloc.stop()
+    per_pod = total / args.pods
+
+    print(f"cluster: {args.nodes} nodes, {args.pods} pods, {args.zones} zones")
+    print(f"build:            {build_s:8.2f} s        (target < 3 s)")
+    print(f"pod events:       {rate:8.0f} /s       (target >= 100000/s)")
+    print(f"decision median:  {median_us:8.1f} us       (target < 20 us)")
+    print(f"decision p99:     {p99_us:8.1f} us       (target < 100 us)")
+    print(f"memory per pod:   {per_pod:8.0f} bytes    (target <= 600; whole index {total / 2**20:.1f} MiB)")
+    print(f"last decision: {decision.verdict.value} ({decision.reason}); pods indexed {len(index2.pods)}")
+
+
+if __name__ == "__main__":
+    main()

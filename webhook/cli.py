@@ -1,0 +1,112 @@
+"""The `ipguard` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from webhook.model.limits import (
+    CapacityMode,
+    LimitsTable,
+    UnknownInstanceType,
+    max_pods,
+    parse_cni_version,
+)
+
+DEFAULT_SNAPSHOT = Path(__file__).resolve().parent.parent / "examples" / "cluster.yaml"
+
+
+def _max_pods(args: argparse.Namespace) -> int:
+    table = LimitsTable()
+    mode = CapacityMode(
+        prefix_delegation=args.prefix_delegation,
+        custom_networking=args.custom_networking,
+        max_eni=args.max_eni,
+        pod_eni=args.pod_eni,
+    )
+    try:
+        version = parse_cni_version(args.cni_version) if args.cni_version else None
+    except ValueError as exc:
+        print(f"ipguard: {exc}", file=sys.stderr)
+        return 2
+    if args.all:
+        # The format of the VPC CNI's eni-max-pods.txt (uncapped unless a ceiling is asked for).
+        for name in table.types():
+            figure = max_pods(table.get(name), mode, cni_version=version, show_max_allowed=not args.capped)
+            print(f"{name} {figure}")
+        return 0
+    if not args.instance_type:
+        print("ipguard: max-pods needs an instance type or --all", file=sys.stderr)
+        return 2
+    try:
+        limits = table.get(args.instance_type)
+    except UnknownInstanceType as exc:
+        print(f"ipguard: {exc}", file=sys.stderr)
+        return 1
+    print(max_pods(limits, mode, cni_version=version, show_max_allowed=args.show_max_allowed))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from webhook.report import report_json, report_text
+    from webhook.sources.snapshot import SnapshotError, load_snapshot
+
+    try:
+        snapshot = load_snapshot(args.snapshot)
+    except SnapshotError as exc:
+        print(f"ipguard: {exc}", file=sys.stderr)
+        return 1
+    index = snapshot.build_index()
+    figures = index.snapshot()
+    if args.json:
+        print(json.dumps(report_json(figures, snapshot.settings), indent=2))
+    else:
+        print(report_text(figures, snapshot.settings))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ipguard",
+        description="Admission webhook that keeps pods away from exhausted VPC CNI pod IP capacity on EKS.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    mp = sub.add_parser("max-pods", help="max-pods for an instance type, as the EKS max-pods calculator gives it")
+    mp.add_argument("instance_type", nargs="?", help="e.g. m5.large")
+    mp.add_argument("--all", action="store_true", help="every known type, in the format of eni-max-pods.txt")
+    mp.add_argument("--capped", action="store_true", help="with --all: apply the 110/250 kubelet ceiling")
+    mp.add_argument("--prefix-delegation", action="store_true", help="ENABLE_PREFIX_DELEGATION=true")
+    mp.add_argument("--custom-networking", action="store_true", help="AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG=true")
+    mp.add_argument("--max-eni", type=int, metavar="N", help="MAX_ENI")
+    mp.add_argument("--pod-eni", action="store_true", help="ENABLE_POD_ENI=true (the trunk ENI takes a slot)")
+    mp.add_argument("--cni-version", metavar="V", help="VPC CNI version, e.g. 1.18.3 (prefix delegation needs 1.9+)")
+    mp.add_argument("--show-max-allowed", action="store_true", help="no 110/250 ceiling")
+    mp.set_defaults(func=_max_pods)
+
+    dp = sub.add_parser("demo", help="the embedded demo cluster's pod IP headroom")
+    dp.add_argument("--snapshot", default=str(DEFAULT_SNAPSHOT), help="cluster snapshot file (YAML)")
+    dp.add_argument("--json", action="store_true", help="machine-readable output")
+    dp.set_defaults(func=_report)
+
+    rp = sub.add_parser("report", help="per-zone and per-subnet pod IP headroom")
+    rp.add_argument("--snapshot", default=str(DEFAULT_SNAPSHOT), help="cluster snapshot file (YAML)")
+    rp.add_argument("--json", action="store_true", help="machine-readable output")
+    rp.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "max_eni", None) is not None and args.max_eni < 1:
+        print("ipguard: --max-eni must be at least 1", file=sys.stderr)
+        return 2
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

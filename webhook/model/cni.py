@@ -1,0 +1,142 @@
+"""VPC CNI settings (the aws-node container's env) and the warm-pool model of ipamd.
+
+The warm pool decides how many IPs a node takes from its subnet beyond the ones its pods use, so subnet free
+counts fall faster than pod counts rise. Where EC2 tells us what a node really holds we use that; this model
+predicts it where EC2 data is missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from webhook.model.limits import PREFIX_SIZE, CapacityMode, InstanceLimits, pod_ip_slots, uses_prefixes
+
+
+class CniSettingsError(ValueError):
+    """A bad value in the aws-node env; the message names the variable."""
+
+
+# ipamd's defaults: WARM_ENI_TARGET=1 unless an IP target is set; WARM_PREFIX_TARGET=1 under prefix delegation.
+DEFAULT_WARM_ENI_TARGET = 1
+DEFAULT_WARM_PREFIX_TARGET = 1
+DEFAULT_ENI_CONFIG_LABEL = "k8s.amazonaws.com/eniConfig"
+
+
+@dataclass(frozen=True, slots=True)
+class CniSettings:
+    prefix_delegation: bool = False
+    warm_eni_target: int = DEFAULT_WARM_ENI_TARGET
+    warm_ip_target: int | None = None
+    minimum_ip_target: int | None = None
+    warm_prefix_target: int = DEFAULT_WARM_PREFIX_TARGET
+    custom_networking: bool = False
+    eni_config_label_def: str = DEFAULT_ENI_CONFIG_LABEL
+    max_eni: int | None = None
+    pod_eni: bool = False
+    ipv6: bool = False
+
+    @property
+    def mode(self) -> CapacityMode:
+        return CapacityMode(self.prefix_delegation, self.custom_networking, self.max_eni, self.pod_eni)
+
+    @property
+    def uses_ip_targets(self) -> bool:
+        """WARM_IP_TARGET / MINIMUM_IP_TARGET override WARM_ENI_TARGET (and WARM_PREFIX_TARGET)."""
+        return bool(self.warm_ip_target) or bool(self.minimum_ip_target)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> CniSettings:
+        """Parse the aws-node env with the CNI's defaults for anything unset or empty."""
+        return cls(
+            prefix_delegation=_bool(env, "ENABLE_PREFIX_DELEGATION", False),
+            warm_eni_target=_int(env, "WARM_ENI_TARGET", DEFAULT_WARM_ENI_TARGET) or 0,
+            warm_ip_target=_int(env, "WARM_IP_TARGET", None),
+            minimum_ip_target=_int(env, "MINIMUM_IP_TARGET", None),
+            warm_prefix_target=_int(env, "WARM_PREFIX_TARGET", DEFAULT_WARM_PREFIX_TARGET) or 0,
+            custom_networking=_bool(env, "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", False),
+            eni_config_label_def=(env.get("ENI_CONFIG_LABEL_DEF") or DEFAULT_ENI_CONFIG_LABEL).strip(),
+            max_eni=_positive(env, "MAX_ENI"),
+            pod_eni=_bool(env, "ENABLE_POD_ENI", False),
+            ipv6=_bool(env, "ENABLE_IPv6", False),
+        )
+
+
+def _raw(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return None
+    return value.strip()
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = _raw(env, name)
+    if value is None:
+        return default
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise CniSettingsError(f"{name}={value!r} is not a boolean (expected true or false)")
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None) -> int | None:
+    value = _raw(env, name)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise CniSettingsError(f"{name}={value!r} is not a whole number") from None
+    if number < 0:
+        raise CniSettingsError(f"{name}={value!r} must not be negative")
+    return number
+
+
+def _positive(env: Mapping[str, str], name: str) -> int | None:
+    number = _int(env, name, None)
+    # The CNI treats MAX_ENI unset or <= 0 as "no cap".
+    return number if number else None
+
+
+@dataclass(frozen=True, slots=True)
+class HeldAddresses:
+    """What a node holds from its subnet: IPs, and how many /28 prefixes those are under prefix delegation."""
+
+    ips: int
+    prefixes: int = 0
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def predict_held(assigned: int, limits: InstanceLimits, settings: CniSettings) -> HeldAddresses:
+    """IPs (and prefixes) ipamd holds on a node with `assigned` pod IPs in use, as its warm-pool rules would.
+
+    - WARM_IP_TARGET / MINIMUM_IP_TARGET: max(assigned + warm, minimum) addresses (whole /28s under PD).
+    - WARM_PREFIX_TARGET (prefix delegation): the prefixes pods use plus that many completely free ones.
+    - WARM_ENI_TARGET: whole ENIs, enough that that many ENIs' worth of IPs stay free.
+    Never more than the node can hold.
+    """
+    mode = settings.mode
+    slots = pod_ip_slots(limits, mode)
+    assigned = max(assigned, 0)
+    if uses_prefixes(limits, mode):
+        if settings.uses_ip_targets:
+            want_ips = max(assigned + (settings.warm_ip_target or 0), settings.minimum_ip_target or 0)
+            prefixes = _ceil_div(want_ips, PREFIX_SIZE)
+        else:
+            # Only completely free prefixes count as warm; pods are packed into the fewest prefixes.
+            prefixes = _ceil_div(assigned, PREFIX_SIZE) + settings.warm_prefix_target
+        prefixes = min(prefixes, slots)
+        return HeldAddresses(prefixes * PREFIX_SIZE, prefixes)
+    if settings.uses_ip_targets:
+        ips = max(assigned + (settings.warm_ip_target or 0), settings.minimum_ip_target or 0)
+        return HeldAddresses(min(ips, slots))
+    per_eni = max(limits.ipv4_per_eni - 1, 0)
+    if per_eni == 0:
+        return HeldAddresses(0)
+    enis = _ceil_div(assigned, per_eni) + settings.warm_eni_target
+    return HeldAddresses(min(enis * per_eni, slots))

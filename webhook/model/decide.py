@@ -1,0 +1,216 @@
+"""Decisions: given a pod, the index and the settings, say whether ipguard has a say, and if so what it is.
+
+Pure and synchronous: the index does not change while a decision is made, so the figures it uses are one
+consistent state. How a decision is answered (patch, denial, warning, record) is the admission layer's job.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from webhook.model import pods
+from webhook.model.config import Settings
+from webhook.model.index import CapacityIndex, PodUse
+
+
+class Verdict(enum.Enum):
+    NOT_APPLICABLE = "not-applicable"
+    ALLOW = "allow"
+    STEER = "steer"
+    DENY = "deny"
+
+
+class ZoneCheck(NamedTuple):
+    """One allowed zone's figures (a NamedTuple: several are built per request, and it builds fast)."""
+
+    zone: str
+    headroom: int  # pods of this kind the zone can still take
+    reserve: int
+    room: int
+    warm_free: int
+    subnet_free: int
+    reservations: int
+    subnets: tuple[str, ...]
+
+    @property
+    def exhausted(self) -> bool:
+        return self.headroom <= self.reserve
+
+
+@dataclass(frozen=True, slots=True)
+class NodeCheck:
+    node: str
+    zone: str | None
+    known: bool
+    room: int
+    warm_free: int
+    subnet_free: int | None
+    reserve: int
+    branch_room: int
+    can_take: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    pod: str  # namespace/name (namespace/generateName* before the name exists)
+    reason: str  # one line: why
+    use: PodUse = PodUse.IP
+    zones: tuple[ZoneCheck, ...] = ()  # every allowed zone with its figures
+    avoid_zones: tuple[str, ...] = ()
+    avoid_nodes: tuple[str, ...] = ()
+    prefer_zones: tuple[tuple[str, int], ...] = ()  # (zone, weight 1-100), most headroom first
+    node: NodeCheck | None = None  # for a pod pinned by spec.nodeName
+    stale: bool = False  # figures too old: allowed without judging
+    reserve_zone: str | None = None  # where an admitted pod should hold its reservation
+    reserve_node: str | None = None
+
+    @property
+    def open_zones(self) -> tuple[str, ...]:
+        return tuple(z.zone for z in self.zones if not z.exhausted)
+
+
+def not_applicable(pod: str, reason: str) -> Decision:
+    return Decision(Verdict.NOT_APPLICABLE, pod, reason, use=PodUse.NONE)
+
+
+def decide(
+    pod: Mapping[str, Any],
+    index: CapacityIndex,
+    settings: Settings,
+    *,
+    namespace: str | None = None,
+    operation: str = "CREATE",
+    stale: bool = False,
+) -> Decision:
+    name = pods.display_name(pod, namespace)
+    ns = name.split("/", 1)[0]
+    if operation != "CREATE":
+        return not_applicable(name, f"{operation} does not change a pod's IP needs; only CREATE is judged")
+    if ns in settings.exempt_namespaces:
+        return not_applicable(name, f"namespace {ns} is exempt")
+    if pods.is_mirror(pod):
+        return not_applicable(name, "mirror (static) pod: the kubelet runs it without the scheduler")
+    if pods.is_host_network(pod):
+        return not_applicable(name, "hostNetwork pod: uses the node's own IP")
+    if pods.is_fargate(pod):
+        return not_applicable(name, "Fargate pod: each gets its own micro-VM and ENI")
+    if pods.targets_windows(pod):
+        return not_applicable(name, "Windows pod: a different IPAM, not modelled")
+    if index.cni.ipv6:
+        return not_applicable(name, "IPv6 cluster: pod addresses are not the constraint")
+    # pods.pod_use() without the checks made above
+    use = PodUse.BRANCH if pods.wants_branch_eni(pod) else PodUse.IP
+    if stale:
+        return Decision(Verdict.ALLOW, name, "capacity data is stale: allowed without judging", use=use, stale=True)
+
+    index.expire()
+    pinned = pods.node_name(pod)
+    if pinned is not None:
+        return _decide_pinned(name, pinned, use, index, settings)
+
+    allowed = pods.allowed_zones(pod, index.zone_names())
+    if not allowed:
+        if not index.zone_names():
+            return Decision(Verdict.ALLOW, name, "no nodes known yet", use=use)
+        return Decision(Verdict.ALLOW, name, "its node constraints allow no zone with nodes: left to the scheduler",
+                        use=use)
+    checks = tuple(_zone_check(zone, use, index, settings) for zone in allowed)
+    open_checks = [c for c in checks if not c.exhausted]
+    if not open_checks:
+        return Decision(
+            Verdict.DENY, name, "every allowed zone is out of pod IPs", use=use, zones=checks
+        )
+    best = max(open_checks, key=lambda c: (c.headroom - c.reserve, c.zone))
+    avoid_zones = tuple(c.zone for c in checks if c.exhausted)
+    avoid_nodes = _avoid_nodes(index, settings, [c.zone for c in open_checks])
+    if not avoid_zones and not avoid_nodes:
+        return Decision(Verdict.ALLOW, name, "allowed zones have room", use=use, zones=checks,
+                        reserve_zone=best.zone)
+    reasons = []
+    if avoid_zones:
+        reasons.append(f"zone(s) {', '.join(avoid_zones)} out of pod IPs")
+    if avoid_nodes:
+        reasons.append(f"{len(avoid_nodes)} node(s) full")
+    return Decision(
+        Verdict.STEER,
+        name,
+        "; ".join(reasons),
+        use=use,
+        zones=checks,
+        avoid_zones=avoid_zones,
+        avoid_nodes=avoid_nodes,
+        prefer_zones=_preferences(open_checks),
+        reserve_zone=best.zone,
+    )
+
+
+def _zone_check(zone_name: str, use: PodUse, index: CapacityIndex, settings: Settings) -> ZoneCheck:
+    # Read the zone's aggregates directly: this runs for every allowed zone of every admission request.
+    zone = index.zones[zone_name]
+    return ZoneCheck(
+        zone=zone_name,
+        headroom=zone.branch_headroom if use is PodUse.BRANCH else zone.headroom,
+        reserve=settings.reserve_for_zone(zone_name),
+        room=zone.branch_room if use is PodUse.BRANCH else zone.room,
+        warm_free=zone.warm,
+        subnet_free=zone.supply,
+        reservations=zone.reservations + zone.pending,
+        subnets=zone.subnet_tuple,
+    )
+
+
+def _avoid_nodes(index: CapacityIndex, settings: Settings, zones: list[str]) -> tuple[str, ...]:
+    """Exhausted nodes in the zones left open, when they are few enough to list in a patch."""
+    limit = settings.max_steered_nodes
+    if sum(len(index.zones[z].full_nodes) for z in zones) > limit:
+        return ()  # too many to list: the zone figures still steer, the scheduler does the rest
+    found: list[str] = []
+    for zone in zones:
+        for node in index.exhausted_nodes(zone):
+            found.append(node)
+            if len(found) > limit:
+                return ()
+    return tuple(sorted(found))
+
+
+def _preferences(open_checks: list[ZoneCheck]) -> tuple[tuple[str, int], ...]:
+    """Preferred-affinity weights (1-100) in proportion to each open zone's spare headroom."""
+    spare = {c.zone: max(c.headroom - c.reserve, 0) for c in open_checks}
+    top = max(spare.values(), default=0)
+    if top <= 0:
+        return ()
+    ranked = sorted(spare.items(), key=lambda item: (-item[1], item[0]))
+    return tuple((zone, max(1, round(100 * free / top))) for zone, free in ranked)
+
+
+def _decide_pinned(name: str, node_name: str, use: PodUse, index: CapacityIndex, settings: Settings) -> Decision:
+    figures = index.node_figures(node_name)
+    node = index.nodes.get(node_name)
+    if figures is None or node is None:
+        return Decision(Verdict.ALLOW, name, f"pinned to node {node_name}, which ipguard does not know yet",
+                        use=use, node=NodeCheck(node_name, None, False, 0, 0, None, settings.node_reserve, 0,
+                                                True))
+    subnet = index.subnets.get(node.pod_subnet) if node.pod_subnet else None
+    if use is PodUse.BRANCH:
+        can_take = node.branch_room > 0 and (subnet is None or subnet.supply > 0)
+    else:
+        can_take = index.node_can_take(node)
+    check = NodeCheck(
+        node=node_name,
+        zone=node.zone,
+        known=True,
+        room=node.room,
+        warm_free=node.warm,
+        subnet_free=None if subnet is None else subnet.supply,
+        reserve=settings.node_reserve,
+        branch_room=node.branch_room,
+        can_take=can_take,
+    )
+    if can_take:
+        return Decision(Verdict.ALLOW, name, f"node {node_name} has room", use=use, node=check,
+                        reserve_zone=node.zone, reserve_node=node_name)
+    return Decision(Verdict.DENY, name, f"node {node_name} cannot give it an IP", use=use, node=check)

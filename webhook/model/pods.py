@@ -1,0 +1,139 @@
+"""Reading a Pod (a plain dict, as an AdmissionReview or a watch event carries it): what it takes and where
+it may run. Works on the JSON shape, so the same code serves the webhook and the watches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from webhook.model.index import PodUse
+
+ZONE_LABEL = "topology.kubernetes.io/zone"
+LEGACY_ZONE_LABEL = "failure-domain.beta.kubernetes.io/zone"
+ZONE_KEYS = (ZONE_LABEL, LEGACY_ZONE_LABEL)
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+OS_LABEL = "kubernetes.io/os"
+POD_ENI_RESOURCE = "vpc.amazonaws.com/pod-eni"
+FARGATE_PROFILE_LABEL = "eks.amazonaws.com/fargate-profile"
+FARGATE_SCHEDULER = "fargate-scheduler"
+MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
+TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+
+Pod = Mapping[str, Any]
+
+
+_EMPTY: Mapping[str, Any] = {}
+
+
+def _map(value: Any) -> Mapping[str, Any]:
+    # `type(...) is dict` first: this runs on every admission request, and the ABC check is slow.
+    if type(value) is dict:
+        return value
+    return value if value is not None and isinstance(value, Mapping) else _EMPTY
+
+
+def _list(value: Any) -> list[Any]:
+    return value if type(value) is list else []
+
+
+def metadata(pod: Pod) -> Mapping[str, Any]:
+    return _map(pod.get("metadata"))
+
+
+def spec(pod: Pod) -> Mapping[str, Any]:
+    return _map(pod.get("spec"))
+
+
+def display_name(pod: Pod, namespace: str | None = None) -> str:
+    """namespace/name, or namespace/generateName* when the mutating stage has no name yet."""
+    meta = metadata(pod)
+    ns = namespace or meta.get("namespace") or "default"
+    name = meta.get("name") or ((meta.get("generateName") or "") + "*")
+    return f"{ns}/{name}"
+
+
+def is_mirror(pod: Pod) -> bool:
+    return MIRROR_ANNOTATION in _map(metadata(pod).get("annotations"))
+
+
+def is_host_network(pod: Pod) -> bool:
+    return spec(pod).get("hostNetwork") is True
+
+
+def is_fargate(pod: Pod) -> bool:
+    labels = _map(metadata(pod).get("labels"))
+    return FARGATE_PROFILE_LABEL in labels or spec(pod).get("schedulerName") == FARGATE_SCHEDULER
+
+
+def is_terminal(pod: Pod) -> bool:
+    return _map(pod.get("status")).get("phase") in TERMINAL_PHASES
+
+
+def targets_windows(pod: Pod) -> bool:
+    return _map(spec(pod).get("nodeSelector")).get(OS_LABEL) == "windows"
+
+
+def wants_branch_eni(pod: Pod) -> bool:
+    """Security groups for pods: the VPC resource controller injects a pod-eni request into the pod."""
+    pod_spec = spec(pod)
+    for container in _list(pod_spec.get("containers")) + _list(pod_spec.get("initContainers")):
+        resources = _map(_map(container).get("resources"))
+        if POD_ENI_RESOURCE in _map(resources.get("requests")) or POD_ENI_RESOURCE in _map(
+            resources.get("limits")
+        ):
+            return True
+    return False
+
+
+def pod_use(pod: Pod) -> PodUse:
+    """What the pod takes from its node once it runs (terminal pods take nothing: check is_terminal first)."""
+    if is_host_network(pod) or is_fargate(pod) or targets_windows(pod):
+        return PodUse.NONE
+    if wants_branch_eni(pod):
+        return PodUse.BRANCH
+    return PodUse.IP
+
+
+def node_name(pod: Pod) -> str | None:
+    name = spec(pod).get("nodeName")
+    return name if isinstance(name, str) and name else None
+
+
+def allowed_zones(pod: Pod, zones: Iterable[str]) -> list[str]:
+    """The zones the scheduler may place the pod in, from its nodeSelector and required node affinity.
+
+    Terms are ORed, expressions within a term ANDed; only zone keys narrow the set. Other keys narrow the
+    nodes, not the zones, so ignoring them can only leave more zones allowed (never a false denial).
+    """
+    allowed = set(zones)
+    selector = _map(spec(pod).get("nodeSelector"))
+    for key in ZONE_KEYS:
+        if key in selector:
+            allowed &= {selector[key]}
+    affinity = _map(_map(spec(pod).get("affinity")).get("nodeAffinity"))
+    required = _map(affinity.get("requiredDuringSchedulingIgnoredDuringExecution"))
+    terms = _list(required.get("nodeSelectorTerms"))
+    if terms:
+        union: set[str] = set()
+        for term in terms:
+            union |= _term_zones(_map(term), allowed)
+        allowed = union
+    return sorted(allowed)
+
+
+def _term_zones(term: Mapping[str, Any], zones: set[str]) -> set[str]:
+    result = set(zones)
+    for expression in _list(term.get("matchExpressions")):
+        expr = _map(expression)
+        if expr.get("key") not in ZONE_KEYS:
+            continue
+        operator = expr.get("operator")
+        values = {v for v in _list(expr.get("values")) if isinstance(v, str)}
+        if operator == "In":
+            result &= values
+        elif operator == "NotIn":
+            result -= values
+        elif operator == "DoesNotExist":
+            result = set()
+        # Exists, Gt, Lt: every zone label exists on every zoned node; Gt/Lt make no sense for zones.
+    return result

@@ -1,0 +1,236 @@
+"""A cluster snapshot file (YAML): nodes, subnets, pods, CNI settings and ipguard settings in one place.
+
+It feeds the index for the demo, for `ipguard report --snapshot`, and for tests. Format (examples/cluster.yaml
+is a full example):
+
+    cni: {ENABLE_PREFIX_DELEGATION: "false", WARM_ENI_TARGET: "1"}   # the aws-node env
+    settings: {mode: enforce, zoneReserve: "5"}                     # ipguard's ConfigMap data
+    eniConfigs: {us-east-1a: subnet-...}                            # custom networking: ENIConfig -> subnet
+    subnets:
+      - {id: subnet-..., zone: us-east-1a, cidr: 10.0.0.0/24, free: 12, freeBlocks: 0}
+    nodes:
+      - name: ip-10-0-1-10.ec2.internal
+        zone: us-east-1a
+        type: m5.large
+        subnet: subnet-...          # the node's own subnet
+        eniConfig: us-east-1a       # optional (custom networking); default by ENI_CONFIG_LABEL_DEF
+        allocatablePods: 29         # optional; default: the type's max-pods
+        heldIPs: 27                 # optional: what EC2 says the node holds
+        unschedulable: false
+        os: linux
+        pods: {ip: 20, hostNetwork: 2, completed: 3, branch: 0}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from webhook.model.cni import CniSettings, CniSettingsError
+from webhook.model.config import ConfigError, Settings
+from webhook.model.index import CapacityIndex, PodUse
+from webhook.model.limits import LimitsTable, UnknownInstanceType, max_pods
+from webhook.model.pods import ZONE_LABEL
+
+
+class SnapshotError(ValueError):
+    """A snapshot file that cannot be loaded; the message names the file and the place."""
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotNode:
+    name: str
+    zone: str
+    instance_type: str
+    subnet: str
+    pod_subnet: str
+    allocatable_pods: int | None
+    held_ips: int | None
+    schedulable: bool
+    ip_pods: int
+    host_network_pods: int
+    completed_pods: int
+    branch_pods: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotSubnet:
+    subnet_id: str
+    zone: str
+    cidr: str
+    free_ips: int
+    free_blocks: int | None
+
+
+@dataclass(slots=True)
+class Snapshot:
+    source: str
+    cni: CniSettings
+    settings: Settings
+    settings_data: dict[str, str]
+    subnets: list[SnapshotSubnet] = field(default_factory=list)
+    nodes: list[SnapshotNode] = field(default_factory=list)
+
+    def build_index(self, limits: LimitsTable | None = None, **kwargs: Any) -> CapacityIndex:
+        index = CapacityIndex(
+            limits or LimitsTable(),
+            self.cni,
+            node_reserve=self.settings.node_reserve,
+            reservation_ttl=self.settings.reservation_ttl,
+            **kwargs,
+        )
+        for node in self.nodes:
+            index.upsert_node(
+                node.name,
+                zone=node.zone,
+                instance_type=node.instance_type,
+                pod_subnet=node.pod_subnet,
+                allocatable_pods=node.allocatable_pods,
+                schedulable=node.schedulable,
+            )
+            if node.held_ips is not None:
+                index.set_node_held(node.name, node.held_ips)
+            short = node.name.split(".", 1)[0]
+            for i in range(node.ip_pods):
+                index.upsert_pod(f"apps/{short}-app-{i}", node.name, PodUse.IP)
+            for i in range(node.branch_pods):
+                index.upsert_pod(f"apps/{short}-sg-{i}", node.name, PodUse.BRANCH)
+            for i in range(node.host_network_pods):
+                index.upsert_pod(f"kube-system/{short}-host-{i}", node.name, PodUse.NONE)
+            # Completed pods take nothing: they stay out of the index, as the watch source leaves them out.
+        # Subnet figures last: EC2 measured them with these pods and warm pools already in place.
+        for subnet in self.subnets:
+            index.upsert_subnet(
+                subnet.subnet_id,
+                zone=subnet.zone,
+                cidr=subnet.cidr,
+                free_ips=subnet.free_ips,
+                free_blocks=subnet.free_blocks,
+            )
+        return index
+
+
+def load_snapshot(path: str | Path, limits: LimitsTable | None = None) -> Snapshot:
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SnapshotError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise SnapshotError(f"{path}: not valid YAML: {exc}") from None
+    return parse_snapshot(document, str(path), limits or LimitsTable())
+
+
+def parse_snapshot(document: Any, source: str, limits: LimitsTable) -> Snapshot:
+    doc = _mapping(document, source, "the document")
+    env = {str(k): str(v) for k, v in _mapping(doc.get("cni", {}), source, "cni").items()}
+    settings_data = {str(k): str(v) for k, v in _mapping(doc.get("settings", {}), source, "settings").items()}
+    try:
+        cni = CniSettings.from_env(env)
+    except CniSettingsError as exc:
+        raise SnapshotError(f"{source}: cni: {exc}") from None
+    try:
+        settings = Settings.from_configmap(settings_data)
+    except ConfigError as exc:
+        raise SnapshotError(f"{source}: settings: {exc}") from None
+    eni_configs = {str(k): str(v) for k, v in _mapping(doc.get("eniConfigs", {}), source, "eniConfigs").items()}
+    snapshot = Snapshot(source, cni, settings, settings_data)
+
+    for i, raw in enumerate(_list(doc.get("subnets", []), source, "subnets")):
+        where = f"subnets[{i}]"
+        item = _mapping(raw, source, where)
+        free_blocks = item.get("freeBlocks")
+        snapshot.subnets.append(
+            SnapshotSubnet(
+                subnet_id=_str(item, "id", source, where),
+                zone=_str(item, "zone", source, where),
+                cidr=str(item.get("cidr", "")),
+                free_ips=_int(item, "free", source, where),
+                free_blocks=None if free_blocks is None else _int(item, "freeBlocks", source, where),
+            )
+        )
+    known_subnets = {s.subnet_id for s in snapshot.subnets}
+
+    for i, raw in enumerate(_list(doc.get("nodes", []), source, "nodes")):
+        item = _mapping(raw, source, f"nodes[{i}]")
+        where = f"nodes[{i}] ({item.get('name', '?')})"
+        zone = _str(item, "zone", source, where)
+        instance_type = _str(item, "type", source, where)
+        try:
+            type_limits = limits.get(instance_type)
+        except UnknownInstanceType as exc:
+            raise SnapshotError(f"{source}: {where}: {exc}") from None
+        subnet = _str(item, "subnet", source, where)
+        pod_subnet = subnet
+        if cni.custom_networking:
+            config_name = str(item.get("eniConfig") or "")
+            if not config_name and cni.eni_config_label_def == ZONE_LABEL:
+                config_name = zone
+            if config_name not in eni_configs:
+                raise SnapshotError(
+                    f"{source}: {where}: custom networking is on but ENIConfig {config_name!r} is not in eniConfigs"
+                )
+            pod_subnet = eni_configs[config_name]
+        if pod_subnet not in known_subnets:
+            raise SnapshotError(f"{source}: {where}: pod subnet {pod_subnet} is not listed under subnets")
+        pods = _mapping(item.get("pods", {}), source, f"{where}.pods")
+        allocatable = item.get("allocatablePods")
+        held = item.get("heldIPs")
+        snapshot.nodes.append(
+            SnapshotNode(
+                name=_str(item, "name", source, where),
+                zone=zone,
+                instance_type=instance_type,
+                subnet=subnet,
+                pod_subnet=pod_subnet,
+                allocatable_pods=(
+                    max_pods(type_limits, cni.mode)
+                    if allocatable is None
+                    else _int(item, "allocatablePods", source, where)
+                ),
+                held_ips=None if held is None else _int(item, "heldIPs", source, where),
+                schedulable=not bool(item.get("unschedulable", False)) and item.get("os", "linux") == "linux",
+                ip_pods=_int(pods, "ip", source, where, 0),
+                host_network_pods=_int(pods, "hostNetwork", source, where, 0),
+                completed_pods=_int(pods, "completed", source, where, 0),
+                branch_pods=_int(pods, "branch", source, where, 0),
+            )
+        )
+    names = [n.name for n in snapshot.nodes]
+    if len(names) != len(set(names)):
+        raise SnapshotError(f"{source}: node names must be unique")
+    return snapshot
+
+
+def _mapping(value: Any, source: str, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise SnapshotError(f"{source}: {where} must be a mapping, not {type(value).__name__}")
+    return value
+
+
+def _list(value: Any, source: str, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise SnapshotError(f"{source}: {where} must be a list, not {type(value).__name__}")
+    return value
+
+
+def _str(item: Mapping[str, Any], key: str, source: str, where: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str) or not value:
+        raise SnapshotError(f"{source}: {where}: {key} is required (a non-empty string)")
+    return value
+
+
+def _int(item: Mapping[str, Any], key: str, source: str, where: str, default: int | None = None) -> int:
+    value = item.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SnapshotError(f"{source}: {where}: {key} must be a whole number >= 0, not {value!r}")
+    return value

@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from webhook.model.cni import CniSettings  # noqa: E402
-from webhook.model.config import Settings  # noqa: E402
-from webhook.model.decide import decide  # noqa: E402
-from webhook.model.index import CapacityIndex, PodUse  # noqa: E402
-from webhook.model.limits import LimitsTable  # noqa: E402
+from webhook.model.cni import CniSettings
+from webhook.model.config import Settings
+from webhook.model.decide import decide
+from webhook.model.index import CapacityIndex, PodUse
+from webhook.model.limits import LimitsTable
 
 TYPES = ["m5.large", "m5.xlarge", "m5.2xlarge", "c5.xlarge", "c5.4xlarge", "r5.2xlarge", "m5.4xlarge"]
 

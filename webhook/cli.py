@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -68,6 +69,41 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from webhook.demo import run_demo
+    from webhook.sources.snapshot import SnapshotError, load_snapshot
+
+    if args.replicas < 0 or args.pinned < 0:
+        print("ipguard: --replicas and --pinned must not be negative", file=sys.stderr)
+        return 2
+    try:
+        snapshot = load_snapshot(args.snapshot)
+    except SnapshotError as exc:
+        print(f"ipguard: {exc}", file=sys.stderr)
+        return 1
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_demo(snapshot, replicas=args.replicas, pinned=args.pinned, serve=args.serve, port=args.port,
+                             certs_dir=Path(args.certs_dir) if args.certs_dir else None))
+    return 0
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from webhook.tls import write_cert_bundle
+
+    try:
+        paths = write_cert_bundle(Path(args.out), args.service, args.namespace, args.san,
+                                  key_type="rsa" if args.rsa else "ecdsa")
+    except (ValueError, OSError) as exc:
+        print(f"ipguard: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {paths.ca_cert}, {paths.ca_key}, {paths.tls_cert}, {paths.tls_key}", file=sys.stderr)
+    print("caBundle (for the webhook configurations' clientConfig.caBundle):", file=sys.stderr)
+    print(paths.ca_bundle_b64)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ipguard",
@@ -87,10 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--show-max-allowed", action="store_true", help="no 110/250 ceiling")
     mp.set_defaults(func=_max_pods)
 
-    dp = sub.add_parser("demo", help="the embedded demo cluster's pod IP headroom")
+    dp = sub.add_parser("demo", help="run the webhook on the embedded demo cluster and scale a Deployment through it")
     dp.add_argument("--snapshot", default=str(DEFAULT_SNAPSHOT), help="cluster snapshot file (YAML)")
-    dp.add_argument("--json", action="store_true", help="machine-readable output")
-    dp.set_defaults(func=_report)
+    dp.add_argument("--replicas", type=int, default=36, help="replicas of the Deployment to scale up")
+    dp.add_argument("--pinned", type=int, default=2, help="replicas of the Deployment pinned to the busiest zone")
+    dp.add_argument("--serve", action="store_true", help="keep the server up afterwards")
+    dp.add_argument("--port", type=int, default=0, help="port for the server (default: any free port)")
+    dp.add_argument("--certs-dir", help="write the demo certificates here instead of a temporary folder")
+    dp.set_defaults(func=_demo)
+
+    cp = sub.add_parser("certs", help="write a CA and a serving certificate for the webhook Service")
+    cp.add_argument("--service", required=True, help="the webhook Service's name")
+    cp.add_argument("--namespace", required=True, help="the Service's namespace")
+    cp.add_argument("--out", default="certs", help="output folder (default: certs/)")
+    cp.add_argument("--san", action="append", default=[], help="an extra DNS name or IP address (repeatable)")
+    cp.add_argument("--rsa", action="store_true", help="RSA 2048 keys instead of ECDSA P-256")
+    cp.set_defaults(func=_certs)
 
     rp = sub.add_parser("report", help="per-zone and per-subnet pod IP headroom")
     rp.add_argument("--snapshot", default=str(DEFAULT_SNAPSHOT), help="cluster snapshot file (YAML)")

@@ -1,0 +1,118 @@
+"""From a parsed review to the AdmissionResponse: decide, then answer as the stage and mode require.
+
+- /mutate steers (a JSON Patch) and never denies; the validating stage owns denials.
+- /validate denies (enforce), warns (warn) or only records (dry-run); it never returns a patch, not even an
+  empty one (the apiserver fails the request). An admitted pod takes a reservation unless the request is a
+  dry run.
+Every answer carries audit annotations with the decision and the figures behind it.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+from webhook.admission.messages import (
+    audit_annotations,
+    clean_warning,
+    denial_message,
+    denial_warnings,
+    steer_warning,
+)
+from webhook.admission.patch import Steering, steering_patch
+from webhook.admission.wire import AdmissionResponse, Review
+from webhook.model.config import Mode, Settings
+from webhook.model.decide import Decision, Verdict, decide, not_applicable
+from webhook.model.index import CapacityIndex, pod_key
+
+Stage = Literal["mutate", "validate"]
+
+
+@dataclass(slots=True)
+class AdmissionState:
+    """What a decision reads: the index, the settings in force, and whether the data is fresh enough."""
+
+    index: CapacityIndex
+    settings: Settings
+    stale_reason: Callable[[], str | None] = field(default=lambda: None)  # why data is stale, or None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    response: AdmissionResponse
+    decision: Decision
+    outcome: str  # allowed | steered | denied | warned | recorded | not-applicable | stale
+    patch: list[dict[str, Any]] | None = None
+
+
+def _steering(decision: Decision) -> Steering:
+    return Steering(decision.avoid_zones, decision.avoid_nodes, decision.prefer_zones, decision.reason)
+
+
+def handle(review: Review, stage: Stage, state: AdmissionState) -> Answer:
+    settings = state.settings
+    if review.kind != "Pod" or review.group != "":
+        decision = not_applicable(f"{review.namespace or ''}/{review.name or ''}".strip("/"),
+                                  f"{review.kind} objects are not judged by this version")
+    else:
+        assert review.object is not None or review.operation not in ("CREATE", "UPDATE")
+        stale = state.stale_reason()
+        decision = decide(
+            review.object or {},
+            state.index,
+            settings,
+            namespace=review.namespace,
+            operation=review.operation,
+            stale=stale is not None,
+        )
+        if stale is not None and decision.stale:
+            decision = Decision(decision.verdict, decision.pod, f"{decision.reason} ({stale})", use=decision.use,
+                                stale=True)
+    mode = settings.mode
+    response: AdmissionResponse = {"uid": review.uid, "allowed": True}
+    warnings: list[str] = []
+    patch: list[dict[str, Any]] | None = None
+    outcome = "allowed"
+
+    if decision.verdict is Verdict.NOT_APPLICABLE:
+        outcome = "not-applicable"
+    elif decision.stale:
+        outcome = "stale"
+        warnings.append(clean_warning(f"ipguard: capacity data is stale, pod admitted unchecked: {decision.reason}"))
+    elif stage == "mutate":
+        if review.object is not None and mode is not Mode.DRY_RUN:
+            # Also for ALLOW/DENY: a reinvoked call must take back steering the pod no longer needs.
+            steering = _steering(decision) if decision.verdict is Verdict.STEER else Steering()
+            ops = steering_patch(review.object, steering)
+            if ops:
+                patch = ops
+                response["patchType"] = "JSONPatch"
+                response["patch"] = base64.b64encode(orjson.dumps(ops)).decode("ascii")
+        if decision.verdict is Verdict.STEER:
+            outcome = "steered" if mode is not Mode.DRY_RUN else "recorded"
+            if mode is not Mode.DRY_RUN:
+                warnings.append(steer_warning(decision))
+    elif decision.verdict is Verdict.DENY:
+        if mode is Mode.ENFORCE:
+            outcome = "denied"
+            response["allowed"] = False
+            response["status"] = {"code": 403, "reason": "Forbidden", "message": denial_message(decision,
+                                                                                                 state.index.cni)}
+        elif mode is Mode.WARN:
+            outcome = "warned"
+            warnings.extend(denial_warnings(decision))
+        else:
+            outcome = "recorded"
+    if stage == "validate" and response["allowed"] and not review.dry_run and decision.reserve_zone:
+        name = review.name or (review.object or {}).get("metadata", {}).get("name")
+        if review.namespace and name:
+            state.index.reserve(pod_key(review.namespace, name), decision.reserve_zone, decision.reserve_node)
+
+    if warnings:
+        response["warnings"] = list(dict.fromkeys(w for w in warnings if w))
+    response["auditAnnotations"] = audit_annotations(decision, mode.value, outcome)
+    return Answer(response, decision, outcome, patch)

@@ -1,0 +1,124 @@
+"""Texts a developer reads: the denial message, admission warnings, and the audit annotations.
+
+The denial message is what `kubectl` prints after "admission webhook ... denied the request:": it names the
+pod, what is full and by how much, and what to do. Warnings are one short ASCII line each (the apiserver
+drops warnings with a newline or tab and cuts past 4096 characters per response).
+"""
+
+from __future__ import annotations
+
+from webhook.model.cni import CniSettings
+from webhook.model.decide import Decision, NodeCheck, ZoneCheck
+from webhook.model.index import PodUse
+
+WARNING_MAX = 120
+
+
+def clean_warning(text: str) -> str:
+    """One printable ASCII line of at most 120 characters."""
+    ascii_text = "".join(c if 32 <= ord(c) < 127 else " " for c in text)
+    line = " ".join(ascii_text.split())
+    return line if len(line) <= WARNING_MAX else line[: WARNING_MAX - 3].rstrip() + "..."
+
+
+def _zone_phrase(check: ZoneCheck) -> str:
+    subnets = ", ".join(check.subnets) or "no known pod subnet"
+    return (
+        f"{check.zone}: {max(check.headroom, 0)} free pod IPs, reserve {check.reserve} "
+        f"(node room {check.room}, warm IPs {check.warm_free}, subnet {subnets}: {check.subnet_free} free)"
+    )
+
+
+def _limited_by_subnets(checks: tuple[ZoneCheck, ...]) -> bool:
+    return any(c.warm_free + c.subnet_free <= c.room for c in checks)
+
+
+def _limited_by_nodes(checks: tuple[ZoneCheck, ...]) -> bool:
+    return any(c.room < c.warm_free + c.subnet_free for c in checks)
+
+
+def remedies(decision: Decision, cni: CniSettings) -> list[str]:
+    """What an operator can do, most useful first, for what actually ran out."""
+    fixes: list[str] = []
+    if decision.use is PodUse.BRANCH:
+        fixes.append("add nodes of a trunking-capable type (security groups for pods need branch ENIs)")
+    subnets_short = _limited_by_subnets(decision.zones) or (
+        decision.node is not None and decision.node.subnet_free == 0
+    )
+    nodes_short = _limited_by_nodes(decision.zones) or (decision.node is not None and decision.node.room == 0)
+    if subnets_short:
+        fixes.append("add pod subnet space (a larger or additional subnet, or custom networking on a secondary CIDR)")
+        if cni.uses_ip_targets:
+            fixes.append("lower WARM_IP_TARGET/MINIMUM_IP_TARGET so nodes hold fewer idle IPs")
+        else:
+            fixes.append("set WARM_IP_TARGET (or lower WARM_ENI_TARGET) so nodes hold fewer idle IPs")
+    if nodes_short:
+        if not cni.prefix_delegation:
+            fixes.append("enable prefix delegation (ENABLE_PREFIX_DELEGATION=true) for more pod IPs per node")
+        fixes.append("add nodes (or larger instance types) in these zones")
+    if decision.zones and len(decision.zones) < 2:
+        fixes.append("or let the pod run in more zones")
+    return fixes or ["add nodes or pod subnet space in the allowed zones"]
+
+
+def _node_phrase(check: NodeCheck) -> str:
+    subnet = "unknown" if check.subnet_free is None else f"{check.subnet_free} free"
+    return (
+        f"node {check.node} ({check.zone or 'unknown zone'}): room {check.room} (reserve {check.reserve}), "
+        f"warm IPs {check.warm_free}, subnet {subnet}"
+    )
+
+
+def denial_message(decision: Decision, cni: CniSettings) -> str:
+    what = "a branch ENI (security groups for pods)" if decision.use is PodUse.BRANCH else "a pod IP"
+    fixes = "; ".join(remedies(decision, cni))
+    if decision.node is not None:
+        return (
+            f"ipguard: pod {decision.pod} is pinned by spec.nodeName and that node cannot give it {what}: "
+            f"{_node_phrase(decision.node)}. Fix: remove spec.nodeName so the scheduler can choose a node, or {fixes}."
+        )
+    zones = "; ".join(_zone_phrase(c) for c in decision.zones)
+    return (
+        f"ipguard: pod {decision.pod} cannot get {what} in any zone it may run in: {zones}. Fix: {fixes}."
+    )
+
+
+def denial_warnings(decision: Decision) -> list[str]:
+    """The denial as warnings (warn mode): one short line per fact."""
+    lines = [f"ipguard: pod {decision.pod} would be denied: {decision.reason}"]
+    if decision.node is not None:
+        node = decision.node
+        lines.append(f"ipguard: node {node.node}: room {node.room}, warm IPs {node.warm_free}")
+    for check in decision.zones:
+        lines.append(f"ipguard: zone {check.zone}: {max(check.headroom, 0)} free pod IPs (reserve {check.reserve})")
+    return [clean_warning(line) for line in lines]
+
+
+def steer_warning(decision: Decision) -> str:
+    parts = []
+    if decision.avoid_zones:
+        parts.append(f"zone(s) {', '.join(decision.avoid_zones)}")
+    if decision.avoid_nodes:
+        parts.append(f"{len(decision.avoid_nodes)} full node(s)")
+    return clean_warning(f"ipguard: steered away from {' and '.join(parts)}: out of pod IPs")
+
+
+def zone_summary(checks: tuple[ZoneCheck, ...]) -> str:
+    """`us-east-1a=3/5,us-east-1b=40/5`: free pod IPs / reserve per zone."""
+    return ",".join(f"{c.zone}={c.headroom}/{c.reserve}" for c in checks)
+
+
+def audit_annotations(decision: Decision, mode: str, outcome: str) -> dict[str, str]:
+    """Keys without '/': the apiserver prefixes `<webhook name>/` and drops keys that carry one."""
+    notes = {"decision": decision.verdict.value, "outcome": outcome, "mode": mode, "reason": decision.reason}
+    if decision.zones:
+        notes["zones"] = zone_summary(decision.zones)
+    if decision.avoid_zones:
+        notes["avoid-zones"] = ",".join(decision.avoid_zones)
+    if decision.avoid_nodes:
+        notes["avoid-nodes"] = ",".join(decision.avoid_nodes)
+    if decision.node is not None:
+        notes["node"] = f"{decision.node.node} room={decision.node.room} warm={decision.node.warm_free}"
+    if decision.stale:
+        notes["stale"] = "true"
+    return notes

@@ -1,0 +1,211 @@
+"""The HTTPS server: POST /mutate and /validate (AdmissionReview), GET /healthz, /readyz and /metrics.
+
+Thin HTTP glue around `admission.handler`: read and check the body, answer, count, log. Every answer comes
+from the in-memory index; nothing here calls AWS or Kubernetes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+
+import orjson
+from aiohttp import web
+
+from webhook.admission.handler import AdmissionState, Stage, handle
+from webhook.admission.wire import MAX_BODY_BYTES, BadReview, parse_review, review_envelope
+from webhook.metrics import Counter, Gauge, Histogram, LabelValues, Registry
+from webhook.tls import CertReloader
+
+log = logging.getLogger("ipguard.server")
+
+JSON = "application/json"
+
+
+@dataclass(slots=True)
+class ServerMetrics:
+    registry: Registry = field(default_factory=Registry)
+    requests: Counter = field(init=False)
+    latency: Histogram = field(init=False)
+    bad_requests: Counter = field(init=False)
+    errors: Counter = field(init=False)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = r.add(Counter("ipguard_admission_requests_total", "Admission reviews answered.",
+                                      ("endpoint", "decision", "outcome")))
+        self.latency = r.add(Histogram("ipguard_admission_duration_seconds", "Time to answer a review.",
+                                       ("endpoint", "decision")))
+        self.bad_requests = r.add(Counter("ipguard_bad_requests_total", "Requests refused as malformed.",
+                                          ("endpoint", "status")))
+        self.errors = r.add(Counter("ipguard_handler_errors_total", "Unexpected errors while answering.",
+                                    ("endpoint",)))
+
+
+def _index_gauges(state: AdmissionState, registry: Registry) -> None:
+    def zones() -> Iterable[tuple[LabelValues, float]]:
+        index = state.index
+        index.expire()
+        return [((z,), float(index.zones[z].headroom)) for z in index.zone_names()]
+
+    def subnets() -> Iterable[tuple[LabelValues, float]]:
+        return [((s.subnet_id, s.zone), float(s.supply)) for s in state.index.subnet_figures()]
+
+    def reservations() -> Iterable[tuple[LabelValues, float]]:
+        return [((), float(len(state.index.reservations())))]
+
+    registry.add(Gauge("ipguard_zone_headroom_pod_ips", "Pod IPs a zone can still take.", ("zone",), zones))
+    registry.add(Gauge("ipguard_subnet_free_pod_ips", "Pod IPs a subnet can still supply.", ("subnet", "zone"),
+                       subnets))
+    registry.add(Gauge("ipguard_reservations", "Admitted pods holding an IP until the watch shows them.", (),
+                       reservations))
+
+
+@dataclass(slots=True)
+class WebhookServer:
+    state: AdmissionState
+    reloader: CertReloader | None = None
+    index_loaded: Callable[[], bool] = lambda: True
+    source_ages: Callable[[], dict[str, float]] = dict  # source -> seconds since it was last current
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    log_allows: bool = False
+
+    def __post_init__(self) -> None:
+        _index_gauges(self.state, self.metrics.registry)
+        self.metrics.registry.add(
+            Gauge("ipguard_index_age_seconds", "Seconds since each data source was last current.", ("source",),
+                  lambda: [((k,), v) for k, v in self.source_ages().items()])
+        )
+        self.metrics.registry.add(
+            Gauge("ipguard_certificate_expiry_timestamp_seconds", "Serving certificate notAfter.", (),
+                  self._cert_expiry)
+        )
+
+    def _cert_expiry(self) -> Iterable[tuple[LabelValues, float]]:
+        if self.reloader is not None and self.reloader.not_after is not None:
+            return [((), self.reloader.not_after.timestamp())]
+        return []
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.index_loaded():
+            return False, "capacity index not loaded yet"
+        if self.reloader is not None and not self.reloader.ready:
+            return False, "serving certificate not loaded"
+        return True, "ok"
+
+    def app(self) -> web.Application:
+        # The body limit is enforced by hand (with a clear reason); aiohttp's own check is a backstop.
+        app = web.Application(client_max_size=MAX_BODY_BYTES + 1)
+        app.router.add_post("/mutate", self._mutate)
+        app.router.add_post("/validate", self._validate)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        if self.reloader is not None:
+            app.cleanup_ctx.append(self._watch_certificates)
+        return app
+
+    async def _watch_certificates(self, _app: web.Application) -> AsyncIterator[None]:
+        assert self.reloader is not None
+        task = asyncio.create_task(self.reloader.watch(5.0))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def _mutate(self, request: web.Request) -> web.Response:
+        return await self._review(request, "mutate")
+
+    async def _validate(self, request: web.Request) -> web.Response:
+        return await self._review(request, "validate")
+
+    async def _review(self, request: web.Request, stage: Stage) -> web.Response:
+        started = time.perf_counter()
+        uid: str | None = None
+        try:
+            body = await self._body(request)
+            review = parse_review(body)
+            uid = review.uid
+            answer = handle(review, stage, self.state)
+            payload = orjson.dumps(review_envelope(review.api_version, answer.response))
+        except BadReview as exc:
+            self.metrics.bad_requests.inc(stage, str(exc.status))
+            log.warning("bad admission request", extra={"fields": {"endpoint": stage, "status": exc.status,
+                                                                     "reason": exc.reason, "uid": exc.uid}})
+            return web.json_response({"error": exc.reason, "status": exc.status}, status=exc.status)
+        except Exception:
+            self.metrics.errors.inc(stage)
+            log.exception("error answering admission review", extra={"fields": {"endpoint": stage, "uid": uid}})
+            body_500 = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                        "response": {"uid": uid or "", "allowed": False,
+                                     "status": {"code": 500, "message": "ipguard: internal error; see its log"}}}
+            return web.json_response(body_500, status=500)
+        elapsed = time.perf_counter() - started
+        decision = answer.decision.verdict.value
+        self.metrics.requests.inc(stage, decision, answer.outcome)
+        self.metrics.latency.observe(elapsed, stage, decision)
+        if answer.outcome not in ("allowed", "not-applicable") or self.log_allows:
+            log.info(
+                "admission decision",
+                extra={"fields": {
+                    "endpoint": stage, "uid": review.uid, "pod": answer.decision.pod,
+                    "decision": decision, "outcome": answer.outcome, "reason": answer.decision.reason,
+                    "dryRun": review.dry_run, **answer.response.get("auditAnnotations", {}),
+                    "ms": round(elapsed * 1000, 3),
+                }},
+            )
+        return web.Response(body=payload, content_type=JSON)
+
+    async def _body(self, request: web.Request) -> bytes:
+        content_type = request.content_type
+        if content_type != JSON:
+            raise BadReview(f"Content-Type must be {JSON}, not {content_type or 'missing'!r}", 400)
+        length = request.content_length
+        if length is not None and length > MAX_BODY_BYTES:
+            raise BadReview(f"request body is {length} bytes; at most {MAX_BODY_BYTES} are accepted", 413)
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise BadReview(f"request body is over {MAX_BODY_BYTES} bytes", 413) from None
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        ok, reason = self.ready()
+        return web.Response(text=reason + "\n", status=200 if ok else 503)
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        return web.Response(text=self.metrics.registry.render(), content_type="text/plain",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+
+@dataclass(slots=True)
+class RunningServer:
+    runner: web.AppRunner
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.host}:{self.port}"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_server(
+    server: WebhookServer, host: str, port: int, ssl_context: ssl.SSLContext | None
+) -> RunningServer:
+    """Listen on host:port (0 picks a free port); HTTPS when given a context."""
+    runner = web.AppRunner(server.app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=1024)
+    await site.start()
+    bound = runner.addresses[0][1] if runner.addresses else port
+    return RunningServer(runner, host, int(bound))

@@ -1,5 +1,5 @@
 """Tests for tests.fakekube: the real kubernetes_asyncio client against the fake API server, and the wire format
-compared with the kube-apiserver captures in /work/shared/fixtures/apiserver."""
+compared with the kube-apiserver captures in ../shared/fixtures/apiserver."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import base64
 import json
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,8 +16,8 @@ from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from tests.fakekube import ApiError, FakeKube, decode_continue, encode_continue, query_bool
+from tests.paths import FIXTURES
 
-FIXTURES = Path("/work/shared/fixtures/apiserver")
 ENI = ("crd.k8s.amazonaws.com", "v1alpha1", "eniconfigs")
 SGP = ("vpcresources.k8s.aws", "v1beta1", "securitygrouppolicies")
 CNINODE = ("vpcresources.k8s.aws", "v1alpha1", "cninodes")

@@ -73,10 +73,10 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     value = _raw(env, name)
     if value is None:
         return default
-    lowered = value.lower()
-    if lowered in ("true", "1", "yes"):
+    # The CNI reads booleans with Go's strconv.ParseBool: exactly these spellings.
+    if value in ("1", "t", "T", "TRUE", "true", "True"):
         return True
-    if lowered in ("false", "0", "no"):
+    if value in ("0", "f", "F", "FALSE", "false", "False"):
         return False
     raise CniSettingsError(f"{name}={value!r} is not a boolean (expected true or false)")
 
@@ -95,9 +95,15 @@ def _int(env: Mapping[str, str], name: str, default: int | None) -> int | None:
 
 
 def _positive(env: Mapping[str, str], name: str) -> int | None:
-    number = _int(env, name, None)
-    # The CNI treats MAX_ENI unset or <= 0 as "no cap".
-    return number if number else None
+    value = _raw(env, name)
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise CniSettingsError(f"{name}={value!r} is not a whole number") from None
+    # The CNI treats MAX_ENI below 1 as "no cap".
+    return number if number >= 1 else None
 
 
 @dataclass(frozen=True, slots=True)

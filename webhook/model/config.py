@@ -120,7 +120,10 @@ def _zone_map(text: str) -> dict[str, int]:
         zone = zone.strip()
         if not sep or not zone:
             raise ConfigError(f"zoneReserves entry {item!r}: expected ZONE=COUNT, e.g. us-east-1a=10")
-        result[zone] = _count({"zoneReserves": number}, f"zoneReserves[{zone}]", 0)
+        key = f"zoneReserves[{zone}]"
+        if not number.strip():
+            raise ConfigError(f"zoneReserves entry {item!r}: the count is missing (expected ZONE=COUNT)")
+        result[zone] = _count({key: number}, key, 0)
     return result
 
 

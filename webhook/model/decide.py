@@ -111,6 +111,11 @@ def decide(
     pinned = pods.node_name(pod)
     if pinned is not None:
         return _decide_pinned(name, pinned, use, index, settings)
+    # DaemonSet pods name their node in a matchFields term: affinity cannot steer them, judge their node(s).
+    candidates = pods.pinned_nodes(pod)
+    if candidates:
+        verdicts = [_decide_pinned(name, node, use, index, settings) for node in candidates]
+        return next((v for v in verdicts if v.verdict is not Verdict.DENY), verdicts[0])
 
     allowed = pods.allowed_zones(pod, index.zone_names())
     if not allowed:
@@ -157,7 +162,7 @@ def _zone_check(zone_name: str, use: PodUse, index: CapacityIndex, settings: Set
         reserve=settings.reserve_for_zone(zone_name),
         room=zone.branch_room if use is PodUse.BRANCH else zone.room,
         warm_free=zone.warm,
-        subnet_free=zone.supply,
+        subnet_free=max(0, zone.supply),
         reservations=zone.reservations + zone.pending,
         subnets=zone.subnet_tuple,
     )
@@ -205,7 +210,7 @@ def _decide_pinned(name: str, node_name: str, use: PodUse, index: CapacityIndex,
         known=True,
         room=node.room,
         warm_free=node.warm,
-        subnet_free=None if subnet is None else subnet.supply,
+        subnet_free=None if subnet is None else max(0, subnet.supply),
         reserve=settings.node_reserve,
         branch_room=node.branch_room,
         can_take=can_take,

@@ -8,11 +8,15 @@ Quantities, per node n (see DESIGN.md "Decisions"):
   room(n)      max(0, min(capacity - assigned - reserved, allocatable pods - pods - reserved))
   held(n)      IPs the node holds from its subnet: EC2's figure when known, else the warm-pool prediction
   warm(n)      max(0, held - assigned - reserved): IPs ready on the node with no subnet call
-  demand(n)    max(held, assigned + reserved): IPs the node takes from its subnet, now or soon
+  demand(n)    max(held, assigned + reserved) + branch pods: addresses the node takes from its subnet, now or
+               soon (whole /28s under prefix delegation; each branch ENI takes one address)
 Per subnet s: supply(s) = free addresses EC2 last reported, less what its nodes' demand grew by since then
-(in whole /28 blocks under prefix delegation).
-Per zone z: headroom = min(sum room - zone reservations, sum warm + sum supply - zone reservations), where
-zone reservations are those not yet bound to a node (node-bound ones are already inside room and warm).
+(in whole /28 blocks under prefix delegation). It may go below zero: predicted warm IPs the subnet could not
+really give, which the zone figure then takes back.
+Per zone z, each node first uses its own warm IPs and then draws on the zone's shared subnet supply:
+  headroom = sum min(room, warm) + min(sum max(0, room - warm), sum supply) - unbound reservations - pending
+Unbound reservations are those not on a known node (node-bound ones are already inside room and warm);
+pending pods are unbound pods that ipguard steered to the zone.
 """
 
 from __future__ import annotations
@@ -91,7 +95,9 @@ class Zone:
     room: int = 0
     branch_room: int = 0
     warm: int = 0
-    supply: int = 0
+    warm_usable: int = 0  # sum of min(room, warm): pods the nodes can place on their own warm IPs
+    beyond_warm: int = 0  # sum of max(0, room - warm): room that needs subnet addresses
+    supply: int = 0  # sum of its subnets' supply (may be negative, see the module docstring)
     reservations: int = 0  # all reservations in the zone
     unbound_reservations: int = 0  # those not on a known node: not yet inside room and warm
     pending: int = 0  # unbound pods that were steered here
@@ -113,7 +119,7 @@ class Zone:
     def headroom(self) -> int:
         """Pods needing a warm-pool IP the zone can still take."""
         debit = self.unbound_reservations + self.pending
-        return min(self.room - debit, self.warm + self.supply - debit)
+        return self.warm_usable + min(self.beyond_warm, self.supply) - debit
 
     @property
     def branch_headroom(self) -> int:
@@ -242,8 +248,8 @@ class CapacityIndex:
                 node.limits = self._lookup(node.instance_type)
             self._attach(node)
         for subnet in self.subnets.values():
-            # EC2's last figure already reflects what nodes hold; only growth from here on draws on it.
-            self._set_subnet_supply(subnet, subnet.demand)
+            # Baselines stay: what nodes drew since EC2's last figure is still drawn.
+            self._refresh_supply(subnet)
         self.version += 1
 
     # ---- nodes ----------------------------------------------------------------------------------------
@@ -334,44 +340,52 @@ class CapacityIndex:
         demand = max(node.held, used)
         if limits is not None and uses_prefixes(limits, self.cni.mode):
             demand = -(-demand // PREFIX_SIZE) * PREFIX_SIZE  # whole /28s
-        node.demand = demand
+        node.demand = demand + node.branch  # a branch ENI takes one address of its own
+
+    def _in_subnet(self, node: Node) -> Subnet | None:
+        """The subnet a node draws on; a cordoned node still holds its addresses, so it counts there too."""
+        return self.subnets.get(node.pod_subnet) if node.known and node.pod_subnet else None
 
     def _attach(self, node: Node) -> None:
         """Add a node's contribution to its zone and subnet (after recomputing it)."""
         self._derive(node)
-        if not self._node_counted(node):
-            return
-        assert node.zone is not None
-        zone = self._zone(node.zone)
-        zone.nodes += 1
-        zone.room += node.room
-        zone.branch_room += node.branch_room
-        zone.warm += node.warm
-        if node.room <= self.node_reserve:
-            zone.full_nodes.add(node.name)
-        if node.warm == 0:
-            zone.dry_nodes.add(node.name)
-        subnet = self.subnets.get(node.pod_subnet) if node.pod_subnet else None
+        counted = self._node_counted(node)
+        if counted:
+            assert node.zone is not None
+            zone = self._zone(node.zone)
+            zone.nodes += 1
+            zone.room += node.room
+            zone.branch_room += node.branch_room
+            zone.warm += node.warm
+            zone.warm_usable += min(node.room, node.warm)
+            zone.beyond_warm += max(0, node.room - node.warm)
+            if node.room <= self.node_reserve:
+                zone.full_nodes.add(node.name)
+            if node.warm == 0:
+                zone.dry_nodes.add(node.name)
+        subnet = self._in_subnet(node)
         if subnet is not None:
-            subnet.nodes += 1
+            subnet.nodes += counted
             subnet.demand += node.demand
             self._refresh_supply(subnet)
 
     def _detach(self, node: Node) -> None:
         """Take a node's contribution out of its zone and subnet (before changing it)."""
-        if not self._node_counted(node):
-            return
-        assert node.zone is not None
-        zone = self.zones[node.zone]
-        zone.nodes -= 1
-        zone.room -= node.room
-        zone.branch_room -= node.branch_room
-        zone.warm -= node.warm
-        zone.full_nodes.discard(node.name)
-        zone.dry_nodes.discard(node.name)
-        subnet = self.subnets.get(node.pod_subnet) if node.pod_subnet else None
+        counted = self._node_counted(node)
+        if counted:
+            assert node.zone is not None
+            zone = self.zones[node.zone]
+            zone.nodes -= 1
+            zone.room -= node.room
+            zone.branch_room -= node.branch_room
+            zone.warm -= node.warm
+            zone.warm_usable -= min(node.room, node.warm)
+            zone.beyond_warm -= max(0, node.room - node.warm)
+            zone.full_nodes.discard(node.name)
+            zone.dry_nodes.discard(node.name)
+        subnet = self._in_subnet(node)
         if subnet is not None:
-            subnet.nodes -= 1
+            subnet.nodes -= counted
             subnet.demand -= node.demand
             self._refresh_supply(subnet)
 
@@ -393,8 +407,8 @@ class CapacityIndex:
             self._zone(zone).add_subnet(subnet_id)
             # Nodes that named this subnet before it was known start counting now.
             for node in self.nodes.values():
-                if node.pod_subnet == subnet_id and self._node_counted(node):
-                    subnet.nodes += 1
+                if node.known and node.pod_subnet == subnet_id:
+                    subnet.nodes += self._node_counted(node)
                     subnet.demand += node.demand
         elif subnet.zone != zone:
             self._set_supply_in_zone(subnet, 0)
@@ -419,15 +433,15 @@ class CapacityIndex:
         self._refresh_supply(subnet)
 
     def _subnet_supply(self, subnet: Subnet) -> int:
+        """Addresses the subnet can still give its nodes; below zero when predicted warm IPs outran it."""
         if subnet.nodes == 0:
-            return 0  # no node can draw on it
+            return 0  # no schedulable node can draw on it
         grown = subnet.demand - subnet.demand_at_refresh
         if self.cni.prefix_delegation:
             # A /28 needs 16 contiguous free addresses; without a block count, assume no fragmentation.
             blocks = subnet.free_blocks if subnet.free_blocks is not None else subnet.free_ips // PREFIX_SIZE
-            blocks -= -(-grown // PREFIX_SIZE) if grown > 0 else 0
-            return max(0, min(blocks * PREFIX_SIZE, subnet.free_ips - max(grown, 0)))
-        return max(0, subnet.free_ips - grown)
+            return (blocks - -(-grown // PREFIX_SIZE)) * PREFIX_SIZE  # growth takes whole blocks
+        return subnet.free_ips - grown
 
     def _refresh_supply(self, subnet: Subnet) -> None:
         self._set_supply_in_zone(subnet, self._subnet_supply(subnet))
@@ -446,13 +460,16 @@ class CapacityIndex:
         old = self.pods.get(key)
         entry: PodEntry = (node_name, use, None if node_name else steered_zone)
         if old == entry:
+            if node_name is not None or entry[2] is not None:
+                self.release(key)  # a reservation taken after the pod was already seen
             return
         if old is not None:
             self._unapply(old)
         self.pods[key] = entry
         self._apply(entry)
-        if node_name is not None:
-            self.release(key)  # the pod is bound: its real usage replaces the reservation
+        if node_name is not None or entry[2] is not None:
+            # Bound (its real usage) or counted as pending in its steered zone: either replaces the reservation.
+            self.release(key)
         self.version += 1
 
     def remove_pod(self, key: str) -> None:
@@ -583,7 +600,7 @@ class CapacityIndex:
             nodes=zone.nodes,
             room=zone.room,
             warm_free=zone.warm,
-            subnet_free=zone.supply,
+            subnet_free=max(0, zone.supply),
             reservations=zone.reservations,
             pending=zone.pending,
             headroom=zone.headroom,
@@ -612,7 +629,7 @@ class CapacityIndex:
     def subnet_figures(self) -> list[SubnetFigures]:
         self._reservations.expire()
         return [
-            SubnetFigures(s.subnet_id, s.zone, s.cidr, s.free_ips, s.free_blocks, s.supply, s.nodes)
+            SubnetFigures(s.subnet_id, s.zone, s.cidr, s.free_ips, s.free_blocks, max(0, s.supply), s.nodes)
             for s in sorted(self.subnets.values(), key=lambda s: (s.zone, s.subnet_id))
         ]
 
@@ -662,7 +679,12 @@ class CapacityIndex:
         }
         for node in nodes.values():
             self._derive(node)
-            if not self._node_counted(node):
+            counted = self._node_counted(node)
+            subnet = subnets.get(node.pod_subnet) if node.known and node.pod_subnet else None
+            if subnet is not None:
+                subnet.nodes += counted
+                subnet.demand += node.demand
+            if not counted:
                 continue
             assert node.zone is not None
             zone = zones.setdefault(node.zone, Zone(node.zone))
@@ -670,14 +692,12 @@ class CapacityIndex:
             zone.room += node.room
             zone.branch_room += node.branch_room
             zone.warm += node.warm
+            zone.warm_usable += min(node.room, node.warm)
+            zone.beyond_warm += max(0, node.room - node.warm)
             if node.room <= self.node_reserve:
                 zone.full_nodes.add(node.name)
             if node.warm == 0:
                 zone.dry_nodes.add(node.name)
-            subnet = subnets.get(node.pod_subnet) if node.pod_subnet else None
-            if subnet is not None:
-                subnet.nodes += 1
-                subnet.demand += node.demand
         for subnet in subnets.values():
             subnet.supply = self._subnet_supply(subnet)
             zones.setdefault(subnet.zone, Zone(subnet.zone)).supply += subnet.supply
@@ -693,8 +713,8 @@ def _aggregates(zones: dict[str, Zone], subnets: dict[str, Subnet], nodes: dict[
     return {
         "zones": {
             z.name: (
-                z.nodes, z.room, z.branch_room, z.warm, z.supply, z.reservations, z.unbound_reservations,
-                z.pending, sorted(z.full_nodes), sorted(z.dry_nodes),
+                z.nodes, z.room, z.branch_room, z.warm, z.warm_usable, z.beyond_warm, z.supply, z.reservations,
+                z.unbound_reservations, z.pending, sorted(z.full_nodes), sorted(z.dry_nodes),
             )
             for z in zones.values()
             if z.nodes or z.supply or z.reservations or z.pending

@@ -3,6 +3,7 @@ it may run. Works on the JSON shape, so the same code serves the webhook and the
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ FARGATE_PROFILE_LABEL = "eks.amazonaws.com/fargate-profile"
 FARGATE_SCHEDULER = "fargate-scheduler"
 MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+STEERED_ANNOTATION = "ipguard.io/steered"  # what ipguard's steering added to a pod, and why (JSON)
 
 Pod = Mapping[str, Any]
 
@@ -99,6 +101,23 @@ def node_name(pod: Pod) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
+def pinned_nodes(pod: Pod) -> list[str]:
+    """Nodes a pod is pinned to by name through its required affinity (how DaemonSet pods are placed:
+    `matchFields: metadata.name In [node]`); empty when any term leaves it free."""
+    affinity = _map(_map(spec(pod).get("affinity")).get("nodeAffinity"))
+    terms = _list(_map(affinity.get("requiredDuringSchedulingIgnoredDuringExecution")).get("nodeSelectorTerms"))
+    names: list[str] = []
+    for term in terms:
+        fields = [
+            _map(f) for f in _list(_map(term).get("matchFields"))
+            if _map(f).get("key") == "metadata.name" and _map(f).get("operator") == "In"
+        ]
+        if not fields:
+            return []
+        names.extend(v for v in _list(fields[0].get("values")) if isinstance(v, str) and v not in names)
+    return names
+
+
 def allowed_zones(pod: Pod, zones: Iterable[str]) -> list[str]:
     """The zones the scheduler may place the pod in, from its nodeSelector and required node affinity.
 
@@ -137,3 +156,24 @@ def _term_zones(term: Mapping[str, Any], zones: set[str]) -> set[str]:
             result = set()
         # Exists, Gt, Lt: every zone label exists on every zoned node; Gt/Lt make no sense for zones.
     return result
+
+
+def read_record(pod: Pod) -> dict[str, Any] | None:
+    """ipguard's record of the steering it added to this pod, if any (a malformed one is ignored)."""
+    text = _map(metadata(pod).get("annotations")).get(STEERED_ANNOTATION)
+    if not isinstance(text, str):
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def steered_zone(pod: Pod) -> str | None:
+    """The zone a pod ipguard steered is headed for: the first zone its steering record prefers."""
+    record = read_record(pod)
+    prefer = record.get("preferZones") if record else None
+    if isinstance(prefer, list) and prefer and isinstance(prefer[0], list) and prefer[0]:
+        return str(prefer[0][0])
+    return None

@@ -154,6 +154,10 @@ def parse_snapshot(document: Any, source: str, limits: LimitsTable) -> Snapshot:
             )
         )
     known_subnets = {s.subnet_id for s in snapshot.subnets}
+    if len(known_subnets) != len(snapshot.subnets):
+        ids = [s.subnet_id for s in snapshot.subnets]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        raise SnapshotError(f"{source}: subnet ids must be unique: {', '.join(duplicates)} listed twice")
 
     for i, raw in enumerate(_list(doc.get("nodes", []), source, "nodes")):
         item = _mapping(raw, source, f"nodes[{i}]")

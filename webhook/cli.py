@@ -8,6 +8,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from webhook.model.limits import (
     CapacityMode,
@@ -16,6 +17,9 @@ from webhook.model.limits import (
     max_pods,
     parse_cni_version,
 )
+
+if TYPE_CHECKING:
+    from webhook.service import ServeOptions as ServeOptionsT
 
 DEFAULT_SNAPSHOT = Path(__file__).resolve().parent.parent / "examples" / "cluster.yaml"
 
@@ -55,6 +59,8 @@ def _report(args: argparse.Namespace) -> int:
     from webhook.report import report_json, report_text
     from webhook.sources.snapshot import SnapshotError, load_snapshot
 
+    if args.live:
+        return _report_live(args)
     try:
         snapshot = load_snapshot(args.snapshot)
     except SnapshotError as exc:
@@ -67,6 +73,82 @@ def _report(args: argparse.Namespace) -> int:
     else:
         print(report_text(figures, snapshot.settings))
     return 0
+
+
+def _serve_options(args: argparse.Namespace) -> ServeOptionsT:
+    from webhook.service import ServeOptions
+
+    return ServeOptions(
+        host=getattr(args, "host", "0.0.0.0"),
+        port=getattr(args, "port", 8443),
+        tls_cert=Path(getattr(args, "tls_cert", "/tls/tls.crt")),
+        tls_key=Path(getattr(args, "tls_key", "/tls/tls.key")),
+        config_namespace=args.config_namespace,
+        config_name=args.config_name,
+        ec2=not args.no_ec2,
+        region=args.region,
+        vpc_id=args.vpc_id,
+        ec2_endpoint_url=args.ec2_endpoint_url,
+        ec2_period=args.ec2_period,
+    )
+
+
+def _report_live(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from webhook.report import report_json, report_text
+    from webhook.service import Service
+    from webhook.sources.kube import api_client
+
+    async def run() -> int:
+        api = await api_client(args.kubeconfig, args.context, args.kube_host)
+        service = Service(api, _serve_options(args))
+        try:
+            if not await service.wait_loaded(args.timeout):
+                print(f"ipguard: the cluster's data did not load within {args.timeout:.0f}s", file=sys.stderr)
+                return 1
+            figures = service.index.snapshot()
+            settings = service.state.settings
+            if args.json:
+                print(json.dumps(report_json(figures, settings), indent=2))
+            else:
+                print(report_text(figures, settings))
+            return 0
+        finally:
+            await service.stop()
+
+    return asyncio.run(run())
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from webhook.logs import setup_logging
+    from webhook.service import serve
+    from webhook.sources.kube import api_client
+
+    setup_logging(args.log_level)
+
+    async def run() -> None:
+        api = await api_client(args.kubeconfig, args.context, args.kube_host)
+        await serve(api, _serve_options(args))
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+    return 0
+
+
+def _live_source_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account)")
+    parser.add_argument("--context", help="kubeconfig context")
+    parser.add_argument("--kube-host", help="API server URL without credentials (tests, kubectl proxy)")
+    parser.add_argument("--config-namespace", default="ipguard", help="namespace of ipguard's ConfigMap")
+    parser.add_argument("--config-name", default="ipguard", help="name of ipguard's ConfigMap")
+    parser.add_argument("--no-ec2", action="store_true", help="no EC2 data (the warm pool is predicted)")
+    parser.add_argument("--region", help="AWS region (default: from the nodes' zones, then the boto3 chain)")
+    parser.add_argument("--vpc-id", help="VPC (default: the nodes' instances' VPC)")
+    parser.add_argument("--ec2-endpoint-url", help="EC2 endpoint (tests: a moto server)")
+    parser.add_argument("--ec2-period", type=float, default=30.0, help="seconds between subnet and ENI refreshes")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -142,8 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="per-zone and per-subnet pod IP headroom")
     rp.add_argument("--snapshot", default=str(DEFAULT_SNAPSHOT), help="cluster snapshot file (YAML)")
+    rp.add_argument("--live", action="store_true", help="read the live cluster (and EC2) instead of a snapshot")
+    rp.add_argument("--timeout", type=float, default=60.0, help="with --live: seconds to wait for the data")
     rp.add_argument("--json", action="store_true", help="machine-readable output")
+    _live_source_args(rp)
     rp.set_defaults(func=_report)
+
+    sp = sub.add_parser("serve", help="run the webhook in a cluster, fed by Kubernetes watches and EC2")
+    sp.add_argument("--host", default="0.0.0.0", help="listen address")
+    sp.add_argument("--port", type=int, default=8443, help="listen port")
+    sp.add_argument("--tls-cert", default="/tls/tls.crt", help="serving certificate (reloaded when it changes)")
+    sp.add_argument("--tls-key", default="/tls/tls.key", help="serving key")
+    sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _live_source_args(sp)
+    sp.set_defaults(func=_serve)
     return parser
 
 

@@ -218,8 +218,10 @@ async def create_pod(
 
 async def run_demo(
     snapshot: Snapshot, *, replicas: int = 36, pinned: int = 2, serve: bool = False, port: int = 0,
-    certs_dir: Path | None = None, out: TextIO = sys.stdout,
+    certs_dir: Path | None = None, out: TextIO | None = None,
 ) -> Tally:
+    # Resolved at call time, not import time: sys.stdout may have been replaced since (pytest's capsys, ...).
+    out = out if out is not None else sys.stdout
     index = snapshot.build_index()
     state = AdmissionState(index, snapshot.settings)
     zones = index.zone_names()

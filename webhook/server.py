@@ -62,6 +62,10 @@ def _index_gauges(state: AdmissionState, registry: Registry) -> None:
     registry.add(Gauge("ipguard_zone_headroom_pod_ips", "Pod IPs a zone can still take.", ("zone",), zones))
     registry.add(Gauge("ipguard_subnet_free_pod_ips", "Pod IPs a subnet can still supply.", ("subnet", "zone"),
                        subnets))
+    registry.add(Gauge("ipguard_index_pods", "Pods in the capacity index (running, or pending and steered).", (),
+                       lambda: [((), float(len(state.index.pods)))]))
+    registry.add(Gauge("ipguard_index_nodes", "Nodes in the capacity index.", (),
+                       lambda: [((), float(sum(1 for n in state.index.nodes.values() if n.known)))]))
     registry.add(Gauge("ipguard_reservations", "Admitted pods holding an IP until the watch shows them.", (),
                        reservations))
 
@@ -127,10 +131,11 @@ class WebhookServer:
     async def _review(self, request: web.Request, stage: Stage) -> web.Response:
         started = time.perf_counter()
         uid: str | None = None
+        api_version = "admission.k8s.io/v1"
         try:
             body = await self._body(request)
             review = parse_review(body)
-            uid = review.uid
+            uid, api_version = review.uid, review.api_version
             answer = handle(review, stage, self.state)
             payload = orjson.dumps(review_envelope(review.api_version, answer.response))
         except BadReview as exc:
@@ -141,7 +146,7 @@ class WebhookServer:
         except Exception:
             self.metrics.errors.inc(stage)
             log.exception("error answering admission review", extra={"fields": {"endpoint": stage, "uid": uid}})
-            body_500 = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            body_500 = {"apiVersion": api_version, "kind": "AdmissionReview",
                         "response": {"uid": uid or "", "allowed": False,
                                      "status": {"code": 500, "message": "ipguard: internal error; see its log"}}}
             return web.json_response(body_500, status=500)
@@ -162,9 +167,11 @@ class WebhookServer:
         return web.Response(body=payload, content_type=JSON)
 
     async def _body(self, request: web.Request) -> bytes:
-        content_type = request.content_type
+        # aiohttp reports a missing Content-Type as application/octet-stream: look at the header itself.
+        content_type = request.content_type if request.headers.get("Content-Type") else None
         if content_type != JSON:
-            raise BadReview(f"Content-Type must be {JSON}, not {content_type or 'missing'!r}", 400)
+            given = repr(content_type) if content_type else "missing"
+            raise BadReview(f"Content-Type must be {JSON}, not {given}", 400)
         length = request.content_length
         if length is not None and length > MAX_BODY_BYTES:
             raise BadReview(f"request body is {length} bytes; at most {MAX_BODY_BYTES} are accepted", 413)

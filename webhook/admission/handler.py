@@ -23,7 +23,7 @@ from webhook.admission.messages import (
     denial_warnings,
     steer_warning,
 )
-from webhook.admission.patch import Steering, steering_patch
+from webhook.admission.patch import Steering, steering_patch, without_steering
 from webhook.admission.wire import AdmissionResponse, Review
 from webhook.model.config import Mode, Settings
 from webhook.model.decide import Decision, Verdict, decide, not_applicable
@@ -61,8 +61,12 @@ def handle(review: Review, stage: Stage, state: AdmissionState) -> Answer:
     else:
         assert review.object is not None or review.operation not in ("CREATE", "UPDATE")
         stale = state.stale_reason()
+        pod = review.object or {}
+        if stage == "mutate":
+            # Judge the pod as the user wrote it: on reinvocation it already carries ipguard's own steering.
+            pod = without_steering(pod)
         decision = decide(
-            review.object or {},
+            pod,
             state.index,
             settings,
             namespace=review.namespace,
@@ -82,7 +86,9 @@ def handle(review: Review, stage: Stage, state: AdmissionState) -> Answer:
         outcome = "not-applicable"
     elif decision.stale:
         outcome = "stale"
-        warnings.append(clean_warning(f"ipguard: capacity data is stale, pod admitted unchecked: {decision.reason}"))
+        if mode is not Mode.DRY_RUN:  # dry-run only records, whatever happens
+            warnings.append(
+                clean_warning(f"ipguard: capacity data is stale, pod admitted unchecked: {decision.reason}"))
     elif stage == "mutate":
         if review.object is not None and mode is not Mode.DRY_RUN:
             # Also for ALLOW/DENY: a reinvoked call must take back steering the pod no longer needs.
@@ -108,7 +114,8 @@ def handle(review: Review, stage: Stage, state: AdmissionState) -> Answer:
         else:
             outcome = "recorded"
     if stage == "validate" and response["allowed"] and not review.dry_run and decision.reserve_zone:
-        name = review.name or (review.object or {}).get("metadata", {}).get("name")
+        metadata = (review.object or {}).get("metadata")
+        name = review.name or (metadata.get("name") if isinstance(metadata, dict) else None)
         if review.namespace and name:
             state.index.reserve(pod_key(review.namespace, name), decision.reserve_zone, decision.reserve_node)
 

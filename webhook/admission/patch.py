@@ -16,9 +16,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from webhook.model.pods import HOSTNAME_LABEL, ZONE_LABEL
+from webhook.model.pods import HOSTNAME_LABEL, STEERED_ANNOTATION, ZONE_LABEL, read_record
 
-STEERED_ANNOTATION = "ipguard.io/steered"
 REQUIRED = "requiredDuringSchedulingIgnoredDuringExecution"
 PREFERRED = "preferredDuringSchedulingIgnoredDuringExecution"
 
@@ -60,27 +59,29 @@ def _preferences(steering: Steering) -> list[dict[str, Any]]:
     ]
 
 
-def _record(steering: Steering, created_required: bool) -> dict[str, Any]:
-    return {
+def _record(steering: Steering, created_required: bool, kept: list[list[Any]]) -> dict[str, Any]:
+    record = {
         "avoidZones": sorted(steering.avoid_zones),
         "avoidNodes": sorted(steering.avoid_nodes),
         "preferZones": [[zone, weight] for zone, weight in steering.prefer_zones],
         "createdRequired": created_required,
         "reason": steering.reason,
     }
+    if kept:
+        # [term index, key] of expressions ipguard wanted but the term already had: those are the user's.
+        record["kept"] = kept
+    return record
 
 
-def read_record(pod: dict[str, Any]) -> dict[str, Any] | None:
-    """ipguard's record of what it added to this pod before, if any (a malformed one is ignored)."""
-    annotations = (pod.get("metadata") or {}).get("annotations") or {}
-    text = annotations.get(STEERED_ANNOTATION) if isinstance(annotations, dict) else None
-    if not isinstance(text, str):
-        return None
-    try:
-        record = json.loads(text)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
+def _kept(record: dict[str, Any]) -> set[tuple[int, str]]:
+    kept = record.get("kept")
+    if not isinstance(kept, list):
+        return set()
+    return {
+        (item[0], item[1])
+        for item in kept
+        if isinstance(item, list) and len(item) == 2 and isinstance(item[0], int) and isinstance(item[1], str)
+    }
 
 
 def _remove_last(items: list[Any], item: Any) -> bool:
@@ -91,22 +92,39 @@ def _remove_last(items: list[Any], item: Any) -> bool:
     return False
 
 
+def _strings(value: Any) -> tuple[str, ...]:
+    return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
+
+
+def _recorded_steering(record: dict[str, Any]) -> Steering:
+    """The steering a record describes; entries of the wrong shape (a hand-edited annotation) are skipped."""
+    prefs = record.get("preferZones")
+    return Steering(
+        avoid_zones=_strings(record.get("avoidZones")),
+        avoid_nodes=_strings(record.get("avoidNodes")),
+        prefer_zones=tuple(
+            (p[0], p[1])
+            for p in (prefs if isinstance(prefs, list) else ())
+            if isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+            and isinstance(p[1], int) and not isinstance(p[1], bool)
+        ),
+    )
+
+
 def _strip(affinity: dict[str, Any], record: dict[str, Any]) -> None:
     """Take ipguard's previous additions (as recorded) out of a node affinity, in place."""
-    previous = Steering(
-        avoid_zones=tuple(str(z) for z in record.get("avoidZones") or ()),
-        avoid_nodes=tuple(str(n) for n in record.get("avoidNodes") or ()),
-        prefer_zones=tuple((str(p[0]), int(p[1])) for p in record.get("preferZones") or () if len(p) == 2),
-    )
+    previous = _recorded_steering(record)
+    kept = _kept(record)
     required = affinity.get(REQUIRED)
     if isinstance(required, dict):
         terms = required.get("nodeSelectorTerms")
         if isinstance(terms, list):
             ours = _expressions(previous)
-            for term in terms:
+            for i, term in enumerate(terms):
                 if isinstance(term, dict) and isinstance(term.get("matchExpressions"), list):
                     for expr in ours:
-                        _remove_last(term["matchExpressions"], expr)
+                        if (i, expr["key"]) not in kept:
+                            _remove_last(term["matchExpressions"], expr)
                     if not term["matchExpressions"]:
                         del term["matchExpressions"]
             if record.get("createdRequired"):
@@ -121,28 +139,64 @@ def _strip(affinity: dict[str, Any], record: dict[str, Any]) -> None:
             del affinity[PREFERRED]
 
 
-def _apply(affinity: dict[str, Any], steering: Steering) -> bool:
-    """Add this steering to a node affinity, in place; True if ipguard created the required section."""
+def _apply(affinity: dict[str, Any], steering: Steering) -> tuple[bool, list[list[Any]]]:
+    """Add this steering to a node affinity, in place. Returns whether ipguard created the required section,
+    and the [term index, key] of expressions a term already had (not added again, so never duplicated)."""
     created = False
+    kept: list[list[Any]] = []
     exprs = _expressions(steering)
     if exprs:
         required = affinity.get(REQUIRED)
-        if not isinstance(required, dict) or not required.get("nodeSelectorTerms"):
-            affinity[REQUIRED] = {"nodeSelectorTerms": [{"matchExpressions": []}]}
+        terms = required.get("nodeSelectorTerms") if isinstance(required, dict) else None
+        if not isinstance(terms, list) or not terms:
+            terms = [{"matchExpressions": []}]
+            affinity[REQUIRED] = {"nodeSelectorTerms": terms}
             created = True
         # Terms are ORed: the expressions must go into every one of them, or one term could bypass them.
-        for term in affinity[REQUIRED]["nodeSelectorTerms"]:
-            term.setdefault("matchExpressions", []).extend(copy.deepcopy(exprs))
+        for i, term in enumerate(terms):
+            if not isinstance(term, dict):
+                continue  # not a term at all: the apiserver rejects such a pod whatever ipguard does
+            if term.get("matchExpressions") is None:
+                term["matchExpressions"] = []
+            current = term["matchExpressions"]
+            if not isinstance(current, list):
+                continue
+            for expr in exprs:
+                if expr in current:
+                    kept.append([i, expr["key"]])
+                else:
+                    current.append(copy.deepcopy(expr))
     prefs = _preferences(steering)
     if prefs:
-        affinity.setdefault(PREFERRED, []).extend(prefs)
-    return created
+        if not isinstance(affinity.get(PREFERRED), list):
+            affinity[PREFERRED] = []
+        affinity[PREFERRED].extend(prefs)
+    return created, kept
+
+
+def without_steering(pod: dict[str, Any]) -> dict[str, Any]:
+    """The pod as it was before ipguard steered it (per its record); `pod` itself if it carries no record.
+
+    A reinvoked mutating call must decide on this: judged as it stands, a steered pod already avoids the
+    exhausted zones, looks fine, and would have its steering taken back.
+    """
+    record = read_record(pod)
+    spec = pod.get("spec")
+    affinity = spec.get("affinity") if isinstance(spec, dict) else None
+    node_affinity = affinity.get("nodeAffinity") if isinstance(affinity, dict) else None
+    if record is None or not isinstance(node_affinity, dict):
+        return pod
+    assert isinstance(spec, dict) and isinstance(affinity, dict)
+    stripped = copy.deepcopy(node_affinity)
+    _strip(stripped, record)
+    return {**pod, "spec": {**spec, "affinity": {**affinity, "nodeAffinity": stripped}}}
 
 
 def steering_patch(pod: dict[str, Any], steering: Steering) -> JsonPatch:
     """JSON Patch operations that make `pod` carry exactly this steering (none if it already does)."""
-    spec = pod.get("spec") if isinstance(pod.get("spec"), dict) else {}
-    assert isinstance(spec, dict)
+    spec = pod.get("spec")
+    if not isinstance(spec, dict):
+        return []  # no pod spec to steer (the apiserver rejects such a pod anyway)
     affinity_in = spec.get("affinity")
     node_affinity_in = affinity_in.get("nodeAffinity") if isinstance(affinity_in, dict) else None
     current = copy.deepcopy(node_affinity_in) if isinstance(node_affinity_in, dict) else {}
@@ -151,7 +205,7 @@ def steering_patch(pod: dict[str, Any], steering: Steering) -> JsonPatch:
     desired = copy.deepcopy(current)
     if record is not None:
         _strip(desired, record)
-    created = False if steering.empty else _apply(desired, steering)
+    created, kept = (False, []) if steering.empty else _apply(desired, steering)
 
     ops: JsonPatch = []
     if desired != current:
@@ -159,6 +213,10 @@ def steering_patch(pod: dict[str, Any], steering: Steering) -> JsonPatch:
             ops.append({"op": "add", "path": "/spec/affinity", "value": {"nodeAffinity": desired}})
         elif not isinstance(node_affinity_in, dict):
             ops.append({"op": "add", "path": "/spec/affinity/nodeAffinity", "value": desired})
+        elif not desired:
+            # Nothing left of the node affinity (ipguard made it): take it away rather than leave `{}` behind.
+            only = set(affinity_in) == {"nodeAffinity"}
+            ops.append({"op": "remove", "path": "/spec/affinity" if only else "/spec/affinity/nodeAffinity"})
         else:
             for section in (REQUIRED, PREFERRED):
                 path = _pointer("spec", "affinity", "nodeAffinity", section)
@@ -168,7 +226,7 @@ def steering_patch(pod: dict[str, Any], steering: Steering) -> JsonPatch:
                     ops.append({"op": "remove", "path": path})
                 elif desired.get(section) != current.get(section):
                     ops.append({"op": "replace", "path": path, "value": desired[section]})
-    ops.extend(_annotation_ops(pod, None if steering.empty else _record(steering, created)))
+    ops.extend(_annotation_ops(pod, None if steering.empty else _record(steering, created, kept)))
     return ops
 
 
@@ -178,7 +236,11 @@ def _annotation_ops(pod: dict[str, Any], record: dict[str, Any] | None) -> JsonP
     path = _pointer("metadata", "annotations", STEERED_ANNOTATION)
     current = annotations.get(STEERED_ANNOTATION) if isinstance(annotations, dict) else None
     if record is None:
-        return [{"op": "remove", "path": path}] if current is not None else []
+        if current is None:
+            return []
+        assert isinstance(annotations, dict)
+        # Leave no empty `annotations: {}` behind when ipguard's was the only one.
+        return [{"op": "remove", "path": "/metadata/annotations" if len(annotations) == 1 else path}]
     text = json.dumps(record, separators=(",", ":"), sort_keys=True)
     if current == text:
         return []

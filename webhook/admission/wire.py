@@ -90,6 +90,57 @@ class Review:
     old_object: dict[str, Any] | None
 
 
+# The parts of a Pod ipguard reads, with their types in the Pod schema (null is accepted everywhere, as the
+# apiserver's decoder does). The apiserver only ever sends decodable pods; anything else did not come from it.
+_STR, _BOOL, _INT = "string", "boolean", "integer"
+_STRING_MAP: dict[str, Any] = {"*": _STR}
+_REQUIREMENT = {"key": _STR, "operator": _STR, "values": [_STR]}
+_TERM = {"matchExpressions": [_REQUIREMENT], "matchFields": [_REQUIREMENT]}
+_CONTAINER: dict[str, Any] = {"resources": {"requests": {}, "limits": {}}}
+_POD_SHAPE: dict[str, Any] = {
+    "metadata": {"name": _STR, "generateName": _STR, "namespace": _STR, "labels": _STRING_MAP,
+                 "annotations": _STRING_MAP},
+    "spec": {
+        "nodeName": _STR, "schedulerName": _STR, "hostNetwork": _BOOL, "nodeSelector": _STRING_MAP,
+        "affinity": {"nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [_TERM]},
+            "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": _INT, "preference": _TERM}],
+        }},
+        "containers": [_CONTAINER], "initContainers": [_CONTAINER],
+    },
+    "status": {"phase": _STR},
+}
+_TYPES: dict[str, tuple[type, ...]] = {_STR: (str,), _BOOL: (bool,), _INT: (int,)}
+
+
+def _shape_error(value: Any, shape: Any, where: str) -> str | None:
+    """Where `value` does not have `shape` (a dict: an object, its listed keys checked, "*" for every value;
+    a one-item list: an array of that; a type name), or None."""
+    if value is None:
+        return None
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{where} must be an object"
+        for key, child in value.items():
+            sub = shape.get(key, shape.get("*"))
+            if sub is not None:
+                problem = _shape_error(child, sub, f"{where}.{key}")
+                if problem:
+                    return problem
+        return None
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"{where} must be an array"
+        for i, item in enumerate(value):
+            problem = _shape_error(item, shape[0], f"{where}[{i}]")
+            if problem:
+                return problem
+        return None
+    if not isinstance(value, _TYPES[shape]) or (shape == _INT and isinstance(value, bool)):
+        return f"{where} must be {'an' if shape == _INT else 'a'} {shape}"
+    return None
+
+
 def parse_review(body: bytes) -> Review:
     if len(body) > MAX_BODY_BYTES:
         raise BadReview(f"request body is {len(body)} bytes; at most {MAX_BODY_BYTES} are accepted", 413)
@@ -127,13 +178,18 @@ def parse_review(body: bytes) -> Review:
     obj = request.get("object")
     if operation in ("CREATE", "UPDATE") and not isinstance(obj, dict):
         raise BadReview(f"request.object is missing or not an object for {operation}", uid=known_uid)
+    group = str(kind.get("group") or "")
+    if kind["kind"] == "Pod" and group == "" and isinstance(obj, dict):
+        problem = _shape_error(obj, _POD_SHAPE, "request.object")
+        if problem:
+            raise BadReview(f"request.object is not a valid Pod: {problem}", uid=known_uid)
     old = request.get("oldObject")
     namespace = request.get("namespace")
     name = request.get("name")
     return Review(
         api_version=api_version,
         uid=known_uid,
-        group=str(kind.get("group") or ""),
+        group=group,
         kind=kind["kind"],
         resource=resource["resource"],
         operation=operation,

@@ -49,9 +49,13 @@ def spec(pod: Pod) -> Mapping[str, Any]:
 def display_name(pod: Pod, namespace: str | None = None) -> str:
     """namespace/name, or namespace/generateName* when the mutating stage has no name yet."""
     meta = metadata(pod)
-    ns = namespace or meta.get("namespace") or "default"
-    name = meta.get("name") or ((meta.get("generateName") or "") + "*")
+    ns = namespace or _str(meta.get("namespace")) or "default"
+    name = _str(meta.get("name")) or _str(meta.get("generateName")) + "*"
     return f"{ns}/{name}"
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def is_mirror(pod: Pod) -> bool:
@@ -128,7 +132,8 @@ def allowed_zones(pod: Pod, zones: Iterable[str]) -> list[str]:
     selector = _map(spec(pod).get("nodeSelector"))
     for key in ZONE_KEYS:
         if key in selector:
-            allowed &= {selector[key]}
+            value = selector[key]
+            allowed &= {value} if isinstance(value, str) else set()
     affinity = _map(_map(spec(pod).get("affinity")).get("nodeAffinity"))
     required = _map(affinity.get("requiredDuringSchedulingIgnoredDuringExecution"))
     terms = _list(required.get("nodeSelectorTerms"))

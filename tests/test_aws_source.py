@@ -1,0 +1,759 @@
+"""The EC2 edge (webhook/sources/aws.py): pure helpers by hand-worked figures, the poller against moto.
+
+Unit-level functions run against moto in process (`mock_aws`); the poller runs end to end against a
+`ThreadedMotoServer` through `endpoint_url`, the way the real process talks to EC2. moto 5.2.5 facts these
+tests rely on (checked against its source):
+  * AvailableIpAddressCount is live: CIDR size - 5 - every private IP of every ENI in the subnet.
+  * No /28 prefixes at all (Ipv4PrefixCount is ignored, Ipv4Prefixes never returned): the prefix-delegation
+    test adds prefixes to DescribeNetworkInterfaces answers with a botocore `after-call` hook.
+  * DescribeNetworkInterfaces / DescribeSubnets ignore MaxResults (one page): pagination is tested with a
+    botocore Stubber serving two pages.
+  * InterfaceType is always "interface" and the interface-type filter matches nothing, so branch and trunk
+    ENIs are made with their real descriptions (the poller classifies by type or description).
+  * Secondary IPs from SecondaryPrivateIpAddressCount are random addresses: counts are exact, positions are
+    not, so the /28 arithmetic is tested on explicit addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import pytest
+from botocore.awsrequest import AWSResponse
+from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+from botocore.stub import Stubber
+from moto import mock_aws
+
+from tests.live import Moto as Server
+from tests.live import start_moto
+from webhook.model.cni import CniSettings
+from webhook.model.index import CapacityIndex
+from webhook.model.instance_types import INSTANCE_TYPES
+from webhook.model.limits import InstanceLimits, LimitsTable
+from webhook.sources.aws import (
+    Call,
+    Ec2Poller,
+    Eni,
+    classify_error,
+    free_prefix_blocks,
+    instance_id_from_provider_id,
+    instance_limits_from_ec2,
+    node_instances_from_provider_ids,
+    parse_eni,
+    region_from_provider_id,
+    region_from_zone,
+    subnet_usage,
+    summarize_instances,
+)
+
+REGION = "us-east-1"
+AMI = "ami-12c6146b"  # any id: moto does not check it
+ZONES = ("us-east-1a", "us-east-1b", "us-east-1c")
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake credentials, and no profile or config file from the machine running the tests."""
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def moto_server() -> Iterator[Server]:
+    server = start_moto()  # every test starts from an empty account
+    yield server
+    server.stop()
+
+
+def ec2_client(url: str) -> Any:
+    return boto3.client("ec2", region_name=REGION, endpoint_url=url)
+
+
+def make_poller(url: str, clock: Callable[[], float], **kwargs: Any) -> Ec2Poller:
+    settings: dict[str, Any] = {
+        "region": REGION,
+        "endpoint_url": url,
+        "max_attempts": 1,  # no botocore retries: a fault shows on the first call
+        "connect_timeout": 0.5,
+        "read_timeout": 5.0,
+        "page_size": 5,
+        "clock": clock,
+    }
+    settings.update(kwargs)
+    return Ec2Poller(**settings)
+
+
+@dataclass
+class Cluster:
+    vpc: str
+    subnets: list[str]  # one per zone
+    instances: list[str]  # one per subnet
+    cni_enis: list[str]  # the first CNI ENI of each instance
+    primary_enis: list[str]
+
+    @property
+    def node_instances(self) -> dict[str, str]:
+        return {f"node-{i}": iid for i, iid in enumerate(self.instances)}
+
+
+def create_cluster(ec2: Any, secondary: tuple[int, ...] = (5, 8, 3)) -> Cluster:
+    """A VPC with a /24 per zone, an m5.large per subnet, each with one attached CNI ENI holding N IPs."""
+    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+    subnets, instances, cni_enis, primaries = [], [], [], []
+    for i, zone in enumerate(ZONES):
+        subnet = ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.0.{i + 1}.0/24", AvailabilityZone=zone)["Subnet"]
+        subnets.append(subnet["SubnetId"])
+        run = ec2.run_instances(
+            ImageId=AMI, MinCount=1, MaxCount=1, InstanceType="m5.large", SubnetId=subnet["SubnetId"]
+        )
+        instance = run["Instances"][0]
+        instances.append(instance["InstanceId"])
+        primaries.append(instance["NetworkInterfaces"][0]["NetworkInterfaceId"])
+        eni = ec2.create_network_interface(
+            SubnetId=subnet["SubnetId"],
+            Description=f"aws-K8S-{instance['InstanceId']}",
+            SecondaryPrivateIpAddressCount=secondary[i],
+        )["NetworkInterface"]["NetworkInterfaceId"]
+        ec2.attach_network_interface(NetworkInterfaceId=eni, InstanceId=instance["InstanceId"], DeviceIndex=1)
+        cni_enis.append(eni)
+    return Cluster(vpc, subnets, instances, cni_enis, primaries)
+
+
+def build_index(cluster: Cluster, cni: CniSettings | None = None, limits: LimitsTable | None = None) -> CapacityIndex:
+    index = CapacityIndex(limits, cni)
+    for i, subnet in enumerate(cluster.subnets):
+        index.upsert_node(f"node-{i}", zone=ZONES[i], instance_type="m5.large", pod_subnet=subnet, allocatable_pods=29)
+    return index
+
+
+def live_free(ec2: Any, subnet: str) -> int:
+    return int(ec2.describe_subnets(SubnetIds=[subnet])["Subnets"][0]["AvailableIpAddressCount"])
+
+
+def throttle(**_: Any) -> AWSResponse:
+    """A `before-send` hook: EC2's throttling answer, without sending anything."""
+    body = (
+        b'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>RequestLimitExceeded</Code>'
+        b"<Message>Request limit exceeded.</Message></Error></Errors><RequestID>test</RequestID></Response>"
+    )
+
+    class Raw:
+        def stream(self, **_: Any) -> Iterator[bytes]:
+            yield body
+
+    return AWSResponse("https://ec2.amazonaws.com/", 503, {}, Raw())
+
+
+# ---- provider IDs -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("provider_id", "instance_id", "region"),
+    [
+        ("aws:///us-east-1a/i-0123456789abcdef0", "i-0123456789abcdef0", "us-east-1"),
+        ("aws:///eu-west-1c/i-00018772909497f61", "i-00018772909497f61", "eu-west-1"),
+        ("aws:///us-gov-west-1b/i-0a1b2c3d", "i-0a1b2c3d", "us-gov-west-1"),
+        ("aws:///us-west-2-lax-1a/i-0123456789abcdef0", "i-0123456789abcdef0", "us-west-2"),  # local zone
+        ("aws:////i-0123456789abcdef0", "i-0123456789abcdef0", None),  # no zone
+        ("aws:///us-east-1b/0123456789-abcdef/fargate-ip-192-168-1-1.ec2.internal", None, "us-east-1"),
+        ("kind://docker/kind/kind-worker", None, None),
+        ("", None, None),
+    ],
+)
+def test_provider_ids(provider_id: str, instance_id: str | None, region: str | None) -> None:
+    assert instance_id_from_provider_id(provider_id) == instance_id
+    assert region_from_provider_id(provider_id) == region
+
+
+def test_node_instances_from_provider_ids_skips_non_ec2_nodes() -> None:
+    mapping = node_instances_from_provider_ids(
+        {"a": "aws:///us-east-1a/i-0123456789abcdef0", "fargate": "aws:///us-east-1a/x/fargate-ip-1", "b": ""}
+    )
+    assert mapping == {"a": "i-0123456789abcdef0"}
+    assert region_from_zone("cn-northwest-1a") == "cn-northwest-1"
+    assert region_from_zone("nonsense") is None
+
+
+# ---- free /28 blocks ----------------------------------------------------------------------------------
+# A /24 has 16 aligned /28 blocks: block k covers .16k to .16k+15. AWS reserves .0-.3 (block 0) and .255
+# (block 15), so an empty /24 offers 14.
+
+
+def test_free_blocks_empty_subnets() -> None:
+    assert free_prefix_blocks("10.0.1.0/24", []) == 14
+    assert free_prefix_blocks("10.0.0.0/26", []) == 2  # 4 blocks, first and last reserved
+    assert free_prefix_blocks("10.0.0.0/27", []) == 0  # 2 blocks, both touched by reserved addresses
+    assert free_prefix_blocks("10.0.0.0/28", []) == 0
+    assert free_prefix_blocks("10.0.0.0/29", []) == 0  # smaller than a prefix
+    assert free_prefix_blocks("10.0.0.0/20", []) == 254  # 256 blocks
+
+
+def test_free_blocks_scattered_use() -> None:
+    used = [
+        "10.0.1.4",  # block 0: already reserved
+        "10.0.1.17",  # block 1
+        "10.0.1.100",  # block 6 (96-111)
+        "10.0.1.101",  # block 6 again
+        "10.0.1.128/28",  # block 8, a prefix
+        ipaddress.IPv4Address("10.0.1.250"),  # block 15: already reserved
+        "10.0.2.7",  # another subnet: ignored
+        "2600:1f18::1",  # IPv6: ignored
+    ]
+    # blocked: 0, 1, 6, 8, 15 -> 16 - 5
+    assert free_prefix_blocks("10.0.1.0/24", used) == 11
+    # A /27 reservation (two blocks) and a prefix straddling nothing else.
+    assert free_prefix_blocks(ipaddress.IPv4Network("10.0.1.0/24"), ["10.0.1.64/27"]) == 12
+
+
+def test_free_blocks_fully_fragmented_subnet_has_free_ips_but_no_block() -> None:
+    cidr = ipaddress.IPv4Network("10.0.1.0/24")
+    used = [str(cidr.network_address + 16 * k + 5) for k in range(16)]  # one address in every block
+    assert free_prefix_blocks(cidr, used) == 0
+    free_ips = cidr.num_addresses - 5 - len(used)
+    assert free_ips == 235  # plenty of addresses, not one /28: InsufficientCidrBlocks territory
+
+
+def test_subnet_usage_counts_every_address_and_prefix() -> None:
+    eni = Eni("eni-1", "subnet-a", "x", "interface", None, None, "10.0.1.4", ("10.0.1.5",), ("10.0.1.16/28",))
+    other = Eni("eni-2", "subnet-b", "x", "interface", None, None, "10.0.2.9", (), ())
+    assert subnet_usage([eni, other]) == {
+        "subnet-a": ["10.0.1.4", "10.0.1.5", "10.0.1.16/28"],
+        "subnet-b": ["10.0.2.9"],
+    }
+
+
+# ---- ENI summaries ------------------------------------------------------------------------------------
+
+
+def raw_eni(
+    eni_id: str,
+    *,
+    description: str = "",
+    instance: str | None = None,
+    device: int | None = None,
+    ips: int = 0,
+    prefixes: int = 0,
+    interface_type: str = "interface",
+    trunk: str | None = None,
+) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "NetworkInterfaceId": eni_id,
+        "SubnetId": "subnet-a",
+        "Description": description,
+        "InterfaceType": interface_type,
+        "PrivateIpAddress": "10.0.0.10",
+        "PrivateIpAddresses": [{"Primary": True, "PrivateIpAddress": "10.0.0.10"}]
+        + [{"Primary": False, "PrivateIpAddress": f"10.0.0.{20 + i}"} for i in range(ips)],
+        "Ipv4Prefixes": [{"Ipv4Prefix": f"10.0.{1 + i}.0/28"} for i in range(prefixes)],
+        "TagSet": [{"Key": "vpcresources.k8s.aws/trunk-eni-id", "Value": trunk}] if trunk else [],
+    }
+    if instance is not None:
+        raw["Attachment"] = {"InstanceId": instance, "DeviceIndex": device}
+    return raw
+
+
+def test_summarize_instances() -> None:
+    enis = [
+        parse_eni(raw)
+        for raw in [
+            raw_eni("eni-p", description="Primary network interface", instance="i-1", device=0, ips=3),
+            raw_eni("eni-c1", description="aws-K8S-i-1", instance="i-1", device=1, ips=9),
+            raw_eni("eni-c2", description="aws-K8S-i-1", instance="i-1", device=2, prefixes=2),
+            raw_eni("eni-efa", description="something else", instance="i-1", device=3, ips=4),  # not the CNI's
+            raw_eni("eni-t", description="aws-k8s-trunk-eni", instance="i-1", device=4, interface_type="trunk"),
+            raw_eni("eni-b1", description="aws-k8s-branch-eni", interface_type="branch", trunk="eni-t"),
+            raw_eni("eni-b2", description="aws-k8s-branch-eni", trunk="eni-t"),
+            raw_eni("eni-b3", description="aws-k8s-branch-eni", trunk="eni-elsewhere"),
+            raw_eni("eni-leak", description="aws-K8S-i-9", ips=5),  # unattached: nobody holds it
+            raw_eni("eni-other", description="aws-K8S-i-2", instance="i-2", device=1, ips=1),  # not asked for
+        ]
+    ]
+    summary = summarize_instances(enis, ["i-1", "i-3"])
+    assert set(summary) == {"i-1"}  # i-3 has no ENI at all
+    usage = summary["i-1"]
+    assert (usage.enis, usage.secondary_ips, usage.prefixes) == (3, 12, 2)
+    assert (usage.branch_enis, usage.trunk, usage.primary_subnet) == (2, True, "subnet-a")
+    assert usage.held_ips() == 12 + 2 * 16
+    # Custom networking: the primary ENI's 3 secondary IPs are in the node's own subnet, not a pod subnet.
+    assert usage.held_ips(custom_networking=True) == 9 + 2 * 16
+
+
+def test_parse_eni_takes_primary_from_the_address_list() -> None:
+    eni = parse_eni(raw_eni("eni-1", description="aws-K8S-i-1", instance="i-1", device=1, ips=2))
+    assert eni.primary_ip == "10.0.0.10"
+    assert eni.secondary_ips == ("10.0.0.20", "10.0.0.21")
+    assert (eni.is_cni, eni.is_primary, eni.is_branch) == (True, False, False)
+
+
+# ---- instance types, errors ---------------------------------------------------------------------------
+
+
+def test_instance_limits_match_the_bundled_table() -> None:
+    """DescribeInstanceTypes (moto's real data) read as the generator reads it, for a spread of shapes."""
+    names = ["m5.large", "t3.micro", "m4.large", "c5.metal", "p4d.24xlarge", "c6in.32xlarge", "m1.small"]
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name=REGION)
+        infos = ec2.describe_instance_types(InstanceTypes=names)["InstanceTypes"]
+    assert len(infos) == len(names)
+    for info in infos:
+        name = info["InstanceType"]
+        limits = instance_limits_from_ec2(info, INSTANCE_TYPES[name][4])
+        assert limits == InstanceLimits(name, *INSTANCE_TYPES[name]), name
+
+
+def test_instance_limits_edge_cases() -> None:
+    card = {"NetworkCardIndex": 1, "MaximumNetworkInterfaces": 7}
+    info: Any = {
+        "InstanceType": "x9.metal",
+        "BareMetal": True,
+        "Hypervisor": "",
+        "VCpuInfo": {"DefaultVCpus": 96},
+        "NetworkInfo": {
+            "Ipv4AddressesPerInterface": 50,
+            "MaximumNetworkInterfaces": 14,
+            "DefaultNetworkCardIndex": 1,
+            "NetworkCards": [{"NetworkCardIndex": 0, "MaximumNetworkInterfaces": 2}, card],
+        },
+    }
+    assert instance_limits_from_ec2(info) == InstanceLimits("x9.metal", 7, 50, True, 96, 0)  # default card 1
+    assert instance_limits_from_ec2({"InstanceType": "x9.large", "VCpuInfo": {"DefaultVCpus": 2}}) is None
+    xen: Any = {
+        "InstanceType": "m4.large",
+        "Hypervisor": "xen",
+        "VCpuInfo": {"DefaultVCpus": 2},
+        "NetworkInfo": {"Ipv4AddressesPerInterface": 10, "MaximumNetworkInterfaces": 2},
+    }
+    assert instance_limits_from_ec2(xen) == InstanceLimits("m4.large", 2, 10, False, 2, 0)
+
+
+def client_error(code: str, status: int) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "x"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "Op")
+
+
+def test_classify_error() -> None:
+    assert classify_error(client_error("RequestLimitExceeded", 503)) == "throttled"
+    assert classify_error(client_error("Throttling", 400)) == "throttled"
+    assert classify_error(client_error("UnauthorizedOperation", 403)) == "denied"
+    assert classify_error(client_error("InternalError", 500)) == "server"
+    assert classify_error(client_error("InvalidParameterValue", 400)) == "client"
+    assert classify_error(EndpointConnectionError(endpoint_url="http://x")) == "unreachable"
+    assert classify_error(ReadTimeoutError(endpoint_url="http://x")) == "timeout"
+    assert classify_error(ValueError("bug")) == "other"
+
+
+# ---- in-process moto: limits into the index, security groups ------------------------------------------
+
+
+async def test_instance_types_reach_the_index() -> None:
+    """An index that knows no type learns m5.large from DescribeInstanceTypes; a type EC2 lacks stays unknown."""
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name=REGION)
+        cluster = create_cluster(ec2)
+        index = build_index(cluster, limits=LimitsTable(bundled={}))
+        index.upsert_node("odd", zone=ZONES[0], instance_type="zz9.plural", pod_subnet=None, allocatable_pods=10)
+        assert index.nodes["node-0"].limits is None
+        assert index.unknown_types == {"m5.large", "zz9.plural"}
+        poller = Ec2Poller(region=REGION, clock=FakeClock())
+        try:
+            result = await poller.refresh(index, cluster.node_instances)
+            assert Call.INSTANCE_TYPES in result.fetched
+            assert index.limits.get("m5.large") == InstanceLimits("m5.large", 3, 10, True, 2, 9)
+            assert index.nodes["node-0"].capacity == 3 * (10 - 1)  # secondary IPs: E x (I - 1)
+            assert index.unknown_types == {"zz9.plural"}
+            assert poller.stats[Call.INSTANCE_TYPES].last_success is not None
+
+            # A node of a new type joins within the period: its limits come in, and since they make the index
+            # recompute (and re-baseline its subnets), the subnets are fetched again in the same refresh.
+            index.upsert_node(
+                "big", zone=ZONES[1], instance_type="m5.4xlarge", pod_subnet=cluster.subnets[1], allocatable_pods=110
+            )
+            result = await poller.refresh(index, cluster.node_instances)
+            assert {Call.INSTANCE_TYPES, Call.SUBNETS} <= result.fetched
+            assert index.nodes["big"].capacity == 8 * (30 - 1)
+            # Nothing new: all from the caches.
+            result = await poller.refresh(index, cluster.node_instances)
+            assert result.fetched == frozenset()
+        finally:
+            poller.close()
+
+
+async def test_security_group_rule_counts() -> None:
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name=REGION)
+        vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+        sg = ec2.create_security_group(GroupName="pods", Description="pods", VpcId=vpc)["GroupId"]
+        other = ec2.create_security_group(GroupName="other", Description="other", VpcId=vpc)["GroupId"]
+        ec2.authorize_security_group_ingress(
+            GroupId=sg,
+            IpPermissions=[
+                {
+                    "IpProtocol": "tcp",
+                    "FromPort": 443,
+                    "ToPort": 443,
+                    "IpRanges": [{"CidrIp": "10.0.0.0/8"}, {"CidrIp": "192.168.0.0/16"}],
+                    "Ipv6Ranges": [{"CidrIpv6": "::/0"}],
+                    "UserIdGroupPairs": [{"GroupId": other}],
+                }
+            ],
+        )
+        pl = ec2.create_managed_prefix_list(PrefixListName="corp", MaxEntries=7, AddressFamily="IPv4")
+        pl_id = pl["PrefixList"]["PrefixListId"]
+        ec2.authorize_security_group_egress(
+            GroupId=sg, IpPermissions=[{"IpProtocol": "-1", "PrefixListIds": [{"PrefixListId": pl_id}]}]
+        )
+        poller = Ec2Poller(region=REGION, clock=FakeClock())
+        try:
+            groups = await poller.security_groups([sg, "sg-0123456789abcdef0", "not-a-group"])
+        finally:
+            poller.close()
+    info = groups[sg]
+    assert info is not None
+    assert (info.name, info.vpc_id, info.prefix_lists_sized) == ("pods", vpc, True)
+    # inbound: 2 IPv4 CIDRs, 1 IPv6 CIDR, 1 group reference (counted against both families)
+    assert (info.inbound.cidr_ipv4, info.inbound.cidr_ipv6, info.inbound.group_refs) == (2, 1, 1)
+    assert (info.inbound.ipv4, info.inbound.ipv6) == (3, 2)
+    # outbound: the default 0.0.0.0/0 rule plus a prefix list weighing its MaxEntries
+    assert (info.outbound.ipv4, info.outbound.ipv6) == (1 + 7, 0)
+    assert groups["sg-0123456789abcdef0"] is None  # EC2 has no such group
+    assert groups["not-a-group"] is None
+
+
+# ---- the poller against a moto server -----------------------------------------------------------------
+
+
+async def test_refresh_end_to_end(moto_server: Server) -> None:
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2, secondary=(5, 8, 3))
+    # ipamd also puts IPs on the primary ENI (not under custom networking).
+    ec2.assign_private_ip_addresses(NetworkInterfaceId=cluster.primary_enis[0], SecondaryPrivateIpAddressCount=2)
+    # A leaked CNI ENI (its node is gone): it takes subnet addresses but no node holds it.
+    ec2.create_network_interface(
+        SubnetId=cluster.subnets[0], Description="aws-K8S-i-0000000000000dead", SecondaryPrivateIpAddressCount=4
+    )
+    # Security groups for pods on node-1: a trunk ENI and two branch ENIs hanging off it.
+    trunk = ec2.create_network_interface(SubnetId=cluster.subnets[1], Description="aws-k8s-trunk-eni")
+    trunk_id = trunk["NetworkInterface"]["NetworkInterfaceId"]
+    ec2.attach_network_interface(NetworkInterfaceId=trunk_id, InstanceId=cluster.instances[1], DeviceIndex=2)
+    for _ in range(2):
+        ec2.create_network_interface(
+            SubnetId=cluster.subnets[1],
+            Description="aws-k8s-branch-eni",
+            TagSpecifications=[
+                {
+                    "ResourceType": "network-interface",
+                    "Tags": [{"Key": "vpcresources.k8s.aws/trunk-eni-id", "Value": trunk_id}],
+                }
+            ],
+        )
+    index = build_index(cluster)
+    clock = FakeClock()
+    poller = make_poller(moto_server.url, clock)
+    try:
+        result = await poller.refresh(index, cluster.node_instances)
+        assert result.ok, result.failed
+        assert {Call.VPC, Call.INSTANCE_TYPES, Call.ENIS, Call.SUBNETS} <= result.fetched
+        assert poller.vpc_id == cluster.vpc  # discovered from the first node's instance
+        assert {n: index.nodes[n].ec2_held for n in cluster.node_instances} == {
+            "node-0": 2 + 5,
+            "node-1": 8,
+            "node-2": 3,
+        }
+        usage = result.instances[cluster.instances[1]]
+        assert (usage.branch_enis, usage.trunk, usage.enis) == (2, True, 2)
+        assert usage.primary_subnet == cluster.subnets[1]
+        for subnet, zone in zip(cluster.subnets, ZONES, strict=True):
+            figures = index.subnets[subnet]
+            assert (figures.zone, figures.free_ips, figures.free_blocks) == (zone, live_free(ec2, subnet), None)
+        # 251 usable - instance IP - (2 on the primary) - CNI ENI (1 + 5) - leaked ENI (1 + 4)
+        assert index.subnets[cluster.subnets[0]].free_ips == 251 - 1 - 2 - 6 - 5
+        assert result.nodes_updated == 3 and result.subnets_updated == 3
+        first_success = poller.stats[Call.SUBNETS].last_success
+        assert first_success == clock.now
+
+        # Within the period: served from the TTL caches, nothing asked, nothing re-applied.
+        version = index.version
+        again = await poller.refresh(index, cluster.node_instances)
+        assert again.fetched == frozenset() and {Call.ENIS, Call.SUBNETS} <= again.cached
+        assert index.version == version
+
+        # The CNI takes more: the index follows at the next refresh.
+        ec2.assign_private_ip_addresses(NetworkInterfaceId=cluster.cni_enis[2], SecondaryPrivateIpAddressCount=6)
+        extra = ec2.create_network_interface(
+            SubnetId=cluster.subnets[0],
+            Description=f"aws-K8S-{cluster.instances[0]}",
+            SecondaryPrivateIpAddressCount=9,
+        )["NetworkInterface"]["NetworkInterfaceId"]
+        ec2.attach_network_interface(NetworkInterfaceId=extra, InstanceId=cluster.instances[0], DeviceIndex=3)
+        clock.advance(31)
+        result = await poller.refresh(index, cluster.node_instances)
+        assert result.ok and {Call.ENIS, Call.SUBNETS} <= result.fetched
+        assert index.nodes["node-0"].ec2_held == 2 + 5 + 9
+        assert index.nodes["node-2"].ec2_held == 3 + 6
+        for subnet in cluster.subnets:
+            assert index.subnets[subnet].free_ips == live_free(ec2, subnet)
+        assert poller.stats[Call.SUBNETS].last_success == clock.now > (first_success or 0)
+        assert sum(s.errors for s in poller.stats.values()) == 0
+
+        # A node that leaves the mapping drops back to the index's prediction.
+        clock.advance(31)
+        mapping = dict(cluster.node_instances)
+        del mapping["node-2"]
+        await poller.refresh(index, mapping)
+        assert index.nodes["node-2"].ec2_held is None
+    finally:
+        poller.close()
+
+
+async def test_extra_subnets_and_missing_subnets(moto_server: Server) -> None:
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    spare = ec2.create_subnet(VpcId=cluster.vpc, CidrBlock="10.0.9.0/25", AvailabilityZone=ZONES[0])
+    spare_id = spare["Subnet"]["SubnetId"]
+    index = build_index(cluster)
+    clock = FakeClock()
+    poller = make_poller(moto_server.url, clock, vpc_id=cluster.vpc)
+    try:
+        result = await poller.refresh(index, cluster.node_instances, {spare_id, "subnet-0000000000000dead"})
+        assert result.ok
+        assert Call.VPC not in result.fetched  # given, not discovered
+        assert index.subnets[spare_id].free_ips == 128 - 5
+        assert result.subnets_missing == {"subnet-0000000000000dead"}
+        # The subnet is deleted in EC2: the index drops it after the next refresh.
+        ec2.delete_subnet(SubnetId=spare_id)
+        clock.advance(31)
+        result = await poller.refresh(index, cluster.node_instances, {spare_id})
+        assert spare_id in result.subnets_missing
+        assert spare_id not in index.subnets
+    finally:
+        poller.close()
+
+
+async def test_region_from_the_nodes_zone(moto_server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No region given and boto3's default points elsewhere: the nodes' zone (as in providerIDs) decides."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    index = build_index(cluster)
+    poller = make_poller(moto_server.url, FakeClock(), region=None)
+    try:
+        result = await poller.refresh(index, cluster.node_instances)
+    finally:
+        poller.close()
+    assert poller.region == REGION
+    assert result.ok and index.nodes["node-1"].ec2_held == 8
+
+
+async def test_unreachable_endpoint_keeps_last_good_data_and_recovers(moto_server: Server) -> None:
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    index = build_index(cluster)
+    clock = FakeClock()
+    poller = make_poller(moto_server.url, clock)
+    try:
+        assert (await poller.refresh(index, cluster.node_instances)).ok
+        good_held = {n: index.nodes[n].ec2_held for n in cluster.node_instances}
+        good_free = {s: index.subnets[s].free_ips for s in cluster.subnets}
+        good_success = poller.stats[Call.ENIS].last_success
+        version = index.version
+
+        moto_server.stop()
+        clock.advance(31)
+        result = await poller.refresh(index, cluster.node_instances)
+        assert result.failed == {Call.ENIS: "unreachable", Call.SUBNETS: "unreachable"}
+        assert {n: index.nodes[n].ec2_held for n in cluster.node_instances} == good_held
+        assert {s: index.subnets[s].free_ips for s in cluster.subnets} == good_free
+        assert index.version == version
+        stats = poller.stats[Call.ENIS]
+        assert stats.last_success == good_success
+        assert (stats.errors, stats.consecutive_errors, stats.errors_by_reason) == (1, 1, {"unreachable": 1})
+        assert stats.next_attempt == clock.now + 30  # first retry at the next regular refresh
+
+        # Backing off: not even asked.
+        clock.advance(10)
+        result = await poller.refresh(index, cluster.node_instances)
+        assert result.skipped == {Call.ENIS, Call.SUBNETS} and not result.failed
+        assert poller.stats[Call.ENIS].attempts == 2
+
+        # Still down at the retry: the backoff doubles.
+        clock.advance(20)
+        result = await poller.refresh(index, cluster.node_instances)
+        assert Call.ENIS in result.failed
+        assert poller.stats[Call.ENIS].next_attempt == clock.now + 60
+
+        # Back, with changes made meanwhile.
+        moto_server.restart()
+        ec2.assign_private_ip_addresses(NetworkInterfaceId=cluster.cni_enis[1], SecondaryPrivateIpAddressCount=4)
+        clock.advance(60)
+        result = await poller.refresh(index, cluster.node_instances)
+        assert result.ok and {Call.ENIS, Call.SUBNETS} <= result.fetched
+        assert index.nodes["node-1"].ec2_held == 8 + 4
+        assert index.subnets[cluster.subnets[1]].free_ips == live_free(ec2, cluster.subnets[1])
+        stats = poller.stats[Call.ENIS]
+        assert stats.last_success == clock.now and stats.consecutive_errors == 0 and stats.errors == 2
+    finally:
+        poller.close()
+
+
+async def test_throttling_keeps_last_good_enis(moto_server: Server) -> None:
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    index = build_index(cluster)
+    clock = FakeClock()
+    poller = make_poller(moto_server.url, clock)
+    try:
+        assert (await poller.refresh(index, cluster.node_instances)).ok
+        enis_success = poller.stats[Call.ENIS].last_success
+        events = poller.client.meta.events
+        events.register("before-send.ec2.DescribeNetworkInterfaces", throttle)
+        ec2.assign_private_ip_addresses(NetworkInterfaceId=cluster.cni_enis[0], SecondaryPrivateIpAddressCount=7)
+
+        clock.advance(31)
+        result = await poller.refresh(index, cluster.node_instances)
+        assert result.failed == {Call.ENIS: "throttled"}
+        assert index.nodes["node-0"].ec2_held == 5  # the last good figure
+        assert poller.stats[Call.ENIS].last_success == enis_success
+        assert poller.stats[Call.ENIS].errors_by_reason == {"throttled": 1}
+        # Subnets still answer: their fresh free count is applied (held figures lag until ENIs recover).
+        assert Call.SUBNETS in result.fetched
+        assert index.subnets[cluster.subnets[0]].free_ips == live_free(ec2, cluster.subnets[0])
+
+        events.unregister("before-send.ec2.DescribeNetworkInterfaces", throttle)
+        clock.advance(31)
+        result = await poller.refresh(index, cluster.node_instances)
+        assert result.ok
+        assert index.nodes["node-0"].ec2_held == 5 + 7
+        assert poller.stats[Call.ENIS].last_success == clock.now
+    finally:
+        poller.close()
+
+
+async def test_prefix_delegation_free_blocks(moto_server: Server) -> None:
+    """moto has no prefixes: an after-call hook adds /28s to one ENI in the answers, and the rest is exact."""
+    ec2 = ec2_client(moto_server.url)
+    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.0.1.0/24", AvailabilityZone=ZONES[0])["Subnet"]["SubnetId"]
+    run = ec2.run_instances(ImageId=AMI, MinCount=1, MaxCount=1, InstanceType="m5.large", SubnetId=subnet)
+    instance = run["Instances"][0]["InstanceId"]
+    assert run["Instances"][0]["PrivateIpAddress"] == "10.0.1.4"  # block 0, reserved anyway
+    cni = ec2.create_network_interface(
+        SubnetId=subnet,
+        Description=f"aws-K8S-{instance}",
+        PrivateIpAddress="10.0.1.20",  # block 1
+    )["NetworkInterface"]["NetworkInterfaceId"]
+    ec2.attach_network_interface(NetworkInterfaceId=cni, InstanceId=instance, DeviceIndex=1)
+    ec2.create_network_interface(SubnetId=subnet, Description="ELB app/x", PrivateIpAddress="10.0.1.200")  # block 12
+    prefixes = {cni: ["10.0.1.32/28", "10.0.1.48/28"]}  # blocks 2 and 3
+
+    def add_prefixes(parsed: dict[str, Any], **_: Any) -> None:
+        for eni in parsed.get("NetworkInterfaces", []):
+            eni["Ipv4Prefixes"] = [{"Ipv4Prefix": p} for p in prefixes.get(eni["NetworkInterfaceId"], [])]
+
+    index = CapacityIndex(cni=CniSettings(prefix_delegation=True))
+    index.upsert_node("node-0", zone=ZONES[0], instance_type="m5.large", pod_subnet=subnet, allocatable_pods=110)
+    clock = FakeClock()
+    poller = make_poller(moto_server.url, clock)
+    poller.client.meta.events.register("after-call.ec2.DescribeNetworkInterfaces", add_prefixes)
+    try:
+        result = await poller.refresh(index, {"node-0": instance})
+        assert result.ok and Call.SUBNET_ENIS in result.fetched
+        assert index.nodes["node-0"].ec2_held == 2 * 16
+        # blocked: 0 (reserved, .4), 1 (.20), 2 and 3 (prefixes), 12 (.200), 15 (reserved) -> 16 - 6
+        assert index.subnets[subnet].free_blocks == result.subnets[subnet].free_blocks == 10
+        assert index.subnets[subnet].free_ips == live_free(ec2, subnet) == 251 - 3  # moto ignores prefixes
+
+        prefixes[cni].append("10.0.1.96/28")  # block 6
+        clock.advance(31)
+        await poller.refresh(index, {"node-0": instance})
+        assert index.nodes["node-0"].ec2_held == 3 * 16
+        assert index.subnets[subnet].free_blocks == 9
+    finally:
+        poller.close()
+
+
+def test_enis_are_read_across_pages() -> None:
+    """moto answers in one page, so a Stubber serves two and checks MaxResults and NextToken go out."""
+    poller = Ec2Poller(region=REGION, vpc_id="vpc-1", page_size=5)
+    stubber = Stubber(poller.client)
+    vpc_filter = {"Name": "vpc-id", "Values": ["vpc-1"]}
+    described = [vpc_filter, {"Name": "description", "Values": ["aws-K8S-*", "aws-k8s-branch-eni"]}]
+    page1 = [raw_eni(f"eni-{i}", description="aws-K8S-i-1", instance="i-1", device=i + 1, ips=2) for i in range(5)]
+    page2 = [raw_eni("eni-5", description="aws-K8S-i-1", instance="i-1", device=6, ips=2)]
+    attached = [
+        raw_eni("eni-p", description="Primary network interface", instance="i-1", device=0, ips=1),
+        page1[0],  # seen twice: counted once
+    ]
+    stubber.add_response(
+        "describe_network_interfaces",
+        {"NetworkInterfaces": page1, "NextToken": "page-2"},
+        {"Filters": described, "MaxResults": 5},
+    )
+    stubber.add_response(
+        "describe_network_interfaces",
+        {"NetworkInterfaces": page2},
+        {"Filters": described, "MaxResults": 5, "NextToken": "page-2"},
+    )
+    stubber.add_response(
+        "describe_network_interfaces",
+        {"NetworkInterfaces": attached},
+        {"Filters": [vpc_filter, {"Name": "attachment.instance-id", "Values": ["i-1"]}], "MaxResults": 5},
+    )
+    try:
+        with stubber:
+            enis = poller.fetch_instance_enis(["i-1"])
+        stubber.assert_no_pending_responses()
+    finally:
+        poller.close()
+    assert len(enis) == 7
+    usage = summarize_instances(enis, ["i-1"])["i-1"]
+    assert (usage.enis, usage.secondary_ips) == (7, 6 * 2 + 1)
+
+
+async def eventually(predicate: Callable[[], bool]) -> None:
+    for _ in range(500):  # 10 s
+        if predicate():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+async def test_run_loop_never_raises_and_stops(moto_server: Server) -> None:
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    index = build_index(cluster)
+    poller = make_poller(moto_server.url, asyncio.get_running_loop().time, eni_period=0.1, subnet_period=0.1)
+    task = asyncio.create_task(poller.run(index, lambda: cluster.node_instances, lambda: set()))
+    try:
+        await eventually(lambda: poller.stats[Call.SUBNETS].last_success is not None)
+        assert index.nodes["node-0"].ec2_held == 5
+        moto_server.stop()
+        await eventually(lambda: poller.stats[Call.ENIS].errors >= 2)
+        assert not task.done()  # errors are counted, never raised
+        poller.stop()
+        async with asyncio.timeout(5):
+            await task
+        assert poller.loop_errors == 0
+        assert index.nodes["node-0"].ec2_held == 5  # last good data kept
+    finally:
+        poller.close()
+        task.cancel()

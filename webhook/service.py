@@ -1,0 +1,258 @@
+"""`ipguard serve`: the webhook server fed by live sources (Kubernetes watches and EC2).
+
+Wires the pieces together and owns the rules that span them: readiness (Nodes, Pods and the first EC2
+refresh loaded, certificate in place), staleness (data older than the bound fails open), and settings hot
+reload (a valid ConfigMap applies at once; an invalid one is refused and the last good settings stay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kubernetes_asyncio import client as k8s
+
+from webhook.admission.handler import AdmissionState
+from webhook.metrics import Gauge, LabelValues
+from webhook.model.config import Settings
+from webhook.model.index import CapacityIndex
+from webhook.server import RunningServer, WebhookServer, start_server
+from webhook.sources.aws import Call, Ec2Poller
+from webhook.sources.cluster import ClusterFeed
+from webhook.sources.kube import Reflector, watched_resources
+from webhook.tls import CertReloader
+
+log = logging.getLogger("ipguard.service")
+
+# Without these the index is not worth answering from.
+ESSENTIAL = ("nodes", "pods")
+
+
+@dataclass(slots=True)
+class ServeOptions:
+    host: str = "0.0.0.0"
+    port: int = 8443
+    tls_cert: Path = Path("/tls/tls.crt")
+    tls_key: Path = Path("/tls/tls.key")
+    config_namespace: str = "ipguard"
+    config_name: str = "ipguard"
+    ec2: bool = True
+    region: str | None = None
+    vpc_id: str | None = None
+    ec2_endpoint_url: str | None = None
+    ec2_period: float = 30.0
+    ec2_tick: float = 5.0  # how often the poller is asked; it only calls EC2 for what is due
+    watch_timeout: int = 240
+
+
+@dataclass(slots=True)
+class Service:
+    api: k8s.ApiClient
+    options: ServeOptions
+    clock: Callable[[], float] = time.monotonic
+    index: CapacityIndex = field(init=False)
+    state: AdmissionState = field(init=False)
+    feed: ClusterFeed = field(init=False)
+    reflectors: dict[str, Reflector] = field(init=False)
+    poller: Ec2Poller | None = field(init=False)
+    ec2_ready: bool = False
+    ec2_loop_errors: int = 0
+    settings_changes: int = 0
+    server: WebhookServer = field(init=False)
+    running: RunningServer | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        settings = Settings()
+        self.index = CapacityIndex(node_reserve=settings.node_reserve, reservation_ttl=settings.reservation_ttl,
+                                   clock=self.clock)
+        self.state = AdmissionState(self.index, settings, self.stale_reason)
+        self.feed = ClusterFeed(self.index, self.apply_settings, self.options.config_name,
+                                self.options.config_namespace)
+        handlers = self.feed.handlers()
+        self.reflectors = {
+            w.kind: Reflector(w.kind, w.call, handlers[w.kind], optional=w.optional,
+                              watch_timeout=self.options.watch_timeout, clock=self.clock)
+            for w in watched_resources(self.api, self.options.config_namespace, self.options.config_name)
+        }
+        o = self.options
+        self.poller = (
+            Ec2Poller(region=o.region, vpc_id=o.vpc_id, endpoint_url=o.ec2_endpoint_url, eni_period=o.ec2_period,
+                      subnet_period=o.ec2_period, clock=self.clock)
+            if o.ec2 else None
+        )
+        reloader = CertReloader(o.tls_cert, o.tls_key, allow_missing=True)
+        self.server = WebhookServer(self.state, reloader, self.loaded, self.source_ages)
+        self._add_metrics()
+
+    # ---- settings ---------------------------------------------------------------------------------------
+
+    def apply_settings(self, settings: Settings) -> None:
+        old = self.state.settings
+        if settings == old:
+            return
+        self.state.settings = settings
+        if settings.node_reserve != old.node_reserve:
+            self.index.set_node_reserve(settings.node_reserve)
+        self.index.set_reservation_ttl(settings.reservation_ttl)
+        self.settings_changes += 1
+        log.info("settings applied", extra={"fields": {"mode": settings.mode.value,
+                                                        "zoneReserve": settings.zone_reserve}})
+
+    # ---- readiness and staleness ------------------------------------------------------------------------
+
+    def loaded(self) -> bool:
+        kube = all(self.reflectors[k].synced for k in ESSENTIAL)
+        return kube and (self.poller is None or self.ec2_ready)
+
+    def source_ages(self) -> dict[str, float]:
+        ages: dict[str, float] = {}
+        for kind, reflector in self.reflectors.items():
+            age = reflector.age()
+            if age is not None:
+                ages[kind] = age
+        ec2 = self.ec2_age()
+        if ec2 is not None:
+            ages["ec2"] = ec2
+        return ages
+
+    def ec2_age(self) -> float | None:
+        if self.poller is None:
+            return None
+        times = [self.poller.stats[k].last_success for k in (Call.ENIS, Call.SUBNETS)]
+        known = [t for t in times if t is not None]
+        return self.clock() - min(known) if known else None
+
+    def stale_reason(self) -> str | None:
+        """Why the figures cannot be trusted now, or None. Decisions then fail open."""
+        bound = self.state.settings.staleness_bound
+        for kind in ESSENTIAL:
+            reflector = self.reflectors[kind]
+            age = reflector.age()
+            if not reflector.synced or age is None:
+                return f"{kind} not loaded yet"
+            if age > bound:
+                return f"{kind} data is {age:.0f}s old (bound {bound:.0f}s)"
+        if self.poller is not None:
+            age = self.ec2_age()
+            if age is None:
+                return "no EC2 data yet"
+            if age > bound:
+                return f"EC2 data is {age:.0f}s old (bound {bound:.0f}s)"
+        return None
+
+    # ---- EC2 --------------------------------------------------------------------------------------------
+
+    async def refresh_ec2(self) -> None:
+        assert self.poller is not None
+        node_instances = self.feed.node_instances()
+        result = await self.poller.refresh(self.index, node_instances, set(self.feed.eni_configs.values()))
+        if result.instances:
+            by_instance = {iid: inst.primary_subnet for iid, inst in result.instances.items() if inst.primary_subnet}
+            subnets = {node: by_instance[iid] for node, iid in node_instances.items() if iid in by_instance}
+            before = set(self.feed.ec2_node_subnets.values())
+            self.feed.set_ec2_node_subnets(subnets)
+            if set(subnets.values()) - before:
+                # Nodes named subnets not fetched yet: fetch them now rather than a period later.
+                result = await self.poller.refresh(self.index, node_instances, set(self.feed.eni_configs.values()))
+        if result.ok and self.poller.stats[Call.ENIS].last_success is not None:
+            self.ec2_ready = True
+
+    async def _ec2_loop(self) -> None:
+        while True:
+            try:
+                await self.refresh_ec2()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.ec2_loop_errors += 1
+                log.exception("EC2 refresh failed")
+            await asyncio.sleep(self.options.ec2_tick)
+
+    # ---- lifecycle --------------------------------------------------------------------------------------
+
+    async def start(self) -> RunningServer:
+        for reflector in self.reflectors.values():
+            reflector.start()
+        if self.poller is not None:
+            self._tasks.append(asyncio.create_task(self._ec2_loop(), name="ec2"))
+        assert self.server.reloader is not None
+        self.running = await start_server(self.server, self.options.host, self.options.port,
+                                          self.server.reloader.context)
+        log.info("serving", extra={"fields": {"url": self.running.url}})
+        return self.running
+
+    async def stop(self) -> None:
+        if self.running is not None:
+            await self.running.stop()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for reflector in self.reflectors.values():
+            await reflector.stop()
+        await self.api.close()
+
+    # ---- metrics ----------------------------------------------------------------------------------------
+
+    def _add_metrics(self) -> None:
+        registry = self.server.metrics.registry
+
+        def reflector_values(attr: str) -> Callable[[], Iterable[tuple[LabelValues, float]]]:
+            return lambda: [((k,), float(getattr(r, attr))) for k, r in self.reflectors.items()]
+
+        registry.add(Gauge("ipguard_watch_events_total", "Watch events applied, by resource.", ("resource",),
+                           reflector_values("events")))
+        registry.add(Gauge("ipguard_watch_errors_total", "Watch failures, by resource.", ("resource",),
+                           reflector_values("errors")))
+        registry.add(Gauge("ipguard_watch_relists_total", "Relists after 410 Gone, by resource.", ("resource",),
+                           reflector_values("relists_410")))
+        registry.add(Gauge("ipguard_config_errors_total", "ConfigMap versions refused as invalid.", (),
+                           lambda: [((), float(self.feed.config_errors))]))
+        registry.add(Gauge("ipguard_stale", "1 while decisions fail open on stale data.", (),
+                           lambda: [((), 1.0 if self.stale_reason() else 0.0)]))
+
+        def ec2_errors() -> Iterable[tuple[LabelValues, float]]:
+            if self.poller is None:
+                return []
+            return [((str(kind), reason), float(n)) for kind, s in self.poller.stats.items()
+                    for reason, n in s.errors_by_reason.items()]
+
+        registry.add(Gauge("ipguard_ec2_errors_total", "EC2 call failures, by call and reason.", ("call", "reason"),
+                           ec2_errors))
+        registry.add(Gauge("ipguard_settings_applied_total", "Settings versions applied since start.", (),
+                           lambda: [((), float(self.settings_changes))]))
+
+    async def wait_loaded(self, seconds: float) -> bool:
+        """Start only the sources and wait until the index is loaded (for `ipguard report` on a live cluster)."""
+        for reflector in self.reflectors.values():
+            reflector.start()
+        if self.poller is not None:
+            self._tasks.append(asyncio.create_task(self._ec2_loop(), name="ec2"))
+        deadline = self.clock() + seconds
+        while not self.loaded():
+            if self.clock() > deadline:
+                return False
+            await asyncio.sleep(0.2)
+        return True
+
+
+async def serve(api: k8s.ApiClient, options: ServeOptions) -> None:
+    """Run until SIGTERM or SIGINT; then stop listening and close the watches (Kubernetes sends SIGTERM)."""
+    service = Service(api, options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    try:
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await service.stop()

@@ -1,0 +1,395 @@
+"""What the Kubernetes objects mean for the index: the handlers the watches feed.
+
+Plain dicts in (the JSON of list items and watch events), index updates out. Each handler keeps only what
+the index needs of an object (memory matters at 150,000 pods). A relist is bracketed by `begin_resync` and
+`end_resync`, which removes whatever the server no longer has, so the index ends exactly as the server's
+state after any gap in the watch.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from webhook.model import pods as podlib
+from webhook.model.cni import CniSettings, CniSettingsError
+from webhook.model.config import ConfigError, Settings
+from webhook.model.index import CapacityIndex, pod_key
+
+log = logging.getLogger("ipguard.sources")
+
+ENI_CONFIG_ANNOTATION = "k8s.amazonaws.com/eniConfig"
+INSTANCE_TYPE_LABELS = ("node.kubernetes.io/instance-type", "beta.kubernetes.io/instance-type")
+COMPUTE_TYPE_LABEL = "eks.amazonaws.com/compute-type"
+AWS_NODE_CONTAINER = "aws-node"
+
+
+class Handler(Protocol):
+    def upsert(self, obj: Mapping[str, Any]) -> None: ...
+    def delete(self, obj: Mapping[str, Any]) -> None: ...
+    def begin_resync(self) -> None: ...
+    def end_resync(self) -> None: ...
+
+
+def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, dict) else {}
+
+
+def _key(obj: Mapping[str, Any]) -> str:
+    meta = _meta(obj)
+    namespace = meta.get("namespace")
+    return f"{namespace}/{meta.get('name')}" if namespace else str(meta.get("name"))
+
+
+class _Resync:
+    """Remembers the keys a relist brought, to drop the ones it did not."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] | None = None
+
+    def begin(self) -> None:
+        self.seen = set()
+
+    def saw(self, key: str) -> None:
+        if self.seen is not None:
+            self.seen.add(key)
+
+    def end(self, existing: set[str]) -> set[str]:
+        gone = existing - self.seen if self.seen is not None else set()
+        self.seen = None
+        return gone
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    name: str
+    zone: str | None
+    instance_type: str | None
+    provider_id: str | None
+    allocatable_pods: int | None
+    schedulable: bool
+    labels_eni_config: str | None  # the ENIConfig this node's pods use, by label or annotation
+
+
+def _quantity(value: Any) -> int | None:
+    try:
+        return int(str(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def node_info(obj: Mapping[str, Any], eni_config_label: str) -> NodeInfo:
+    meta = _meta(obj)
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    spec = obj.get("spec") or {}
+    status = obj.get("status") or {}
+    zone = labels.get(podlib.ZONE_LABEL) or labels.get(podlib.LEGACY_ZONE_LABEL)
+    instance_type = next((labels[k] for k in INSTANCE_TYPE_LABELS if labels.get(k)), None)
+    linux = labels.get(podlib.OS_LABEL, "linux") == "linux"
+    fargate = labels.get(COMPUTE_TYPE_LABEL) == "fargate"
+    eni_config = annotations.get(ENI_CONFIG_ANNOTATION) or labels.get(eni_config_label)
+    return NodeInfo(
+        name=str(meta.get("name")),
+        zone=zone,
+        instance_type=instance_type,
+        provider_id=spec.get("providerID"),
+        allocatable_pods=_quantity((status.get("allocatable") or {}).get("pods")),
+        schedulable=linux and not fargate and not spec.get("unschedulable", False),
+        labels_eni_config=eni_config,
+    )
+
+
+@dataclass(slots=True)
+class ClusterFeed:
+    """The cluster's state as the index and settings need it, merged from every watch and from EC2."""
+
+    index: CapacityIndex
+    apply_settings: Callable[[Settings], None]
+    config_name: str = "ipguard"
+    config_namespace: str = "ipguard"
+    nodes: dict[str, NodeInfo] = field(default_factory=dict)
+    ec2_node_subnets: dict[str, str] = field(default_factory=dict)  # node -> subnet of its primary ENI
+    eni_configs: dict[str, str] = field(default_factory=dict)  # ENIConfig name -> subnet
+    namespaces: set[str] = field(default_factory=set)
+    security_group_policies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cni_nodes: set[str] = field(default_factory=set)
+    cni_env_seen: bool = False
+    config_errors: int = 0
+    config_last_error: str | None = None
+    settings_seen: bool = False
+
+    # -- node subnet: custom networking uses the ENIConfig's subnet; otherwise the node's own (from EC2)
+
+    def pod_subnet(self, info: NodeInfo) -> str | None:
+        cni = self.index.cni
+        if cni.custom_networking:
+            name = info.labels_eni_config
+            if name is None and cni.eni_config_label_def == podlib.ZONE_LABEL:
+                name = info.zone
+            return self.eni_configs.get(name) if name else None
+        return self.ec2_node_subnets.get(info.name)
+
+    def sync_node(self, name: str) -> None:
+        info = self.nodes.get(name)
+        if info is None:
+            return
+        self.index.upsert_node(
+            name,
+            zone=info.zone,
+            instance_type=info.instance_type,
+            pod_subnet=self.pod_subnet(info),
+            allocatable_pods=info.allocatable_pods,
+            schedulable=info.schedulable,
+        )
+
+    def sync_all_nodes(self) -> None:
+        for name in self.nodes:
+            self.sync_node(name)
+
+    def set_ec2_node_subnets(self, subnets: Mapping[str, str]) -> None:
+        names = set(subnets) | set(self.ec2_node_subnets)
+        changed = [n for n in names if subnets.get(n) != self.ec2_node_subnets.get(n)]
+        self.ec2_node_subnets = dict(subnets)
+        for name in changed:
+            self.sync_node(name)
+
+    def node_instances(self) -> dict[str, str]:
+        """node name -> EC2 instance id, from providerID `aws:///us-east-1a/i-0123...`."""
+        result = {}
+        for name, info in self.nodes.items():
+            if info.provider_id and info.provider_id.startswith("aws://"):
+                instance = info.provider_id.rsplit("/", 1)[-1]
+                if instance.startswith("i-"):
+                    result[name] = instance
+        return result
+
+    def subnets_in_use(self) -> set[str]:
+        return set(self.ec2_node_subnets.values()) | set(self.eni_configs.values())
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "nodes": NodeHandler(self),
+            "pods": PodHandler(self),
+            "namespaces": NamespaceHandler(self),
+            "eniconfigs": EniConfigHandler(self),
+            "securitygrouppolicies": SgpHandler(self),
+            "cninodes": CniNodeHandler(self),
+            "daemonsets": AwsNodeHandler(self),
+            "configmaps": ConfigMapHandler(self),
+        }
+
+
+class NodeHandler:
+    def __init__(self, feed: ClusterFeed) -> None:
+        self.feed = feed
+        self.resync = _Resync()
+
+    def upsert(self, obj: Mapping[str, Any]) -> None:
+        info = node_info(obj, self.feed.index.cni.eni_config_label_def)
+        self.resync.saw(info.name)
+        if self.feed.nodes.get(info.name) != info:
+            self.feed.nodes[info.name] = info
+            self.feed.sync_node(info.name)
+
+    def delete(self, obj: Mapping[str, Any]) -> None:
+        self._remove(str(_meta(obj).get("name")))
+
+    def _remove(self, name: str) -> None:
+        self.feed.nodes.pop(name, None)
+        self.feed.index.remove_node(name)
+
+    def begin_resync(self) -> None:
+        self.resync.begin()
+
+    def end_resync(self) -> None:
+        for name in self.resync.end(set(self.feed.nodes)):
+            self._remove(name)
+
+
+class PodHandler:
+    def __init__(self, feed: ClusterFeed) -> None:
+        self.feed = feed
+        self.resync = _Resync()
+
+    def upsert(self, obj: Mapping[str, Any]) -> None:
+        meta = _meta(obj)
+        key = pod_key(str(meta.get("namespace")), str(meta.get("name")))
+        self.resync.saw(key)
+        if podlib.is_terminal(obj):
+            # Succeeded/Failed pods have released their IP.
+            self.feed.index.remove_pod(key)
+            return
+        node = podlib.node_name(obj)
+        if node is not None:
+            node = sys.intern(node)  # one string per node, not one per pod (150,000 pods)
+        steered = None if node else podlib.steered_zone(obj)
+        self.feed.index.upsert_pod(key, node, podlib.pod_use(obj), steered_zone=steered)
+
+    def delete(self, obj: Mapping[str, Any]) -> None:
+        meta = _meta(obj)
+        self.feed.index.remove_pod(pod_key(str(meta.get("namespace")), str(meta.get("name"))))
+
+    def begin_resync(self) -> None:
+        self.resync.begin()
+
+    def end_resync(self) -> None:
+        for key in self.resync.end(set(self.feed.index.pods)):
+            self.feed.index.remove_pod(key)
+
+
+class _KeyedStore:
+    """Base for handlers that keep a small dict of objects by key."""
+
+    def __init__(self, feed: ClusterFeed) -> None:
+        self.feed = feed
+        self.resync = _Resync()
+
+    def keys(self) -> set[str]:
+        raise NotImplementedError
+
+    def put(self, key: str, obj: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def drop(self, key: str) -> None:
+        raise NotImplementedError
+
+    def upsert(self, obj: Mapping[str, Any]) -> None:
+        key = _key(obj)
+        self.resync.saw(key)
+        self.put(key, obj)
+
+    def delete(self, obj: Mapping[str, Any]) -> None:
+        self.drop(_key(obj))
+
+    def begin_resync(self) -> None:
+        self.resync.begin()
+
+    def end_resync(self) -> None:
+        for key in self.resync.end(self.keys()):
+            self.drop(key)
+
+
+class NamespaceHandler(_KeyedStore):
+    def keys(self) -> set[str]:
+        return set(self.feed.namespaces)
+
+    def put(self, key: str, obj: Mapping[str, Any]) -> None:
+        self.feed.namespaces.add(key)
+
+    def drop(self, key: str) -> None:
+        self.feed.namespaces.discard(key)
+
+
+class EniConfigHandler(_KeyedStore):
+    def keys(self) -> set[str]:
+        return set(self.feed.eni_configs)
+
+    def put(self, key: str, obj: Mapping[str, Any]) -> None:
+        subnet = (obj.get("spec") or {}).get("subnet")
+        if isinstance(subnet, str) and self.feed.eni_configs.get(key) != subnet:
+            self.feed.eni_configs[key] = subnet
+            self.feed.sync_all_nodes()
+
+    def drop(self, key: str) -> None:
+        if self.feed.eni_configs.pop(key, None) is not None:
+            self.feed.sync_all_nodes()
+
+
+class SgpHandler(_KeyedStore):
+    def keys(self) -> set[str]:
+        return set(self.feed.security_group_policies)
+
+    def put(self, key: str, obj: Mapping[str, Any]) -> None:
+        spec = obj.get("spec") or {}
+        # Only what matching and quota checks read.
+        self.feed.security_group_policies[key] = {
+            "podSelector": spec.get("podSelector"),
+            "serviceAccountSelector": spec.get("serviceAccountSelector"),
+            "groupIds": list((spec.get("securityGroups") or {}).get("groupIds") or []),
+        }
+
+    def drop(self, key: str) -> None:
+        self.feed.security_group_policies.pop(key, None)
+
+
+class CniNodeHandler(_KeyedStore):
+    def keys(self) -> set[str]:
+        return set(self.feed.cni_nodes)
+
+    def put(self, key: str, obj: Mapping[str, Any]) -> None:
+        self.feed.cni_nodes.add(key)
+
+    def drop(self, key: str) -> None:
+        self.feed.cni_nodes.discard(key)
+
+
+def aws_node_env(daemonset: Mapping[str, Any]) -> dict[str, str]:
+    """The aws-node container's literal env (valueFrom entries cannot be resolved here and are skipped)."""
+    template = ((daemonset.get("spec") or {}).get("template") or {}).get("spec") or {}
+    for container in template.get("containers") or []:
+        if container.get("name") == AWS_NODE_CONTAINER:
+            return {e["name"]: str(e["value"]) for e in container.get("env") or [] if "value" in e and "name" in e}
+    return {}
+
+
+class AwsNodeHandler(_KeyedStore):
+    """The aws-node DaemonSet in kube-system: its env is the CNI's settings."""
+
+    def keys(self) -> set[str]:
+        return {"kube-system/aws-node"} if self.feed.cni_env_seen else set()
+
+    def put(self, key: str, obj: Mapping[str, Any]) -> None:
+        if key != "kube-system/aws-node":
+            return
+        try:
+            cni = CniSettings.from_env(aws_node_env(obj))
+        except CniSettingsError as exc:
+            log.error("aws-node env not understood; keeping the CNI settings in force",
+                      extra={"fields": {"error": str(exc)}})
+            return
+        self.feed.cni_env_seen = True
+        if cni != self.feed.index.cni:
+            if cni.ipv6 and not self.feed.index.cni.ipv6:
+                log.warning("IPv6 cluster: pod addresses are not the constraint; ipguard stands aside")
+            self.feed.index.set_cni(cni)
+            self.feed.sync_all_nodes()  # custom networking changes where pod subnets come from
+            log.info("CNI settings applied", extra={"fields": {"cni": repr(cni)}})
+
+    def drop(self, key: str) -> None:
+        if key == "kube-system/aws-node":
+            self.feed.cni_env_seen = False
+
+
+class ConfigMapHandler(_KeyedStore):
+    """ipguard's own ConfigMap: a valid change applies at once; an invalid one is refused and counted."""
+
+    def keys(self) -> set[str]:
+        return {f"{self.feed.config_namespace}/{self.feed.config_name}"} if self.feed.settings_seen else set()
+
+    def put(self, key: str, obj: Mapping[str, Any]) -> None:
+        if key != f"{self.feed.config_namespace}/{self.feed.config_name}":
+            return
+        data = obj.get("data") or {}
+        try:
+            settings = Settings.from_configmap({str(k): str(v) for k, v in data.items()})
+        except ConfigError as exc:
+            self.feed.config_errors += 1
+            self.feed.config_last_error = str(exc)
+            log.error("ConfigMap %s refused; the last good settings stay in force", key,
+                      extra={"fields": {"error": str(exc)}})
+            return
+        self.feed.settings_seen = True
+        self.feed.config_last_error = None
+        self.feed.apply_settings(settings)
+
+    def drop(self, key: str) -> None:
+        if key == f"{self.feed.config_namespace}/{self.feed.config_name}":
+            # A deleted ConfigMap means the defaults, stated loudly.
+            log.warning("ConfigMap %s deleted: default settings apply", key)
+            self.feed.settings_seen = False
+            self.feed.apply_settings(Settings())

@@ -1,0 +1,270 @@
+"""Kubernetes list+watch with kubernetes-asyncio, feeding the handlers in `sources.cluster`.
+
+One Reflector per resource: a paginated list (a consistent snapshot), then a watch from its resourceVersion
+with bookmarks and a server-side timeout, re-watched from the last resourceVersion seen. On 410 Gone (in the
+HTTP status or as an in-stream ERROR event) it relists and reconciles; on any other failure it backs off and
+re-watches, relisting if the server has moved on. A missing CRD (404) is not an error: that feature stands
+aside, said once in the log, and is looked for again now and then.
+
+Responses are read raw (`_preload_content=False`) and parsed with orjson: the generated model classes cost
+milliseconds per pod, and only a few fields of each object are kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio import config as k8s_config
+
+from webhook.sources.cluster import Handler
+
+log = logging.getLogger("ipguard.kube")
+
+ListCall = Callable[..., Awaitable[Any]]
+
+
+class Gone(Exception):
+    """410: the resourceVersion (or continue token) is too old; relist."""
+
+
+class Missing(Exception):
+    """404 on the collection: the CRD (or API) is not installed."""
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+@dataclass(slots=True)
+class Backoff:
+    initial: float = 0.5
+    maximum: float = 30.0
+    current: float = 0.0
+
+    def next(self) -> float:
+        self.current = self.initial if self.current == 0 else min(self.current * 2, self.maximum)
+        return self.current * random.uniform(0.8, 1.2)  # jitter, so replicas do not retry in step
+
+    def reset(self) -> None:
+        self.current = 0.0
+
+
+@dataclass(slots=True)
+class Reflector:
+    kind: str
+    call: ListCall  # an API method taking the usual list kwargs (watch, resource_version, limit, _continue, ...)
+    handler: Handler
+    optional: bool = False  # a CRD: missing is not an error
+    page_size: int = 500
+    watch_timeout: int = 240
+    missing_retry: float = 60.0
+    clock: Callable[[], float] = time.monotonic
+    # state, read by readiness, staleness and metrics
+    synced: bool = False
+    connected: bool = False
+    missing: bool = False
+    last_current: float | None = None
+    resource_version: str | None = None
+    lists: int = 0
+    relists_410: int = 0
+    events: int = 0
+    errors: int = 0
+    backoff: Backoff = field(default_factory=Backoff)
+    _task: asyncio.Task[None] | None = None
+
+    def age(self) -> float | None:
+        """Seconds since this resource was last known current (0 while a watch is open)."""
+        if self.connected:
+            return 0.0
+        return None if self.last_current is None else self.clock() - self.last_current
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name=f"reflector-{self.kind}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def run(self) -> None:
+        need_list = True
+        while True:
+            try:
+                if need_list:
+                    self.resource_version = await self._list()
+                    need_list = False
+                self.resource_version = await self._watch(self.resource_version)
+                self.backoff.reset()
+            except asyncio.CancelledError:
+                self.connected = False
+                raise
+            except Gone:
+                self.connected = False
+                self.relists_410 += 1
+                need_list = True
+                log.info("%s: resourceVersion too old (410); relisting", self.kind)
+            except Missing:
+                self.connected = False
+                if not self.missing:
+                    log.warning("%s: not served by this cluster (CRD not installed?); this feature stands aside",
+                                self.kind)
+                self.missing = True
+                self.synced = self.optional  # an optional resource that is absent is as synced as it gets
+                need_list = True
+                await asyncio.sleep(self.missing_retry)
+            except Exception as exc:
+                self.connected = False
+                self.errors += 1
+                delay = self.backoff.next()
+                log.warning("%s: watch failed (%s); retrying in %.1fs", self.kind, exc, delay,
+                            extra={"fields": {"resource": self.kind, "error": str(exc)}})
+                await asyncio.sleep(delay)
+
+    async def _request(self, **kwargs: Any) -> Any:
+        response = await self.call(_preload_content=False, **kwargs)
+        if response.status == 200:
+            return response
+        body = await response.read()
+        response.release()
+        message = body.decode("utf-8", "replace")[:500]
+        if response.status == 410:
+            raise Gone(message)
+        if response.status == 404:
+            raise Missing(message)
+        raise ApiError(response.status, message)
+
+    async def _list(self) -> str:
+        """A paginated list; every item goes to the handler, and what the list lacks is removed after."""
+        self.handler.begin_resync()
+        token: str | None = None
+        resource_version = ""
+        while True:
+            kwargs: dict[str, Any] = {"limit": self.page_size}
+            if token:
+                kwargs["_continue"] = token
+            response = await self._request(**kwargs)
+            page = orjson.loads(await response.read())
+            response.release()
+            for item in page.get("items") or ():
+                self.handler.upsert(item)
+            meta = page.get("metadata") or {}
+            resource_version = str(meta.get("resourceVersion") or resource_version)
+            token = meta.get("continue") or None
+            if not token:
+                break
+        # Only a complete list may remove what it lacks; an interrupted one is simply listed again.
+        self.handler.end_resync()
+        self.lists += 1
+        self.synced = True
+        self.missing = False
+        self.last_current = self.clock()
+        log.info("%s: listed at resourceVersion %s", self.kind, resource_version)
+        return resource_version
+
+    async def _watch(self, resource_version: str | None) -> str | None:
+        response = await self._request(
+            watch=True,
+            resource_version=resource_version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=self.watch_timeout,
+            _request_timeout=self.watch_timeout + 30,
+        )
+        self.connected = True
+        self.last_current = self.clock()
+        buffer = b""
+        try:
+            # Read chunks, not lines: one object can be larger than a stream reader's line limit.
+            async for chunk in response.content.iter_any():
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        resource_version = self._event(line, resource_version)
+                        # Kept as it goes: a stream cut mid-way resumes from here, not from its start.
+                        self.resource_version = resource_version
+            if buffer.strip():
+                resource_version = self._event(buffer, resource_version)
+        finally:
+            response.release()
+            self.connected = False
+            self.last_current = self.clock()
+        return resource_version
+
+    def _event(self, line: bytes, resource_version: str | None) -> str | None:
+        event = orjson.loads(line)
+        kind = event.get("type")
+        obj = event.get("object") or {}
+        if kind == "ERROR":
+            code = obj.get("code")
+            if code == 410:
+                raise Gone(str(obj.get("message")))
+            raise ApiError(int(code or 500), str(obj.get("message")))
+        self.events += 1
+        if kind in ("ADDED", "MODIFIED"):
+            self.handler.upsert(obj)
+        elif kind == "DELETED":
+            self.handler.delete(obj)
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        return str(rv) if rv else resource_version
+
+
+@dataclass(frozen=True, slots=True)
+class Watched:
+    kind: str
+    call: ListCall
+    optional: bool
+
+
+def watched_resources(api: k8s.ApiClient, config_namespace: str, config_name: str) -> list[Watched]:
+    """The resources ipguard watches, as list calls of the kubernetes-asyncio client."""
+    core = k8s.CoreV1Api(api)
+    apps = k8s.AppsV1Api(api)
+    custom = k8s.CustomObjectsApi(api)
+
+    def crd(group: str, version: str, plural: str) -> ListCall:
+        async def call(**kwargs: Any) -> Any:
+            return await custom.list_cluster_custom_object(group, version, plural, **kwargs)
+        return call
+
+    def in_namespace(method: ListCall, namespace: str, name: str) -> ListCall:
+        async def call(**kwargs: Any) -> Any:
+            return await method(namespace, field_selector=f"metadata.name={name}", **kwargs)
+        return call
+
+    return [
+        Watched("nodes", core.list_node, False),
+        Watched("pods", core.list_pod_for_all_namespaces, False),
+        Watched("namespaces", core.list_namespace, False),
+        Watched("eniconfigs", crd("crd.k8s.amazonaws.com", "v1alpha1", "eniconfigs"), True),
+        Watched("securitygrouppolicies", crd("vpcresources.k8s.aws", "v1beta1", "securitygrouppolicies"), True),
+        Watched("cninodes", crd("vpcresources.k8s.aws", "v1alpha1", "cninodes"), True),
+        Watched("daemonsets", in_namespace(apps.list_namespaced_daemon_set, "kube-system", "aws-node"), True),
+        Watched("configmaps", in_namespace(core.list_namespaced_config_map, config_namespace, config_name), True),
+    ]
+
+
+async def api_client(kubeconfig: str | None = None, context: str | None = None,
+                     host: str | None = None) -> k8s.ApiClient:
+    """In-cluster (service account) unless a kubeconfig or host is given."""
+    configuration = k8s.Configuration()
+    if host is not None:
+        configuration.host = host
+    elif kubeconfig is not None or context is not None:
+        await k8s_config.load_kube_config(config_file=kubeconfig, context=context,
+                                          client_configuration=configuration)
+    else:
+        k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    return k8s.ApiClient(configuration)

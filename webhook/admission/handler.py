@@ -25,6 +25,7 @@ from webhook.admission.messages import (
 )
 from webhook.admission.patch import Steering, steering_patch, without_steering
 from webhook.admission.wire import AdmissionResponse, Review
+from webhook.model.cni import CniSettings
 from webhook.model.config import Mode, Settings
 from webhook.model.decide import Decision, Verdict, decide, not_applicable
 from webhook.model.index import CapacityIndex, pod_key
@@ -53,29 +54,26 @@ def _steering(decision: Decision) -> Steering:
     return Steering(decision.avoid_zones, decision.avoid_nodes, decision.prefer_zones, decision.reason)
 
 
-def handle(review: Review, stage: Stage, state: AdmissionState) -> Answer:
-    settings = state.settings
+def judge(review: Review, stage: Stage, state: AdmissionState) -> Decision:
+    """The decision on a review's object, from the index and settings in force."""
     if review.kind != "Pod" or review.group != "":
-        decision = not_applicable(f"{review.namespace or ''}/{review.name or ''}".strip("/"),
-                                  f"{review.kind} objects are not judged by this version")
-    else:
-        assert review.object is not None or review.operation not in ("CREATE", "UPDATE")
-        stale = state.stale_reason()
-        pod = review.object or {}
-        if stage == "mutate":
-            # Judge the pod as the user wrote it: on reinvocation it already carries ipguard's own steering.
-            pod = without_steering(pod)
-        decision = decide(
-            pod,
-            state.index,
-            settings,
-            namespace=review.namespace,
-            operation=review.operation,
-            stale=stale is not None,
-        )
-        if stale is not None and decision.stale:
-            decision = Decision(decision.verdict, decision.pod, f"{decision.reason} ({stale})", use=decision.use,
-                                stale=True)
+        return not_applicable(f"{review.namespace or ''}/{review.name or ''}".strip("/"),
+                              f"{review.kind} objects are not judged by this version")
+    assert review.object is not None or review.operation not in ("CREATE", "UPDATE")
+    stale = state.stale_reason()
+    pod = review.object or {}
+    if stage == "mutate":
+        # Judge the pod as the user wrote it: on reinvocation it already carries ipguard's own steering.
+        pod = without_steering(pod)
+    decision = decide(pod, state.index, state.settings, namespace=review.namespace, operation=review.operation,
+                      stale=stale is not None)
+    if stale is not None and decision.stale:
+        decision = Decision(decision.verdict, decision.pod, f"stale data: {stale}", use=decision.use, stale=True)
+    return decision
+
+
+def respond(review: Review, decision: Decision, stage: Stage, settings: Settings, cni: CniSettings) -> Answer:
+    """The AdmissionResponse for a decision: a pure function of its inputs."""
     mode = settings.mode
     response: AdmissionResponse = {"uid": review.uid, "allowed": True}
     warnings: list[str] = []
@@ -86,9 +84,9 @@ def handle(review: Review, stage: Stage, state: AdmissionState) -> Answer:
         outcome = "not-applicable"
     elif decision.stale:
         outcome = "stale"
-        if mode is not Mode.DRY_RUN:  # dry-run only records, whatever happens
-            warnings.append(
-                clean_warning(f"ipguard: capacity data is stale, pod admitted unchecked: {decision.reason}"))
+        # Said once, by the validating stage; dry-run only records, whatever happens.
+        if stage == "validate" and mode is not Mode.DRY_RUN:
+            warnings.append(clean_warning(f"ipguard: pod admitted unchecked: {decision.reason}"))
     elif stage == "mutate":
         if review.object is not None and mode is not Mode.DRY_RUN:
             # Also for ALLOW/DENY: a reinvoked call must take back steering the pod no longer needs.
@@ -106,20 +104,26 @@ def handle(review: Review, stage: Stage, state: AdmissionState) -> Answer:
         if mode is Mode.ENFORCE:
             outcome = "denied"
             response["allowed"] = False
-            response["status"] = {"code": 403, "reason": "Forbidden", "message": denial_message(decision,
-                                                                                                 state.index.cni)}
+            response["status"] = {"code": 403, "reason": "Forbidden", "message": denial_message(decision, cni)}
         elif mode is Mode.WARN:
             outcome = "warned"
             warnings.extend(denial_warnings(decision))
         else:
             outcome = "recorded"
-    if stage == "validate" and response["allowed"] and not review.dry_run and decision.reserve_zone:
-        metadata = (review.object or {}).get("metadata")
-        name = review.name or (metadata.get("name") if isinstance(metadata, dict) else None)
-        if review.namespace and name:
-            state.index.reserve(pod_key(review.namespace, name), decision.reserve_zone, decision.reserve_node)
 
     if warnings:
         response["warnings"] = list(dict.fromkeys(w for w in warnings if w))
     response["auditAnnotations"] = audit_annotations(decision, mode.value, outcome)
     return Answer(response, decision, outcome, patch)
+
+
+def handle(review: Review, stage: Stage, state: AdmissionState) -> Answer:
+    """Decide, answer, and (validating an admitted pod, not a dry run) hold its IP until the watch shows it."""
+    decision = judge(review, stage, state)
+    answer = respond(review, decision, stage, state.settings, state.index.cni)
+    if stage == "validate" and answer.response["allowed"] and not review.dry_run and decision.reserve_zone:
+        metadata = (review.object or {}).get("metadata")
+        name = review.name or (metadata.get("name") if isinstance(metadata, dict) else None)
+        if review.namespace and name:
+            state.index.reserve(pod_key(review.namespace, name), decision.reserve_zone, decision.reserve_node)
+    return answer

@@ -1,0 +1,72 @@
+"""The live-cluster entry points: `ipguard report --live`, and a kubeconfig instead of in-cluster credentials."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kubernetes_asyncio import client as k8s
+
+from tests import live
+from tests.fakekube import FakeKube
+from tests.live import aws_env  # noqa: F401  (autouse fixture)
+from webhook.cli import main
+from webhook.sources.kube import api_client
+
+
+@pytest.fixture
+def moto() -> Iterator[live.Moto]:
+    server = live.start_moto()
+    yield server
+    server.stop()
+
+
+def test_report_live_reads_the_cluster_and_ec2(moto: live.Moto, capsys: pytest.CaptureFixture[str]) -> None:
+    ec2c = live.build_ec2(moto.ec2())
+    fk = FakeKube()
+    url = fk.start_in_thread()
+    try:
+        fk.call(live.load_kube(fk, ec2c))
+        code = main(["report", "--live", "--kube-host", url, "--ec2-endpoint-url", moto.url, "--region",
+                     live.REGION, "--timeout", "20", "--json"])
+    finally:
+        fk.stop_in_thread()
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    zones = {z["zone"]: z for z in report["zones"]}
+    # node A's 18 IPs all used, 7 addresses left in its /27; node B: 9 held, 5 used, a /24 nearly empty
+    assert zones["us-east-1a"]["headroom"] == 7 and zones["us-east-1a"]["reserve"] == 3
+    assert zones["us-east-1b"]["warmFree"] == 4
+    assert {s["subnetId"]: s["freeIps"] for s in report["subnets"]}[ec2c.subnet_a] == 7
+    assert report["pods"] == 23 and report["nodes"] == 2
+
+
+def test_report_live_gives_up_clearly_when_the_cluster_is_unreachable(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["report", "--live", "--kube-host", "http://127.0.0.1:9", "--no-ec2", "--timeout", "1"])
+    assert code == 1
+    assert "did not load within 1s" in capsys.readouterr().err
+
+
+async def test_kubeconfig_and_context(tmp_path: Path) -> None:
+    fk = FakeKube()
+    url = await fk.start()
+    await fk.create("nodes", live.node("ip-10-0-1-10.ec2.internal", "us-east-1a", "i-0123456789abcdef0"))
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "other",
+        "clusters": [{"name": "fake", "cluster": {"server": url}},
+                     {"name": "nowhere", "cluster": {"server": "http://127.0.0.1:9"}}],
+        "users": [{"name": "dev", "user": {"token": "not-a-real-token"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "dev"}},
+                     {"name": "other", "context": {"cluster": "nowhere", "user": "dev"}}],
+    }))
+    api = await api_client(str(kubeconfig), "fake")
+    try:
+        nodes = await k8s.CoreV1Api(api).list_node()
+        assert [n.metadata.name for n in nodes.items] == ["ip-10-0-1-10.ec2.internal"]
+        assert api.configuration.host == url
+    finally:
+        await api.close()
+        await fk.stop()

@@ -45,13 +45,14 @@ def build(nodes: int, pods: int, zones: int, seed: int = 7) -> tuple[CapacityInd
             pod_subnet=f"subnet-{zone}-{i % 3}",
             allocatable_pods=110,
         )
-    for zone in zone_names:
-        for s in range(3):
-            index.upsert_subnet(f"subnet-{zone}-{s}", zone=zone, free_ips=rng.randint(0, 4000))
     for p in range(pods):
         node = node_names[p % nodes]
         use = PodUse.NONE if p % 30 == 0 else PodUse.IP
         index.upsert_pod(f"ns-{p % 200}/pod-{p}", node, use)
+    # Subnet figures last, as EC2 reports them: with these pods and warm pools already in place.
+    for zone in zone_names:
+        for s in range(3):
+            index.upsert_subnet(f"subnet-{zone}-{s}", zone=zone, free_ips=rng.randint(0, 4000))
     return index, node_names
 
 

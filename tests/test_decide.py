@@ -384,16 +384,36 @@ def test_no_nodes_known_yet() -> None:
 
 
 def test_zone_reserve() -> None:
-    # zone c headroom 15: exhausted at a reserve of 15, open at 14
+    # zone c: 5 warm IPs on its node + 10 more of its room from a subnet with 15 free: headroom 15,
+    # exhausted (and out of addresses: 15 left) at a reserve of 15, open at 14
     pod = fixture_pod("pod-create-nodeselector")
     pod["spec"]["nodeSelector"] = {"topology.kubernetes.io/zone": C}
-    ix = cluster()
+    ix = cluster(free={C: 15})
+    assert ix.zone_headroom(C) == 15
     d = judge(pod, ix, Settings.from_configmap({"zoneReserve": "15"}), namespace="payments")
     assert d.verdict is Verdict.DENY
     assert d.zones[0].reserve == 15
     assert judge(pod, ix, Settings.from_configmap({"zoneReserve": "14"}), namespace="payments").verdict is (
         Verdict.ALLOW
     )
+
+
+def test_full_nodes_with_subnet_addresses_left_are_not_denied() -> None:
+    # zone c's only node has room for 15 pods; its subnet has 100 addresses. A reserve of 15 makes the zone
+    # exhausted, but new nodes would get addresses: the pod waits for the autoscaler instead of being denied.
+    pod = fixture_pod("pod-create-nodeselector")
+    pod["spec"]["nodeSelector"] = {"topology.kubernetes.io/zone": C}
+    d = judge(pod, cluster(), Settings.from_configmap({"zoneReserve": "15"}), namespace="payments")
+    assert d.verdict is Verdict.ALLOW and "autoscaler" not in d.reason and "new nodes" in d.reason
+    assert d.zones[0].exhausted and not d.zones[0].out_of_addresses
+
+
+def test_full_nodes_elsewhere_steer_away_from_the_empty_subnet() -> None:
+    # every zone exhausted by the reserve; only zone a's subnet is empty: steer away from it, do not deny
+    settings = Settings.from_configmap({"zoneReserve": "60"})
+    d = judge("pod-create-generatename", cluster(free={A: 0}), settings)
+    assert d.verdict is Verdict.STEER and d.avoid_zones == (A,)
+    assert d.reserve_zone is None
 
 
 def test_steer_away_from_full_nodes() -> None:
@@ -494,11 +514,15 @@ def test_branch_eni_pod_judged_on_branch_capacity() -> None:
     assert C not in plain.avoid_zones
 
 
-def test_branch_eni_pod_denied_where_only_non_trunking_nodes() -> None:
+def test_branch_eni_pod_where_only_non_trunking_nodes() -> None:
+    # no node in zone c can give a branch ENI; the scheduler sees vpc.amazonaws.com/pod-eni and keeps the pod
+    # Pending for a trunking node, which the subnet's addresses can serve: no denial. An empty subnet: denial.
     ix = cluster(cni=CniSettings(pod_eni=True))
     pod = fixture_pod("pod-create-pod-eni")
     pod["spec"]["nodeSelector"] = {"topology.kubernetes.io/zone": C}
-    assert judge(pod, ix, namespace="payments").verdict is Verdict.DENY
+    assert judge(pod, ix, namespace="payments").verdict is Verdict.ALLOW
+    empty = cluster(cni=CniSettings(pod_eni=True), free={C: 0})
+    assert judge(pod, empty, namespace="payments").verdict is Verdict.DENY
     plain = fixture_pod("pod-create-nodeselector")
     plain["spec"]["nodeSelector"] = {"topology.kubernetes.io/zone": C}
     assert judge(plain, ix, namespace="payments").verdict is Verdict.ALLOW
@@ -542,7 +566,7 @@ def test_example_cluster_loads() -> None:
     #  b: 2-20 room 15 warm 15; 2-21 (c5.xlarge) room 36 warm 22; 2-22 (m5.2xlarge) room 46 warm 19
     #  c: 3-30 room 5 warm 5; 3-31 (t3.large) room 15 warm 15; 3-32 (c5.large) room 19 warm 10
     za, zb, zc = (ix.zone_figures(z) for z in (A, B, C))
-    assert (za.room, za.warm_free, za.subnet_free, za.headroom) == (12, 13, 4, 12)
+    assert (za.room, za.warm_free, za.subnet_free, za.headroom) == (12, 13, 2, 12)
     assert (zb.room, zb.warm_free, zb.subnet_free, zb.headroom) == (97, 56, 142, 97)
     assert (zc.room, zc.warm_free, zc.subnet_free, zc.headroom) == (39, 30, 61, 39)
     assert ix.aggregates() == ix.recount()

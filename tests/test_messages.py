@@ -64,10 +64,12 @@ def subnet_limited(cni: CniSettings | None = None) -> CapacityIndex:
 
 
 def node_limited(cni: CniSettings | None = None) -> CapacityIndex:
-    """Every node full to its pod-IP capacity; subnets with room."""
+    """Every node full to its pod-IP capacity; subnets down to 2 addresses (no more than the reserve), so new
+    nodes would not help either. (Full nodes with subnet addresses left are not denied: new nodes can take
+    the pod.)"""
     probe = cluster(cni=cni)
     pods = {name: probe.nodes[name].capacity for name, *_ in NODES}
-    return cluster(pods=pods, cni=cni)
+    return cluster(pods=pods, cni=cni, free={A: 2, B: 2, C: 2})
 
 
 def pod(name: str = "deny-403.validate.json") -> dict[str, Any]:
@@ -201,8 +203,9 @@ def test_denial_message_when_nodes_are_full() -> None:
     for zone in (A, B, C):
         assert f"{zone}: 0 free pod IPs, reserve 2 (node room 0" in message
     assert "enable prefix delegation (ENABLE_PREFIX_DELEGATION=true)" in message
-    assert "add nodes" in message
-    assert "add pod subnet space" not in message
+    # the subnets are down to the reserve too: new nodes would get no address, so the subnet is the fix
+    assert "add nodes" not in message
+    assert "add pod subnet space" in message
     prefix = CniSettings(prefix_delegation=True)
     assert "enable prefix delegation" not in denial_message(decision, prefix)
 

@@ -52,7 +52,7 @@ async def test_serve_process_end_to_end(moto: live.Moto, tmp_path: Path) -> None
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "webhook.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
         "--tls-cert", str(paths.tls_cert), "--tls-key", str(paths.tls_key), "--kube-host", url,
-        "--ec2-endpoint-url", moto.url, "--region", live.REGION, "--ec2-period", "1",
+        "--ec2-endpoint-url", moto.url, "--region", live.REGION, "--ec2-period", "1", "--shutdown-delay", "2",
         cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     client = live.Client(f"https://127.0.0.1:{port}", paths.ca_cert)
@@ -90,9 +90,14 @@ async def test_serve_process_end_to_end(moto: live.Moto, tmp_path: Path) -> None
         await fk.create_many("pods", [live.pod("shop", f"c-{i}", "ip-10-0-2-20.ec2.internal") for i in range(4)],
                              namespace="shop")
         await live.eventually(lambda: _metric_is(metrics(), "ipguard_index_pods", 27), "pods after the watch cut")
+        # SIGTERM: not ready at once, still answering until the listener closes after the delay
+        process.send_signal(signal.SIGTERM)
+        await live.eventually(lambda: _status_is(client.get("/readyz"), 503), "not ready while draining", 1.5)
+        assert not await allowed("web-4")
     finally:
         await client.close()
-        process.send_signal(signal.SIGTERM)
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
         try:
             output, _ = await asyncio.wait_for(process.communicate(), 15)
         finally:
@@ -111,3 +116,8 @@ async def _not(value: object) -> bool:
 
 async def _metric_is(text: object, name: str, want: float) -> bool:
     return metric(await text, name) == want  # type: ignore[misc]
+
+
+async def _status_is(response: object, want: int) -> bool:
+    status, _ = await response  # type: ignore[misc]
+    return bool(status == want)

@@ -90,6 +90,7 @@ def _serve_options(args: argparse.Namespace) -> ServeOptionsT:
         vpc_id=args.vpc_id,
         ec2_endpoint_url=args.ec2_endpoint_url,
         ec2_period=args.ec2_period,
+        shutdown_delay=getattr(args, "shutdown_delay", 5.0),
     )
 
 
@@ -236,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tls-cert", default="/tls/tls.crt", help="serving certificate (reloaded when it changes)")
     sp.add_argument("--tls-key", default="/tls/tls.key", help="serving key")
     sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sp.add_argument("--shutdown-delay", type=float, default=5.0,
+                    help="seconds to stay up, not ready, after SIGTERM (endpoints catch up)")
     _live_source_args(sp)
     sp.set_defaults(func=_serve)
     return parser

@@ -78,6 +78,7 @@ class WebhookServer:
     source_ages: Callable[[], dict[str, float]] = dict  # source -> seconds since it was last current
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     log_allows: bool = False
+    draining: bool = False  # shutting down: not ready, still answering
 
     def __post_init__(self) -> None:
         _index_gauges(self.state, self.metrics.registry)
@@ -96,6 +97,8 @@ class WebhookServer:
         return []
 
     def ready(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "shutting down"
         if not self.index_loaded():
             return False, "capacity index not loaded yet"
         if self.reloader is not None and not self.reloader.ready:

@@ -31,7 +31,7 @@ from webhook.tls import CertReloader
 
 log = logging.getLogger("ipguard.service")
 
-# Without these the index is not worth answering from.
+# Data older than the staleness bound from these fails decisions open.
 ESSENTIAL = ("nodes", "pods")
 
 
@@ -49,7 +49,8 @@ class ServeOptions:
     ec2_endpoint_url: str | None = None
     ec2_period: float = 30.0
     ec2_tick: float = 5.0  # how often the poller is asked; it only calls EC2 for what is due
-    watch_timeout: int = 240
+    watch_timeout: int = 60
+    shutdown_delay: float = 5.0  # not ready, still serving, before the listener closes
 
 
 @dataclass(slots=True)
@@ -109,7 +110,9 @@ class Service:
     # ---- readiness and staleness ------------------------------------------------------------------------
 
     def loaded(self) -> bool:
-        kube = all(self.reflectors[k].synced for k in ESSENTIAL)
+        """Every watched resource listed once (an absent CRD counts as listed; a forbidden one does not: the CNI
+        settings and ipguard's own settings matter as much as the pods), and EC2 answered for ENIs and subnets."""
+        kube = all(r.synced for r in self.reflectors.values())
         return kube and (self.poller is None or self.ec2_ready)
 
     def source_ages(self) -> dict[str, float]:
@@ -124,11 +127,13 @@ class Service:
         return ages
 
     def ec2_age(self) -> float | None:
+        """Seconds since both ENIs and subnets were last fetched (None until both have been)."""
         if self.poller is None:
             return None
         times = [self.poller.stats[k].last_success for k in (Call.ENIS, Call.SUBNETS)]
-        known = [t for t in times if t is not None]
-        return self.clock() - min(known) if known else None
+        if any(t is None for t in times):
+            return None
+        return self.clock() - min(t for t in times if t is not None)
 
     def stale_reason(self) -> str | None:
         """Why the figures cannot be trusted now, or None. Decisions then fail open."""
@@ -162,7 +167,10 @@ class Service:
             if set(subnets.values()) - before:
                 # Nodes named subnets not fetched yet: fetch them now rather than a period later.
                 result = await self.poller.refresh(self.index, node_instances, set(self.feed.eni_configs.values()))
-        if result.ok and self.poller.stats[Call.ENIS].last_success is not None:
+        stats = self.poller.stats
+        if result.ok and stats[Call.ENIS].last_success is not None and (
+            stats[Call.SUBNETS].last_success is not None or not self.feed.subnets_in_use()
+        ):
             self.ec2_ready = True
 
     async def _ec2_loop(self) -> None:
@@ -266,6 +274,10 @@ async def serve(api: k8s.ApiClient, options: ServeOptions) -> None:
     await service.start()
     try:
         await stop.wait()
-        log.info("stopping")
+        # Endpoints drop a pod that is not ready: until they do, keep answering, or reviews sent in the gap
+        # would be admitted unchecked (failurePolicy Ignore).
+        service.server.draining = True
+        log.info("stopping", extra={"fields": {"delay": options.shutdown_delay}})
+        await asyncio.sleep(options.shutdown_delay)
     finally:
         await service.stop()

@@ -42,8 +42,10 @@ def remedies(decision: Decision, cni: CniSettings) -> list[str]:
     fixes: list[str] = []
     if decision.use is PodUse.BRANCH:
         fixes.append("add nodes of a trunking-capable type (security groups for pods need branch ENIs)")
-    subnets_short = _limited_by_subnets(decision.zones) or (
-        decision.node is not None and decision.node.subnet_free == 0
+    subnets_short = (
+        _limited_by_subnets(decision.zones)
+        or any(c.out_of_addresses for c in decision.zones)
+        or (decision.node is not None and decision.node.subnet_free == 0)
     )
     nodes_short = _limited_by_nodes(decision.zones) or (decision.node is not None and decision.node.room == 0)
     if subnets_short:
@@ -55,7 +57,8 @@ def remedies(decision: Decision, cni: CniSettings) -> list[str]:
     if nodes_short:
         if not cni.prefix_delegation:
             fixes.append("enable prefix delegation (ENABLE_PREFIX_DELEGATION=true) for more pod IPs per node")
-        fixes.append("add nodes (or larger instance types) in these zones")
+        if not subnets_short:  # new nodes need addresses too
+            fixes.append("add nodes (or larger instance types) in these zones")
     if decision.zones and len(decision.zones) < 2:
         fixes.append("or let the pod run in more zones")
     return fixes or ["add nodes or pod subnet space in the allowed zones"]

@@ -34,10 +34,19 @@ class ZoneCheck(NamedTuple):
     subnet_free: int
     reservations: int
     subnets: tuple[str, ...]
+    addresses: int = 0  # what its subnets can still give new nodes, less reservations; may be negative
+    subnets_known: bool = True  # every node's pod subnet has figures
 
     @property
     def exhausted(self) -> bool:
+        """No headroom above the reserve: steer away."""
         return self.headroom <= self.reserve
+
+    @property
+    def out_of_addresses(self) -> bool:
+        """Exhausted, and new nodes would not help either: the subnets have no addresses left above the
+        reserve. Only this justifies a denial; full nodes alone are the autoscaler's to fix."""
+        return self.exhausted and self.subnets_known and self.addresses <= self.reserve
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +135,16 @@ def decide(
     checks = tuple(_zone_check(zone, use, index, settings) for zone in allowed)
     open_checks = [c for c in checks if not c.exhausted]
     if not open_checks:
-        return Decision(
-            Verdict.DENY, name, "every allowed zone is out of pod IPs", use=use, zones=checks
-        )
+        if all(c.out_of_addresses for c in checks):
+            return Decision(Verdict.DENY, name, "every allowed zone is out of pod IPs", use=use, zones=checks)
+        # Nodes are full but subnets have addresses: the pod waits Pending for the autoscaler's new nodes.
+        # Keep it (and so the new nodes) away from the zones whose subnets are empty.
+        empty = tuple(c.zone for c in checks if c.out_of_addresses)
+        reason = "nodes are full in every allowed zone; subnets have addresses, so new nodes can take it"
+        if not empty:
+            return Decision(Verdict.ALLOW, name, reason, use=use, zones=checks)
+        return Decision(Verdict.STEER, name, f"zone(s) {', '.join(empty)} out of pod IPs; {reason}", use=use,
+                        zones=checks, avoid_zones=empty)
     best = max(open_checks, key=lambda c: (c.headroom - c.reserve, c.zone))
     avoid_zones = tuple(c.zone for c in checks if c.exhausted)
     avoid_nodes = _avoid_nodes(index, settings, [c.zone for c in open_checks])
@@ -165,13 +181,15 @@ def _zone_check(zone_name: str, use: PodUse, index: CapacityIndex, settings: Set
         subnet_free=max(0, zone.supply),
         reservations=zone.reservations + zone.pending,
         subnets=zone.subnet_tuple,
+        addresses=zone.supply - zone.unbound_reservations - zone.pending,
+        subnets_known=zone.unknown_subnet_nodes == 0 and bool(zone.subnet_ids),
     )
 
 
 def _avoid_nodes(index: CapacityIndex, settings: Settings, zones: list[str]) -> tuple[str, ...]:
     """Exhausted nodes in the zones left open, when they are few enough to list in a patch."""
     limit = settings.max_steered_nodes
-    if sum(len(index.zones[z].full_nodes) for z in zones) > limit:
+    if sum(index.exhausted_count(z) for z in zones) > limit:
         return ()  # too many to list: the zone figures still steer, the scheduler does the rest
     found: list[str] = []
     for zone in zones:
@@ -203,7 +221,8 @@ def _decide_pinned(name: str, node_name: str, use: PodUse, index: CapacityIndex,
     if use is PodUse.BRANCH:
         can_take = node.branch_room > 0 and (subnet is None or subnet.supply > 0)
     else:
-        can_take = index.node_can_take(node)
+        # Only addresses count here: a node out of pod slots is the scheduler's and kubelet's to refuse.
+        can_take = index.node_has_address(node)
     check = NodeCheck(
         node=node_name,
         zone=node.zone,

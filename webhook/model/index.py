@@ -96,14 +96,17 @@ class Zone:
     branch_room: int = 0
     warm: int = 0
     warm_usable: int = 0  # sum of min(room, warm): pods the nodes can place on their own warm IPs
-    beyond_warm: int = 0  # sum of max(0, room - warm): room that needs subnet addresses
+    beyond_warm: int = 0  # sum of max(0, room - warm) over nodes whose subnet is known: needs subnet addresses
+    beyond_warm_unknown: int = 0  # the same over nodes whose subnet has no figures yet: not judged (fail open)
+    unknown_subnet_nodes: int = 0  # nodes whose pod subnet has no figures yet
     supply: int = 0  # sum of its subnets' supply (may be negative, see the module docstring)
     reservations: int = 0  # all reservations in the zone
     unbound_reservations: int = 0  # those not on a known node: not yet inside room and warm
     pending: int = 0  # unbound pods that were steered here
     # nodes at or below the node reserve, and nodes with no warm IP (which depend on their subnet)
     full_nodes: set[str] = field(default_factory=set)
-    dry_nodes: set[str] = field(default_factory=set)
+    # nodes with no warm IP, by the subnet they depend on (only a dry node in an empty subnet is exhausted)
+    dry_nodes: dict[str, set[str]] = field(default_factory=dict)
     subnet_ids: set[str] = field(default_factory=set)
     subnet_tuple: tuple[str, ...] = ()  # sorted subnet_ids, kept for the request path
 
@@ -119,7 +122,7 @@ class Zone:
     def headroom(self) -> int:
         """Pods needing a warm-pool IP the zone can still take."""
         debit = self.unbound_reservations + self.pending
-        return self.warm_usable + min(self.beyond_warm, self.supply) - debit
+        return self.warm_usable + min(self.beyond_warm, self.supply) + self.beyond_warm_unknown - debit
 
     @property
     def branch_headroom(self) -> int:
@@ -350,6 +353,7 @@ class CapacityIndex:
         """Add a node's contribution to its zone and subnet (after recomputing it)."""
         self._derive(node)
         counted = self._node_counted(node)
+        subnet = self._in_subnet(node)
         if counted:
             assert node.zone is not None
             zone = self._zone(node.zone)
@@ -358,12 +362,15 @@ class CapacityIndex:
             zone.branch_room += node.branch_room
             zone.warm += node.warm
             zone.warm_usable += min(node.room, node.warm)
-            zone.beyond_warm += max(0, node.room - node.warm)
+            if subnet is not None:
+                zone.beyond_warm += max(0, node.room - node.warm)
+            else:
+                zone.beyond_warm_unknown += max(0, node.room - node.warm)
+                zone.unknown_subnet_nodes += 1
             if node.room <= self.node_reserve:
                 zone.full_nodes.add(node.name)
-            if node.warm == 0:
-                zone.dry_nodes.add(node.name)
-        subnet = self._in_subnet(node)
+            if node.warm == 0 and subnet is not None:
+                zone.dry_nodes.setdefault(subnet.subnet_id, set()).add(node.name)
         if subnet is not None:
             subnet.nodes += counted
             subnet.demand += node.demand
@@ -372,6 +379,7 @@ class CapacityIndex:
     def _detach(self, node: Node) -> None:
         """Take a node's contribution out of its zone and subnet (before changing it)."""
         counted = self._node_counted(node)
+        subnet = self._in_subnet(node)
         if counted:
             assert node.zone is not None
             zone = self.zones[node.zone]
@@ -380,10 +388,18 @@ class CapacityIndex:
             zone.branch_room -= node.branch_room
             zone.warm -= node.warm
             zone.warm_usable -= min(node.room, node.warm)
-            zone.beyond_warm -= max(0, node.room - node.warm)
+            if subnet is not None:
+                zone.beyond_warm -= max(0, node.room - node.warm)
+            else:
+                zone.beyond_warm_unknown -= max(0, node.room - node.warm)
+                zone.unknown_subnet_nodes -= 1
             zone.full_nodes.discard(node.name)
-            zone.dry_nodes.discard(node.name)
-        subnet = self._in_subnet(node)
+            if subnet is not None:
+                dry = zone.dry_nodes.get(subnet.subnet_id)
+                if dry is not None:
+                    dry.discard(node.name)
+                    if not dry:
+                        del zone.dry_nodes[subnet.subnet_id]
         if subnet is not None:
             subnet.nodes -= counted
             subnet.demand -= node.demand
@@ -402,31 +418,40 @@ class CapacityIndex:
     ) -> None:
         """A fresh DescribeSubnets figure: what its nodes held until now is already outside `free_ips`."""
         subnet = self.subnets.get(subnet_id)
-        if subnet is None:
-            subnet = self.subnets[subnet_id] = Subnet(subnet_id, zone)
-            self._zone(zone).add_subnet(subnet_id)
-            # Nodes that named this subnet before it was known start counting now.
-            for node in self.nodes.values():
-                if node.known and node.pod_subnet == subnet_id:
-                    subnet.nodes += self._node_counted(node)
-                    subnet.demand += node.demand
-        elif subnet.zone != zone:
-            self._set_supply_in_zone(subnet, 0)
-            self.zones[subnet.zone].discard_subnet(subnet_id)
-            subnet.zone = zone
+        users: list[Node] = []
+        if subnet is None or subnet.zone != zone:
+            # Its nodes change how they count (known supply, or another zone): take them out and back in.
+            users = [n for n in self.nodes.values() if n.known and n.pod_subnet == subnet_id]
+            for node in users:
+                self._detach(node)
+            if subnet is None:
+                subnet = self.subnets[subnet_id] = Subnet(subnet_id, zone)
+            else:
+                self._set_supply_in_zone(subnet, 0)
+                self.zones[subnet.zone].discard_subnet(subnet_id)
+                subnet.zone = zone
             self._zone(zone).add_subnet(subnet_id)
         subnet.cidr = cidr or subnet.cidr
         subnet.free_ips = max(0, free_ips)
         subnet.free_blocks = None if free_blocks is None else max(0, free_blocks)
+        for node in users:
+            self._attach(node)
         self._set_subnet_supply(subnet, subnet.demand)
         self.version += 1
 
     def remove_subnet(self, subnet_id: str) -> None:
-        subnet = self.subnets.pop(subnet_id, None)
-        if subnet is not None:
-            self._set_supply_in_zone(subnet, 0)
-            self.zones[subnet.zone].discard_subnet(subnet_id)
-            self.version += 1
+        subnet = self.subnets.get(subnet_id)
+        if subnet is None:
+            return
+        users = [n for n in self.nodes.values() if n.known and n.pod_subnet == subnet_id]
+        for node in users:
+            self._detach(node)
+        self._set_supply_in_zone(subnet, 0)
+        del self.subnets[subnet_id]
+        self.zones[subnet.zone].discard_subnet(subnet_id)
+        for node in users:
+            self._attach(node)  # their subnet is unknown again: not judged on it
+        self.version += 1
 
     def _set_subnet_supply(self, subnet: Subnet, demand_at_refresh: int) -> None:
         subnet.demand_at_refresh = demand_at_refresh
@@ -566,6 +591,16 @@ class CapacityIndex:
         node = self.nodes.get(name)
         return node.room if node is not None else 0
 
+    def node_has_address(self, node: Node) -> bool:
+        """An IP slot free on the node (pods aside), and a warm IP or a subnet that can still supply one."""
+        used = node.assigned + node.reserved
+        if node.capacity - used <= self.node_reserve:
+            return False
+        if node.warm > 0:
+            return True
+        subnet = self.subnets.get(node.pod_subnet) if node.pod_subnet else None
+        return subnet is None or subnet.supply > 0
+
     def node_can_take(self, node: Node) -> bool:
         """Room for one more pod, and a warm IP or a subnet that can still supply one."""
         if node.room <= self.node_reserve:
@@ -577,17 +612,26 @@ class CapacityIndex:
         return subnet is None or subnet.supply > 0
 
     def exhausted_nodes(self, zone_name: str) -> Iterator[str]:
-        """Nodes in the zone that cannot take a pod now (full, or dry with an empty subnet)."""
+        """Nodes in the zone that cannot take a pod now: full, or dry with an empty subnet. Walks only those."""
         zone = self.zones.get(zone_name)
         if zone is None:
             return
         yield from zone.full_nodes
-        for name in zone.dry_nodes:
-            if name in zone.full_nodes:
+        for subnet_id, names in zone.dry_nodes.items():
+            if self.subnets[subnet_id].supply > 0:
                 continue
-            node = self.nodes[name]
-            if not self.node_can_take(node):
-                yield name
+            for name in names:
+                if name not in zone.full_nodes and self.nodes[name].room > self.node_reserve:
+                    yield name
+
+    def exhausted_count(self, zone_name: str) -> int:
+        """An upper bound on len(exhausted_nodes(zone)), in O(subnets)."""
+        zone = self.zones.get(zone_name)
+        if zone is None:
+            return 0
+        return len(zone.full_nodes) + sum(
+            len(names) for sid, names in zone.dry_nodes.items() if self.subnets[sid].supply <= 0
+        )
 
     def zone_figures(self, name: str, *, expire: bool = True) -> ZoneFigures:
         """One zone's figures (`expire=False` when the caller has just expired reservations itself)."""
@@ -693,11 +737,15 @@ class CapacityIndex:
             zone.branch_room += node.branch_room
             zone.warm += node.warm
             zone.warm_usable += min(node.room, node.warm)
-            zone.beyond_warm += max(0, node.room - node.warm)
+            if subnet is not None:
+                zone.beyond_warm += max(0, node.room - node.warm)
+            else:
+                zone.beyond_warm_unknown += max(0, node.room - node.warm)
+                zone.unknown_subnet_nodes += 1
             if node.room <= self.node_reserve:
                 zone.full_nodes.add(node.name)
-            if node.warm == 0:
-                zone.dry_nodes.add(node.name)
+            if node.warm == 0 and subnet is not None:
+                zone.dry_nodes.setdefault(subnet.subnet_id, set()).add(node.name)
         for subnet in subnets.values():
             subnet.supply = self._subnet_supply(subnet)
             zones.setdefault(subnet.zone, Zone(subnet.zone)).supply += subnet.supply
@@ -714,7 +762,8 @@ def _aggregates(zones: dict[str, Zone], subnets: dict[str, Subnet], nodes: dict[
         "zones": {
             z.name: (
                 z.nodes, z.room, z.branch_room, z.warm, z.warm_usable, z.beyond_warm, z.supply, z.reservations,
-                z.unbound_reservations, z.pending, sorted(z.full_nodes), sorted(z.dry_nodes),
+                z.unbound_reservations, z.pending, z.beyond_warm_unknown, z.unknown_subnet_nodes, sorted(z.full_nodes),
+                sorted((sid, sorted(names)) for sid, names in z.dry_nodes.items() if names),
             )
             for z in zones.values()
             if z.nodes or z.supply or z.reservations or z.pending

@@ -389,7 +389,6 @@ class ConfigMapHandler(_KeyedStore):
 
     def drop(self, key: str) -> None:
         if key == f"{self.feed.config_namespace}/{self.feed.config_name}":
-            # A deleted ConfigMap means the defaults, stated loudly.
-            log.warning("ConfigMap %s deleted: default settings apply", key)
+            # Keep what is in force: a deleted ConfigMap must not switch a cluster from warn to enforce.
+            log.warning("ConfigMap %s deleted: the settings in force stay until it is back", key)
             self.feed.settings_seen = False
-            self.feed.apply_settings(Settings())

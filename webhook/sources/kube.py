@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import orjson
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
@@ -30,6 +31,7 @@ from webhook.sources.cluster import Handler
 log = logging.getLogger("ipguard.kube")
 
 ListCall = Callable[..., Awaitable[Any]]
+LIST_TIMEOUT = aiohttp.ClientTimeout(total=300, sock_connect=10, sock_read=60)
 
 
 class Gone(Exception):
@@ -67,7 +69,9 @@ class Reflector:
     handler: Handler
     optional: bool = False  # a CRD: missing is not an error
     page_size: int = 500
-    watch_timeout: int = 240
+    # The server ends each watch after this long; with bookmarks in between, a healthy watch shows progress at
+    # least this often, so age() stays far below any sensible staleness bound.
+    watch_timeout: int = 60
     missing_retry: float = 60.0
     clock: Callable[[], float] = time.monotonic
     # state, read by readiness, staleness and metrics
@@ -84,9 +88,8 @@ class Reflector:
     _task: asyncio.Task[None] | None = None
 
     def age(self) -> float | None:
-        """Seconds since this resource was last known current (0 while a watch is open)."""
-        if self.connected:
-            return 0.0
+        """Seconds since this resource last showed progress (a list, a watch opened or ended, an event or a
+        bookmark). An open watch that went silent ages too: a half-open connection is not a current one."""
         return None if self.last_current is None else self.clock() - self.last_current
 
     def start(self) -> None:
@@ -152,7 +155,7 @@ class Reflector:
         token: str | None = None
         resource_version = ""
         while True:
-            kwargs: dict[str, Any] = {"limit": self.page_size}
+            kwargs: dict[str, Any] = {"limit": self.page_size, "_request_timeout": LIST_TIMEOUT}
             if token:
                 kwargs["_continue"] = token
             response = await self._request(**kwargs)
@@ -180,7 +183,9 @@ class Reflector:
             resource_version=resource_version,
             allow_watch_bookmarks=True,
             timeout_seconds=self.watch_timeout,
-            _request_timeout=self.watch_timeout + 30,
+            # sock_read: a half-open connection (no bytes, not even a bookmark) is dropped, not waited on.
+            _request_timeout=aiohttp.ClientTimeout(total=self.watch_timeout + 60, sock_connect=10,
+                                                   sock_read=self.watch_timeout + 30),
         )
         self.connected = True
         self.last_current = self.clock()
@@ -213,6 +218,7 @@ class Reflector:
                 raise Gone(str(obj.get("message")))
             raise ApiError(int(code or 500), str(obj.get("message")))
         self.events += 1
+        self.last_current = self.clock()
         if kind in ("ADDED", "MODIFIED"):
             self.handler.upsert(obj)
         elif kind == "DELETED":

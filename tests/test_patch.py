@@ -554,3 +554,64 @@ def test_pod_without_spec_or_metadata_gets_no_broken_patch() -> None:
 
 def test_fixture_files_exist() -> None:
     assert Path(FIXTURES, "reinvocation.mutate-reinvoked.json").is_file()
+
+
+# ---- soft steering: a preference, not a requirement, for pods that may have nowhere else to go ---------------
+
+
+def pvc_pod() -> dict[str, Any]:
+    pod = fixture_object("pod-create-affinity.mutate.json")
+    pod["spec"]["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": "data-db-0"}}]
+    return pod
+
+
+def test_soft_steering_adds_a_preference_and_leaves_the_requirements_alone() -> None:
+    pod = pvc_pod()
+    steering = Steering(avoid_zones=(A,), prefer_zones=((C, 100),), reason="zone full", soft=True)
+    steered = steer(pod, steering)
+    assert node_affinity(steered)[REQUIRED] == node_affinity(pod)[REQUIRED]
+    soft_term = node_affinity(steered)[PREFERRED][-2]
+    assert soft_term == {"weight": 100, "preference": {"matchExpressions": [
+        {"key": ZONE_LABEL, "operator": "NotIn", "values": [A]}]}}
+    assert node_affinity(steered)[PREFERRED][0] == node_affinity(pod)[PREFERRED][0]  # the user's, first
+    assert_valid_pod(steered)
+    assert steering_patch(steered, steering) == []  # reinvocation: nothing more
+    assert read_record(steered)["soft"] is True  # type: ignore[index]
+    restored = steer(steered, Steering())
+    assert node_affinity(restored) == node_affinity(pod)
+    # a later hard steering replaces the soft one
+    hard = steer(steered, Steering(avoid_zones=(A,), reason="zone full"))
+    assert len(node_affinity(hard)[PREFERRED]) == len(node_affinity(pod)[PREFERRED])
+    assert {"key": ZONE_LABEL, "operator": "NotIn", "values": [A]} in (
+        node_affinity(hard)[REQUIRED]["nodeSelectorTerms"][0]["matchExpressions"])
+
+
+@pytest.mark.parametrize("shape", ["pvc", "ephemeral", "node-selector", "affinity-key", "match-fields"])
+def test_pods_that_may_have_nowhere_else_to_go_are_steered_softly(shape: str) -> None:
+    pod = fixture_object("pod-create-generatename.mutate.json")
+    spec = pod["spec"]
+    if shape == "pvc":
+        spec["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": "data"}}]
+    elif shape == "ephemeral":
+        spec["volumes"] = [{"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": {}}}}]
+    elif shape == "node-selector":
+        spec["nodeSelector"] = {"eks.amazonaws.com/nodegroup": "gpu"}
+    else:
+        field = "matchFields" if shape == "match-fields" else "matchExpressions"
+        key = "metadata.name" if shape == "match-fields" else "node.kubernetes.io/instance-type"
+        spec["affinity"] = {"nodeAffinity": {REQUIRED: {"nodeSelectorTerms": [
+            {field: [{"key": key, "operator": "In", "values": ["x", "y"]}]}]}}}
+    body = {"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1", "request": {
+        "uid": "u-1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+        "resource": {"group": "", "version": "v1", "resource": "pods"}, "namespace": "payments",
+        "operation": "CREATE", "object": pod}}
+    state = AdmissionState(fixture_cluster(exhausted=[A]), Settings())
+    answer = handle(parse_review(json.dumps(body).encode()), "mutate", state)
+    if shape == "match-fields":
+        assert answer.patch is None  # pinned by name to nodes ipguard does not know: nothing to steer
+        return
+    assert answer.outcome == "steered" and answer.patch
+    steered = apply(pod, answer.patch)
+    assert node_affinity(steered).get(REQUIRED) == (node_affinity(pod).get(REQUIRED))
+    assert any(t["weight"] == 100 and t["preference"]["matchExpressions"][0]["operator"] == "NotIn"
+               for t in node_affinity(steered)[PREFERRED])

@@ -51,7 +51,8 @@ class Answer:
 
 
 def _steering(decision: Decision) -> Steering:
-    return Steering(decision.avoid_zones, decision.avoid_nodes, decision.prefer_zones, decision.reason)
+    return Steering(decision.avoid_zones, decision.avoid_nodes, decision.prefer_zones, decision.reason,
+                    soft=decision.soft)
 
 
 def judge(review: Review, stage: Stage, state: AdmissionState) -> Decision:

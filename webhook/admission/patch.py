@@ -30,6 +30,9 @@ class Steering:
     avoid_nodes: tuple[str, ...] = ()
     prefer_zones: tuple[tuple[str, int], ...] = ()
     reason: str = ""
+    # Soft: the avoidance goes in as a strong preference, not a requirement, for pods that may have nowhere
+    # else to go (zonal volumes, node selectors ipguard cannot check): better a pod placed than one Pending.
+    soft: bool = False
 
     @property
     def empty(self) -> bool:
@@ -49,14 +52,21 @@ def _expressions(steering: Steering) -> list[dict[str, Any]]:
     return exprs
 
 
+SOFT_WEIGHT = 100  # the most a preference can weigh
+
+
 def _preferences(steering: Steering) -> list[dict[str, Any]]:
-    return [
+    prefs = [
         {
             "weight": weight,
             "preference": {"matchExpressions": [{"key": ZONE_LABEL, "operator": "In", "values": [zone]}]},
         }
         for zone, weight in steering.prefer_zones
     ]
+    exprs = _expressions(steering)
+    if steering.soft and exprs:
+        prefs.insert(0, {"weight": SOFT_WEIGHT, "preference": {"matchExpressions": exprs}})
+    return prefs
 
 
 def _record(steering: Steering, created_required: bool, kept: list[list[Any]]) -> dict[str, Any]:
@@ -67,6 +77,8 @@ def _record(steering: Steering, created_required: bool, kept: list[list[Any]]) -
         "createdRequired": created_required,
         "reason": steering.reason,
     }
+    if steering.soft:
+        record["soft"] = True
     if kept:
         # [term index, key] of expressions ipguard wanted but the term already had: those are the user's.
         record["kept"] = kept
@@ -108,6 +120,7 @@ def _recorded_steering(record: dict[str, Any]) -> Steering:
             if isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
             and isinstance(p[1], int) and not isinstance(p[1], bool)
         ),
+        soft=record.get("soft") is True,
     )
 
 
@@ -116,7 +129,7 @@ def _strip(affinity: dict[str, Any], record: dict[str, Any]) -> None:
     previous = _recorded_steering(record)
     kept = _kept(record)
     required = affinity.get(REQUIRED)
-    if isinstance(required, dict):
+    if isinstance(required, dict) and not previous.soft:
         terms = required.get("nodeSelectorTerms")
         if isinstance(terms, list):
             ours = _expressions(previous)
@@ -145,7 +158,7 @@ def _apply(affinity: dict[str, Any], steering: Steering) -> tuple[bool, list[lis
     created = False
     kept: list[list[Any]] = []
     exprs = _expressions(steering)
-    if exprs:
+    if exprs and not steering.soft:
         required = affinity.get(REQUIRED)
         terms = required.get("nodeSelectorTerms") if isinstance(required, dict) else None
         if not isinstance(terms, list) or not terms:

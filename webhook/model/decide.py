@@ -76,6 +76,7 @@ class Decision:
     stale: bool = False  # figures too old: allowed without judging
     reserve_zone: str | None = None  # where an admitted pod should hold its reservation
     reserve_node: str | None = None
+    soft: bool = False  # steer by preference only (see pods.steer_softly)
 
     @property
     def open_zones(self) -> tuple[str, ...]:
@@ -144,7 +145,7 @@ def decide(
         if not empty:
             return Decision(Verdict.ALLOW, name, reason, use=use, zones=checks)
         return Decision(Verdict.STEER, name, f"zone(s) {', '.join(empty)} out of pod IPs; {reason}", use=use,
-                        zones=checks, avoid_zones=empty)
+                        zones=checks, avoid_zones=empty, soft=pods.steer_softly(pod))
     best = max(open_checks, key=lambda c: (c.headroom - c.reserve, c.zone))
     avoid_zones = tuple(c.zone for c in checks if c.exhausted)
     avoid_nodes = _avoid_nodes(index, settings, [c.zone for c in open_checks])
@@ -166,6 +167,7 @@ def decide(
         avoid_nodes=avoid_nodes,
         prefer_zones=_preferences(open_checks),
         reserve_zone=best.zone,
+        soft=pods.steer_softly(pod),
     )
 
 

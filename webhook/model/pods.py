@@ -105,6 +105,31 @@ def node_name(pod: Pod) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
+# Node-selection keys whose every value the index can vouch for in any zone it would steer a pod to.
+ZONE_NEUTRAL_KEYS = frozenset({*ZONE_KEYS, OS_LABEL, "kubernetes.io/arch"})
+
+
+def steer_softly(pod: Pod) -> bool:
+    """Whether avoiding a zone must stay a preference: the pod may be unable to run anywhere else. A zonal
+    volume (a PersistentVolumeClaim, or an ephemeral one) binds it to its zone; a node selector or required
+    affinity on other labels (a GPU pool, a node group) may match nodes in the avoided zone only."""
+    pod_spec = spec(pod)
+    for volume in _list(pod_spec.get("volumes")):
+        volume = _map(volume)
+        if "persistentVolumeClaim" in volume or "ephemeral" in volume:
+            return True
+    if any(key not in ZONE_NEUTRAL_KEYS for key in _map(pod_spec.get("nodeSelector"))):
+        return True
+    affinity = _map(_map(pod_spec.get("affinity")).get("nodeAffinity"))
+    for term in _list(_map(affinity.get("requiredDuringSchedulingIgnoredDuringExecution")).get("nodeSelectorTerms")):
+        term = _map(term)
+        if _list(term.get("matchFields")):
+            return True
+        if any(_map(e).get("key") not in ZONE_NEUTRAL_KEYS for e in _list(term.get("matchExpressions"))):
+            return True
+    return False
+
+
 def pinned_nodes(pod: Pod) -> list[str]:
     """Nodes a pod is pinned to by name through its required affinity (how DaemonSet pods are placed:
     `matchFields: metadata.name In [node]`); empty when any term leaves it free."""

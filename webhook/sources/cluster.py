@@ -72,7 +72,8 @@ class NodeInfo:
     provider_id: str | None
     allocatable_pods: int | None
     schedulable: bool
-    labels_eni_config: str | None  # the ENIConfig this node's pods use, by label or annotation
+    eni_config_annotation: str | None  # k8s.amazonaws.com/eniConfig: overrides the label
+    labels: dict[str, str]  # kept whole: which label names the ENIConfig depends on the CNI settings
 
 
 def _quantity(value: Any) -> int | None:
@@ -82,7 +83,7 @@ def _quantity(value: Any) -> int | None:
         return None
 
 
-def node_info(obj: Mapping[str, Any], eni_config_label: str) -> NodeInfo:
+def node_info(obj: Mapping[str, Any]) -> NodeInfo:
     meta = _meta(obj)
     labels = meta.get("labels") or {}
     annotations = meta.get("annotations") or {}
@@ -92,7 +93,6 @@ def node_info(obj: Mapping[str, Any], eni_config_label: str) -> NodeInfo:
     instance_type = next((labels[k] for k in INSTANCE_TYPE_LABELS if labels.get(k)), None)
     linux = labels.get(podlib.OS_LABEL, "linux") == "linux"
     fargate = labels.get(COMPUTE_TYPE_LABEL) == "fargate"
-    eni_config = annotations.get(ENI_CONFIG_ANNOTATION) or labels.get(eni_config_label)
     return NodeInfo(
         name=str(meta.get("name")),
         zone=zone,
@@ -100,7 +100,8 @@ def node_info(obj: Mapping[str, Any], eni_config_label: str) -> NodeInfo:
         provider_id=spec.get("providerID"),
         allocatable_pods=_quantity((status.get("allocatable") or {}).get("pods")),
         schedulable=linux and not fargate and not spec.get("unschedulable", False),
-        labels_eni_config=eni_config,
+        eni_config_annotation=annotations.get(ENI_CONFIG_ANNOTATION),
+        labels={str(k): str(v) for k, v in labels.items()},
     )
 
 
@@ -128,9 +129,8 @@ class ClusterFeed:
     def pod_subnet(self, info: NodeInfo) -> str | None:
         cni = self.index.cni
         if cni.custom_networking:
-            name = info.labels_eni_config
-            if name is None and cni.eni_config_label_def == podlib.ZONE_LABEL:
-                name = info.zone
+            # Resolved now, not when the node was seen: the aws-node env may arrive after the nodes.
+            name = info.eni_config_annotation or info.labels.get(cni.eni_config_label_def)
             return self.eni_configs.get(name) if name else None
         return self.ec2_node_subnets.get(info.name)
 
@@ -190,7 +190,7 @@ class NodeHandler:
         self.resync = _Resync()
 
     def upsert(self, obj: Mapping[str, Any]) -> None:
-        info = node_info(obj, self.feed.index.cni.eni_config_label_def)
+        info = node_info(obj)
         self.resync.saw(info.name)
         if self.feed.nodes.get(info.name) != info:
             self.feed.nodes[info.name] = info

@@ -580,7 +580,8 @@ async def test_unreachable_endpoint_keeps_last_good_data_and_recovers(moto_serve
         moto_server.stop()
         clock.advance(31)
         result = await poller.refresh(index, cluster.node_instances)
-        assert result.failed == {Call.ENIS: "unreachable", Call.SUBNETS: "unreachable"}
+        # subnets are not asked while ENIs fail: a fresh subnet figure needs fresh held figures beside it
+        assert result.failed == {Call.ENIS: "unreachable"}
         assert {n: index.nodes[n].ec2_held for n in cluster.node_instances} == good_held
         assert {s: index.subnets[s].free_ips for s in cluster.subnets} == good_free
         assert index.version == version
@@ -592,7 +593,7 @@ async def test_unreachable_endpoint_keeps_last_good_data_and_recovers(moto_serve
         # Backing off: not even asked.
         clock.advance(10)
         result = await poller.refresh(index, cluster.node_instances)
-        assert result.skipped == {Call.ENIS, Call.SUBNETS} and not result.failed
+        assert result.skipped == {Call.ENIS} and not result.failed  # subnets wait for ENIs
         assert poller.stats[Call.ENIS].attempts == 2
 
         # Still down at the retry: the backoff doubles.
@@ -634,9 +635,9 @@ async def test_throttling_keeps_last_good_enis(moto_server: Server) -> None:
         assert index.nodes["node-0"].ec2_held == 5  # the last good figure
         assert poller.stats[Call.ENIS].last_success == enis_success
         assert poller.stats[Call.ENIS].errors_by_reason == {"throttled": 1}
-        # Subnets still answer: their fresh free count is applied (held figures lag until ENIs recover).
-        assert Call.SUBNETS in result.fetched
-        assert index.subnets[cluster.subnets[0]].free_ips == live_free(ec2, cluster.subnets[0])
+        # Subnets are not asked without fresh ENIs beside them: the last good pair stays.
+        assert Call.SUBNETS not in result.fetched
+        assert index.subnets[cluster.subnets[0]].free_ips != live_free(ec2, cluster.subnets[0])
 
         events.unregister("before-send.ec2.DescribeNetworkInterfaces", throttle)
         clock.advance(31)
@@ -757,3 +758,44 @@ async def test_run_loop_never_raises_and_stops(moto_server: Server) -> None:
     finally:
         poller.close()
         task.cancel()
+
+
+async def test_node_churn_does_not_multiply_eni_refreshes(moto_server: Server) -> None:
+    """A node joining between two refreshes is fetched on its own (by attachment), not with a full refresh:
+    EC2's request quota is shared with the CNI's ipamd."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    index = build_index(cluster)
+    clock = FakeClock()
+    poller = make_poller(moto_server.url, clock)
+    filters: list[list[str]] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        filters.append(sorted(f["Name"] for f in params.get("Filters", [])))
+
+    try:
+        assert (await poller.refresh(index, cluster.node_instances)).ok
+        poller.client.meta.events.register("provide-client-params.ec2.DescribeNetworkInterfaces", record)
+        # a new node (its instance in zone a's subnet) joins 5 s later
+        run = ec2.run_instances(ImageId=AMI, MinCount=1, MaxCount=1, InstanceType="m5.large",
+                                SubnetId=cluster.subnets[0])
+        ec2.assign_private_ip_addresses(NetworkInterfaceId=run["Instances"][0]["NetworkInterfaces"][0][
+            "NetworkInterfaceId"], SecondaryPrivateIpAddressCount=6)
+        index.upsert_node("node-new", zone=ZONES[0], instance_type="m5.large", pod_subnet=cluster.subnets[0],
+                          allocatable_pods=29)
+        instances = {**cluster.node_instances, "node-new": run["Instances"][0]["InstanceId"]}
+        clock.advance(5)
+        result = await poller.refresh(index, instances)
+        assert result.ok and Call.ENIS in result.fetched
+        assert filters == [["attachment.instance-id", "vpc-id"]]  # only the new node, by attachment
+        assert index.nodes["node-new"].ec2_held == 6
+        # nothing new, still within the period: EC2 is not asked again
+        clock.advance(5)
+        result = await poller.refresh(index, instances)
+        assert Call.ENIS in result.cached and len(filters) == 1
+        # the period passes: one full refresh (description query + attachments)
+        clock.advance(30)
+        assert (await poller.refresh(index, instances)).ok
+        assert ["description", "vpc-id"] in filters[1:]
+    finally:
+        poller.close()

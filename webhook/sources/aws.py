@@ -608,6 +608,7 @@ class Ec2Poller:
         self.loop_errors = 0  # unexpected errors caught by run()
         # TTL caches say what is fresh enough not to ask again; the key is what was asked for.
         self._eni_cache: TTLCache[tuple[object, ...], dict[str, InstanceEnis]] = TTLCache(8, eni_period, clock)
+        self._eni_asked: set[str] = set()  # instance ids the cached ENI view covers
         self._subnet_cache: TTLCache[tuple[object, ...], dict[str, SubnetInfo]] = TTLCache(8, subnet_period, clock)
         self._type_cache: TTLCache[str, InstanceLimits | None] = TTLCache(4096, instance_type_ttl, clock)
         self._sg_cache: TTLCache[str, SecurityGroupInfo | None] = TTLCache(4096, security_group_ttl, clock)
@@ -682,15 +683,16 @@ class Ec2Poller:
     def _size(self, low: int, high: int) -> int:
         return max(low, min(high, self.page_size))
 
-    def fetch_instance_enis(self, instance_ids: Iterable[str]) -> list[Eni]:
-        """The nodes' ENIs: CNI and branch ENIs by description, and every ENI attached to the instances."""
+    def fetch_instance_enis(self, instance_ids: Iterable[str], *, by_description: bool = True) -> list[Eni]:
+        """The nodes' ENIs: CNI and branch ENIs by description (VPC-wide), and every ENI attached to the
+        instances. `by_description=False` asks by attachment only (nodes that just joined)."""
         vpc: list[FilterTypeDef] = [{"Name": "vpc-id", "Values": [self.vpc_id]}] if self.vpc_id else []
         seen: dict[str, Eni] = {}
         described: list[FilterTypeDef] = [
             *vpc,
             {"Name": "description", "Values": [f"{CNI_ENI_PREFIX}*", BRANCH_ENI_DESCRIPTION]},
         ]
-        for raw in self._describe_enis(described):
+        for raw in self._describe_enis(described) if by_description else ():
             eni = parse_eni(raw)
             seen[eni.eni_id] = eni
         for chunk in _chunks(instance_ids):
@@ -876,13 +878,27 @@ class Ec2Poller:
         # New limits make the index recompute every node and re-baseline every subnet on its last figure:
         # give it fresh figures in the same step.
         subnets_due = bool(subnet_ids) and (subnet_key not in self._subnet_cache or bool(changed_limits))
-        eni_key = (vpc_key, instance_ids)
+        # One full ENI refresh per period whatever the node churn: EC2's request quota is the account's, shared
+        # with the CNI's own ipamd. Nodes that joined since are fetched on their own, by attachment only.
+        eni_key = (vpc_key,)
         instances: dict[str, InstanceEnis] | None = None
-        if instance_ids and (subnets_due or eni_key not in self._eni_cache):
+        cached_instances = self._eni_cache.get(eni_key)
+        new_ids = instance_ids - self._eni_asked
+        if instance_ids and (subnets_due or cached_instances is None):
             try:
                 enis = await self._call(Call.ENIS, lambda: self.fetch_instance_enis(instance_ids))
                 instances = summarize_instances(enis, instance_ids)
                 self._eni_cache[eni_key] = instances
+                self._eni_asked = set(instance_ids)
+                fetched.add(Call.ENIS)
+            except _Failed as exc:
+                failure(Call.ENIS, exc)
+        elif new_ids and cached_instances is not None:
+            try:
+                enis = await self._call(Call.ENIS, lambda: self.fetch_instance_enis(new_ids, by_description=False))
+                instances = {**cached_instances, **summarize_instances(enis, new_ids)}
+                self._eni_cache[eni_key] = instances
+                self._eni_asked |= new_ids
                 fetched.add(Call.ENIS)
             except _Failed as exc:
                 failure(Call.ENIS, exc)
@@ -891,7 +907,8 @@ class Ec2Poller:
 
         subnet_used: dict[str, list[str]] | None = None
         subnets: list[SubnetInfo] | None = None
-        if subnets_due:
+        # Without fresh ENIs a subnet figure would pair with stale held figures (growth debited twice): wait.
+        if subnets_due and Call.ENIS not in failed:
             if prefix_mode:
                 try:
                     subnet_enis = await self._call(Call.SUBNET_ENIS, lambda: self.fetch_subnet_enis(subnet_ids))

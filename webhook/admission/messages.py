@@ -16,7 +16,10 @@ WARNING_MAX = 120
 
 def clean_warning(text: str) -> str:
     """One printable ASCII line of at most 120 characters."""
-    ascii_text = "".join(c if 32 <= ord(c) < 127 else " " for c in text)
+    # Fast path first: ipguard's own texts are plain ASCII already.
+    ascii_text = text if text.isascii() and text.isprintable() else "".join(
+        c if 32 <= ord(c) < 127 else " " for c in text
+    )
     line = " ".join(ascii_text.split())
     return line if len(line) <= WARNING_MAX else line[: WARNING_MAX - 3].rstrip() + "..."
 

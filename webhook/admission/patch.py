@@ -11,10 +11,11 @@ Parents are created explicitly: an `add` under a missing parent fails the whole 
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from webhook.model.pods import HOSTNAME_LABEL, STEERED_ANNOTATION, ZONE_LABEL, read_record
 
@@ -22,6 +23,11 @@ REQUIRED = "requiredDuringSchedulingIgnoredDuringExecution"
 PREFERRED = "preferredDuringSchedulingIgnoredDuringExecution"
 
 JsonPatch = list[dict[str, Any]]
+
+
+def _clone(value: Any) -> Any:
+    """A deep copy of JSON data (several times faster than copy.deepcopy, and this runs per request)."""
+    return orjson.loads(orjson.dumps(value))
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +184,7 @@ def _apply(affinity: dict[str, Any], steering: Steering) -> tuple[bool, list[lis
                 if expr in current:
                     kept.append([i, expr["key"]])
                 else:
-                    current.append(copy.deepcopy(expr))
+                    current.append(_clone(expr))
     prefs = _preferences(steering)
     if prefs:
         if not isinstance(affinity.get(PREFERRED), list):
@@ -200,7 +206,7 @@ def without_steering(pod: dict[str, Any]) -> dict[str, Any]:
     if record is None or not isinstance(node_affinity, dict):
         return pod
     assert isinstance(spec, dict) and isinstance(affinity, dict)
-    stripped = copy.deepcopy(node_affinity)
+    stripped = _clone(node_affinity)
     _strip(stripped, record)
     return {**pod, "spec": {**spec, "affinity": {**affinity, "nodeAffinity": stripped}}}
 
@@ -212,10 +218,10 @@ def steering_patch(pod: dict[str, Any], steering: Steering) -> JsonPatch:
         return []  # no pod spec to steer (the apiserver rejects such a pod anyway)
     affinity_in = spec.get("affinity")
     node_affinity_in = affinity_in.get("nodeAffinity") if isinstance(affinity_in, dict) else None
-    current = copy.deepcopy(node_affinity_in) if isinstance(node_affinity_in, dict) else {}
+    current = node_affinity_in if isinstance(node_affinity_in, dict) else {}  # read only
     record = read_record(pod)
 
-    desired = copy.deepcopy(current)
+    desired = _clone(current)
     if record is not None:
         _strip(desired, record)
     created, kept = (False, []) if steering.empty else _apply(desired, steering)

@@ -115,29 +115,52 @@ _TYPES: dict[str, tuple[type, ...]] = {_STR: (str,), _BOOL: (bool,), _INT: (int,
 
 def _shape_error(value: Any, shape: Any, where: str) -> str | None:
     """Where `value` does not have `shape` (a dict: an object, its listed keys checked, "*" for every value;
-    a one-item list: an array of that; a type name), or None."""
+    a one-item list: an array of that; a type name), or None. Runs on every review: the path is only built
+    once a problem is found."""
+    found = _mismatch(value, shape)
+    if found is None:
+        return None
+    path, kind = found
+    text = where + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in reversed(path))
+    return f"{text} must be {'an' if kind in (_INT, 'object', 'array') else 'a'} {kind}"
+
+
+def _mismatch(value: Any, shape: Any) -> tuple[list[str | int], str] | None:
     if value is None:
         return None
-    if isinstance(shape, dict):
-        if not isinstance(value, dict):
-            return f"{where} must be an object"
-        for key, child in value.items():
-            sub = shape.get(key, shape.get("*"))
-            if sub is not None:
-                problem = _shape_error(child, sub, f"{where}.{key}")
-                if problem:
-                    return problem
+    if type(shape) is dict:
+        if type(value) is not dict:
+            return [], "object"
+        every = shape.get("*")
+        if every is _STR:  # a string map (labels, annotations): checked inline, it is most of the calls
+            for key, child in value.items():
+                if type(child) is not str and child is not None:
+                    return [key], _STR
+            return None
+        for key, sub in shape.items():
+            child = value.get(key)
+            if child is None:
+                continue
+            found = _leaf(child, sub) if type(sub) is str else _mismatch(child, sub)
+            if found is not None:
+                found[0].append(key)
+                return found
         return None
-    if isinstance(shape, list):
-        if not isinstance(value, list):
-            return f"{where} must be an array"
+    if type(shape) is list:
+        if type(value) is not list:
+            return [], "array"
         for i, item in enumerate(value):
-            problem = _shape_error(item, shape[0], f"{where}[{i}]")
-            if problem:
-                return problem
+            found = _mismatch(item, shape[0])
+            if found is not None:
+                found[0].append(i)
+                return found
         return None
-    if not isinstance(value, _TYPES[shape]) or (shape == _INT and isinstance(value, bool)):
-        return f"{where} must be {'an' if shape == _INT else 'a'} {shape}"
+    return _leaf(value, shape)
+
+
+def _leaf(value: Any, kind: str) -> tuple[list[str | int], str] | None:
+    if not isinstance(value, _TYPES[kind]) or (kind == _INT and isinstance(value, bool)):
+        return [], kind
     return None
 
 

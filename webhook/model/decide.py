@@ -191,8 +191,11 @@ def _zone_check(zone_name: str, use: PodUse, index: CapacityIndex, settings: Set
 def _avoid_nodes(index: CapacityIndex, settings: Settings, zones: list[str]) -> tuple[str, ...]:
     """Exhausted nodes in the zones left open, when they are few enough to list in a patch."""
     limit = settings.max_steered_nodes
-    if sum(index.exhausted_count(z) for z in zones) > limit:
-        return ()  # too many to list: the zone figures still steer, the scheduler does the rest
+    total = 0
+    for zone in zones:
+        total += index.exhausted_count(zone)
+        if total > limit:
+            return ()  # too many to list: the zone figures still steer, the scheduler does the rest
     found: list[str] = []
     for zone in zones:
         for node in index.exhausted_nodes(zone):

@@ -345,65 +345,52 @@ class CapacityIndex:
             demand = -(-demand // PREFIX_SIZE) * PREFIX_SIZE  # whole /28s
         node.demand = demand + node.branch  # a branch ENI takes one address of its own
 
-    def _in_subnet(self, node: Node) -> Subnet | None:
-        """The subnet a node draws on; a cordoned node still holds its addresses, so it counts there too."""
-        return self.subnets.get(node.pod_subnet) if node.known and node.pod_subnet else None
-
     def _attach(self, node: Node) -> None:
         """Add a node's contribution to its zone and subnet (after recomputing it)."""
         self._derive(node)
-        counted = self._node_counted(node)
-        subnet = self._in_subnet(node)
-        if counted:
-            assert node.zone is not None
-            zone = self._zone(node.zone)
-            zone.nodes += 1
-            zone.room += node.room
-            zone.branch_room += node.branch_room
-            zone.warm += node.warm
-            zone.warm_usable += min(node.room, node.warm)
-            if subnet is not None:
-                zone.beyond_warm += max(0, node.room - node.warm)
-            else:
-                zone.beyond_warm_unknown += max(0, node.room - node.warm)
-                zone.unknown_subnet_nodes += 1
-            if node.room <= self.node_reserve:
-                zone.full_nodes.add(node.name)
-            if node.warm == 0 and subnet is not None:
-                zone.dry_nodes.setdefault(subnet.subnet_id, set()).add(node.name)
-        if subnet is not None:
-            subnet.nodes += counted
-            subnet.demand += node.demand
-            self._refresh_supply(subnet)
+        self._contribute(node, 1)
 
     def _detach(self, node: Node) -> None:
         """Take a node's contribution out of its zone and subnet (before changing it)."""
+        self._contribute(node, -1)
+
+    def _contribute(self, node: Node, sign: int, zones: dict[str, Zone] | None = None,
+                    subnets: dict[str, Subnet] | None = None) -> None:
+        """Add (sign 1) or take out (sign -1) a node's figures in its zone's and subnet's sums. `recount` passes
+        fresh dicts and leaves supply to be computed after."""
         counted = self._node_counted(node)
-        subnet = self._in_subnet(node)
+        # A cordoned node is not counted in its zone but still holds its addresses: it stays in its subnet.
+        subnet = (subnets if subnets is not None else self.subnets).get(node.pod_subnet or "") if node.known else None
         if counted:
             assert node.zone is not None
-            zone = self.zones[node.zone]
-            zone.nodes -= 1
-            zone.room -= node.room
-            zone.branch_room -= node.branch_room
-            zone.warm -= node.warm
-            zone.warm_usable -= min(node.room, node.warm)
+            zone = self._zone(node.zone) if zones is None else zones.setdefault(node.zone, Zone(node.zone))
+            zone.nodes += sign
+            zone.room += sign * node.room
+            zone.branch_room += sign * node.branch_room
+            zone.warm += sign * node.warm
+            zone.warm_usable += sign * min(node.room, node.warm)
             if subnet is not None:
-                zone.beyond_warm -= max(0, node.room - node.warm)
+                zone.beyond_warm += sign * max(0, node.room - node.warm)
             else:
-                zone.beyond_warm_unknown -= max(0, node.room - node.warm)
-                zone.unknown_subnet_nodes -= 1
-            zone.full_nodes.discard(node.name)
-            if subnet is not None:
+                zone.beyond_warm_unknown += sign * max(0, node.room - node.warm)
+                zone.unknown_subnet_nodes += sign
+            if node.room <= self.node_reserve and sign > 0:
+                zone.full_nodes.add(node.name)
+            elif sign < 0:
+                zone.full_nodes.discard(node.name)
+            if node.warm == 0 and subnet is not None and sign > 0:
+                zone.dry_nodes.setdefault(subnet.subnet_id, set()).add(node.name)
+            elif subnet is not None and sign < 0:
                 dry = zone.dry_nodes.get(subnet.subnet_id)
                 if dry is not None:
                     dry.discard(node.name)
                     if not dry:
                         del zone.dry_nodes[subnet.subnet_id]
         if subnet is not None:
-            subnet.nodes -= counted
-            subnet.demand -= node.demand
-            self._refresh_supply(subnet)
+            subnet.nodes += sign * counted
+            subnet.demand += sign * node.demand
+            if subnets is None:
+                self._refresh_supply(subnet)
 
     def _zone(self, name: str) -> Zone:
         zone = self.zones.get(name)
@@ -723,29 +710,7 @@ class CapacityIndex:
         }
         for node in nodes.values():
             self._derive(node)
-            counted = self._node_counted(node)
-            subnet = subnets.get(node.pod_subnet) if node.known and node.pod_subnet else None
-            if subnet is not None:
-                subnet.nodes += counted
-                subnet.demand += node.demand
-            if not counted:
-                continue
-            assert node.zone is not None
-            zone = zones.setdefault(node.zone, Zone(node.zone))
-            zone.nodes += 1
-            zone.room += node.room
-            zone.branch_room += node.branch_room
-            zone.warm += node.warm
-            zone.warm_usable += min(node.room, node.warm)
-            if subnet is not None:
-                zone.beyond_warm += max(0, node.room - node.warm)
-            else:
-                zone.beyond_warm_unknown += max(0, node.room - node.warm)
-                zone.unknown_subnet_nodes += 1
-            if node.room <= self.node_reserve:
-                zone.full_nodes.add(node.name)
-            if node.warm == 0 and subnet is not None:
-                zone.dry_nodes.setdefault(subnet.subnet_id, set()).add(node.name)
+            self._contribute(node, 1, zones, subnets)
         for subnet in subnets.values():
             subnet.supply = self._subnet_supply(subnet)
             zones.setdefault(subnet.zone, Zone(subnet.zone)).supply += subnet.supply

@@ -202,9 +202,9 @@ def test_denial_message_when_nodes_are_full() -> None:
     message = denial_message(decision, CniSettings())
     for zone in (A, B, C):
         assert f"{zone}: 0 free pod IPs, reserve 2 (node room 0" in message
-    assert "enable prefix delegation (ENABLE_PREFIX_DELEGATION=true)" in message
-    # the subnets are down to the reserve too: new nodes would get no address, so the subnet is the fix
-    assert "add nodes" not in message
+    # the subnets are down to the reserve too: neither new nodes nor prefixes would get an address, so the
+    # subnet is the fix
+    assert "add nodes" not in message and "enable prefix delegation" not in message
     assert "add pod subnet space" in message
     prefix = CniSettings(prefix_delegation=True)
     assert "enable prefix delegation" not in denial_message(decision, prefix)

@@ -57,11 +57,10 @@ def remedies(decision: Decision, cni: CniSettings) -> list[str]:
             fixes.append("lower WARM_IP_TARGET/MINIMUM_IP_TARGET so nodes hold fewer idle IPs")
         else:
             fixes.append("set WARM_IP_TARGET (or lower WARM_ENI_TARGET) so nodes hold fewer idle IPs")
-    if nodes_short:
+    if nodes_short and not subnets_short:  # more pods per node, or new nodes, need subnet addresses first
         if not cni.prefix_delegation:
             fixes.append("enable prefix delegation (ENABLE_PREFIX_DELEGATION=true) for more pod IPs per node")
-        if not subnets_short:  # new nodes need addresses too
-            fixes.append("add nodes (or larger instance types) in these zones")
+        fixes.append("add nodes (or larger instance types) in these zones")
     if decision.zones and len(decision.zones) < 2:
         fixes.append("or let the pod run in more zones")
     return fixes or ["add nodes or pod subnet space in the allowed zones"]

@@ -111,3 +111,25 @@ def test_configmap_bad_refused_good_applied_delete_keeps() -> None:
     other["metadata"]["name"] = "someone-else"
     h.upsert(other)
     assert len(applied) == 1
+
+
+def test_eniconfig_lookup_follows_the_cni_order() -> None:
+    f, _ = feed()
+    h = f.handlers()
+    h["daemonsets"].upsert(live.aws_node({"AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG": "true",
+                                          "ENI_CONFIG_ANNOTATION_DEF": "example.com/pods"}))
+    for name, subnet in (("default", "subnet-default"), ("ext", "subnet-ext"), ("ann", "subnet-ann"),
+                         ("lab", "subnet-lab")):
+        h["eniconfigs"].upsert(eni_config(name, subnet))
+    node = live.node("n-a", A, "i-0aaaaaaaaaaaaaaaa")
+    h["nodes"].upsert(node)
+    assert f.index.nodes["n-a"].pod_subnet == "subnet-default"  # nothing names one: the "default" ENIConfig
+    node["metadata"]["labels"]["k8s.amazonaws.com/eniConfig"] = "lab"
+    h["nodes"].upsert(node)
+    assert f.index.nodes["n-a"].pod_subnet == "subnet-lab"
+    node["metadata"]["annotations"] = {"example.com/pods": "ann"}
+    h["nodes"].upsert(node)
+    assert f.index.nodes["n-a"].pod_subnet == "subnet-ann"  # the configured annotation beats the label
+    node["metadata"]["labels"]["vpc.amazonaws.com/externalEniConfig"] = "ext"
+    h["nodes"].upsert(node)
+    assert f.index.nodes["n-a"].pod_subnet == "subnet-ext"  # the external label beats both

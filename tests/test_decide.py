@@ -366,10 +366,24 @@ def test_non_zone_constraints_leave_every_zone() -> None:
     assert zones_of(judge(pod, cluster(), namespace="payments")) == [A, B, C]
 
 
-def test_default_zones_are_those_with_schedulable_nodes() -> None:
+def test_zone_without_schedulable_nodes_but_with_addresses_is_preferred_against_not_excluded() -> None:
+    # zone c's only node is cordoned; its subnet has 100 addresses: new nodes could launch there
     ix = cluster(unschedulable=(N30,))
     d = judge("pod-create-generatename", ix)
-    assert zones_of(d) == [A, B]
+    assert zones_of(d) == [A, B, C]
+    c = d.zones[2]
+    assert c.exhausted and not c.out_of_addresses
+    assert d.verdict is Verdict.STEER and d.avoid_zones == ()
+    assert [zone for zone, _ in d.prefer_zones] == [A, B] or [zone for zone, _ in d.prefer_zones] == [B, A]
+
+
+def test_zones_with_nodes_out_of_addresses_but_an_empty_zone_with_addresses_do_not_deny() -> None:
+    # every zone with nodes has an empty subnet and no warm IP; zone c has no node yet but 100 addresses
+    ix = exhausted(A, B)
+    ix.upsert_node(N30, zone=C, instance_type="t3.medium", pod_subnet=SUBNETS[C], allocatable_pods=17,
+                   schedulable=False)
+    d = judge("pod-create-generatename", ix)
+    assert d.verdict is Verdict.STEER and set(d.avoid_zones) == {A, B}  # toward zone c, where nodes can come
 
 
 def test_zone_constraints_that_allow_no_known_zone() -> None:
@@ -504,9 +518,10 @@ def test_branch_eni_pod_judged_on_branch_capacity() -> None:
     ix = cluster(cni=CniSettings(pod_eni=True))
     d = judge("pod-create-pod-eni", ix)
     assert d.use is PodUse.BRANCH
-    # t3.medium cannot trunk: zone c has IP room but no branch ENI
+    # t3.medium cannot trunk: zone c has IP room but no branch ENI; its subnet has addresses, so a trunking node
+    # could still come there: preferred against, not excluded
     assert d.verdict is Verdict.STEER
-    assert d.avoid_zones == (C,)
+    assert d.avoid_zones == () and C not in [zone for zone, _ in d.prefer_zones]
     # branch headroom: a min(9 + 18, 100) = 27, b min(9, 100) = 9, c 0
     assert [z.headroom for z in d.zones] == [27, 9, 0]
     plain = judge("pod-create-generatename", ix)

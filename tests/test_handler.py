@@ -59,3 +59,37 @@ def test_judged_on_the_pod_as_written_at_the_mutating_stage() -> None:
     again["request"]["object"] = jsonpatch.apply_patch(body["request"]["object"], first.patch)
     second = handle(parse_review(json.dumps(again).encode()), "mutate", state)
     assert second.decision.verdict == first.decision.verdict and second.patch is None
+
+
+def test_own_steering_never_turns_into_a_denial() -> None:
+    """Zone za: its only node full, 500 addresses in its subnet (new nodes can come). Zone zb: 2 warm IPs and an
+    empty subnet. Pods mutated then validated, several mutated before any is validated: none may be denied
+    while za has addresses, and none is pinned away from za."""
+    import jsonpatch
+
+    from webhook.model.index import CapacityIndex, PodUse
+
+    ix = CapacityIndex()
+    ix.upsert_node("na", zone="za", instance_type="m5.large", pod_subnet="sa", allocatable_pods=29)
+    ix.upsert_node("nb", zone="zb", instance_type="m5.large", pod_subnet="sb", allocatable_pods=29)
+    for i in range(27):
+        ix.upsert_pod(f"apps/a-{i}", "na", PodUse.IP)
+    for i in range(7):
+        ix.upsert_pod(f"apps/b-{i}", "nb", PodUse.IP)
+    ix.set_node_held("nb", 9)
+    ix.upsert_subnet("sa", zone="za", free_ips=500)
+    ix.upsert_subnet("sb", zone="zb", free_ips=0)
+    state = AdmissionState(ix, Settings())
+    body = json.loads((FIXTURES / "pod-create-generatename.mutate.json").read_bytes())
+    mutated = []
+    for _ in range(4):
+        answer = handle(parse_review(json.dumps(body).encode()), "mutate", state)
+        pod = jsonpatch.apply_patch(body["request"]["object"], answer.patch or [])
+        affinity = json.dumps(pod["spec"].get("affinity", {}))
+        assert '"NotIn","values":["za"]' not in affinity.replace(" ", "")
+        mutated.append(pod)
+    for i, pod in enumerate(mutated):
+        pod["metadata"]["name"] = f"api-{i}"
+        review = {**body, "request": {**body["request"], "uid": f"v-{i}", "name": f"api-{i}", "object": pod}}
+        answer = handle(parse_review(json.dumps(review).encode()), "validate", state)
+        assert answer.response["allowed"], answer.decision

@@ -267,3 +267,24 @@ async def test_missing_crds_stand_aside(moto: live.Moto, tmp_path: Path) -> None
     finally:
         await service.stop()
         await fk.stop()
+
+
+async def test_ready_with_no_ec2_nodes_yet(moto: live.Moto, tmp_path: Path) -> None:
+    """A cluster scaled to zero (or on Fargate only): nothing to ask EC2, so nothing to wait for."""
+    fk = FakeKube(bookmark_interval=0.5)
+    url = await fk.start()
+    paths = live.certs(tmp_path)
+    service = Service(await api_client(host=url), ServeOptions(
+        host="127.0.0.1", port=0, tls_cert=paths.tls_cert, tls_key=paths.tls_key, region=live.REGION,
+        ec2_endpoint_url=moto.url, ec2_period=0.5, ec2_tick=0.2))
+    running = await service.start()
+    client = live.Client(running.url, paths.ca_cert)
+    try:
+        await live.eventually(lambda: _ready(client), "/readyz 200 with no nodes")
+        assert service.stale_reason() is None
+        answer = await client.post("/validate", live.review(live.zone_pod("web-1", None), name="web-1"))
+        assert answer["allowed"] is True and answer["auditAnnotations"]["reason"] == "no nodes known yet"
+    finally:
+        await client.close()
+        await service.stop()
+        await fk.stop()

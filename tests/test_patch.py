@@ -586,7 +586,9 @@ def test_soft_steering_adds_a_preference_and_leaves_the_requirements_alone() -> 
         node_affinity(hard)[REQUIRED]["nodeSelectorTerms"][0]["matchExpressions"])
 
 
-@pytest.mark.parametrize("shape", ["pvc", "ephemeral", "node-selector", "affinity-key", "match-fields"])
+@pytest.mark.parametrize(
+    "shape", ["pvc", "ephemeral", "node-selector", "arch", "pod-affinity-zone", "affinity-key", "match-fields"]
+)
 def test_pods_that_may_have_nowhere_else_to_go_are_steered_softly(shape: str) -> None:
     pod = fixture_object("pod-create-generatename.mutate.json")
     spec = pod["spec"]
@@ -596,6 +598,11 @@ def test_pods_that_may_have_nowhere_else_to_go_are_steered_softly(shape: str) ->
         spec["volumes"] = [{"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": {}}}}]
     elif shape == "node-selector":
         spec["nodeSelector"] = {"eks.amazonaws.com/nodegroup": "gpu"}
+    elif shape == "arch":  # a Graviton node group may live in one zone only
+        spec["nodeSelector"] = {"kubernetes.io/arch": "arm64"}
+    elif shape == "pod-affinity-zone":  # must share a zone with its peers
+        spec["affinity"] = {"podAffinity": {REQUIRED: [
+            {"labelSelector": {"matchLabels": {"app": "db"}}, "topologyKey": ZONE_LABEL}]}}
     else:
         field = "matchFields" if shape == "match-fields" else "matchExpressions"
         key = "metadata.name" if shape == "match-fields" else "node.kubernetes.io/instance-type"

@@ -64,6 +64,7 @@ class Service:
     reflectors: dict[str, Reflector] = field(init=False)
     poller: Ec2Poller | None = field(init=False)
     ec2_ready: bool = False
+    ec2_idle_at: float | None = None  # last refresh with nothing to ask EC2 (no nodes, no pod subnets)
     ec2_loop_errors: int = 0
     settings_changes: int = 0
     server: WebhookServer = field(init=False)
@@ -130,6 +131,8 @@ class Service:
         """Seconds since both ENIs and subnets were last fetched (None until both have been)."""
         if self.poller is None:
             return None
+        if self.ec2_idle_at is not None:
+            return self.clock() - self.ec2_idle_at  # nothing to know: as current as the last look
         times = [self.poller.stats[k].last_success for k in (Call.ENIS, Call.SUBNETS)]
         if any(t is None for t in times):
             return None
@@ -158,6 +161,14 @@ class Service:
     async def refresh_ec2(self) -> None:
         assert self.poller is not None
         node_instances = self.feed.node_instances()
+        if not node_instances and not self.feed.subnets_in_use():
+            # No EC2 node and no pod subnet (a cluster scaled to zero, or on Fargate only): nothing to wait for,
+            # once the node list says so (before it, "no nodes" only means "not listed yet").
+            if self.reflectors["nodes"].synced:
+                self.ec2_idle_at = self.clock()
+                self.ec2_ready = True
+            return
+        self.ec2_idle_at = None
         result = await self.poller.refresh(self.index, node_instances, set(self.feed.eni_configs.values()))
         if result.instances:
             by_instance = {iid: inst.primary_subnet for iid, inst in result.instances.items() if inst.primary_subnet}

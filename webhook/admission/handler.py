@@ -62,10 +62,9 @@ def judge(review: Review, stage: Stage, state: AdmissionState) -> Decision:
                               f"{review.kind} objects are not judged by this version")
     assert review.object is not None or review.operation not in ("CREATE", "UPDATE")
     stale = state.stale_reason()
-    pod = review.object or {}
-    if stage == "mutate":
-        # Judge the pod as the user wrote it: on reinvocation it already carries ipguard's own steering.
-        pod = without_steering(pod)
+    # Judge the pod as the user wrote it: after a mutation (or on reinvocation) it carries ipguard's own
+    # steering, and a decision resting on that would take the steering back, or deny on ipguard's own terms.
+    pod = without_steering(review.object or {})
     decision = decide(pod, state.index, state.settings, namespace=review.namespace, operation=review.operation,
                       stale=stale is not None)
     if stale is not None and decision.stale:

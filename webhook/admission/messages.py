@@ -105,6 +105,9 @@ def steer_warning(decision: Decision) -> str:
         parts.append(f"zone(s) {', '.join(decision.avoid_zones)}")
     if decision.avoid_nodes:
         parts.append(f"{len(decision.avoid_nodes)} full node(s)")
+    if not parts:
+        top = ", ".join(zone for zone, _ in decision.prefer_zones[:3])
+        return clean_warning(f"ipguard: preferring zone(s) {top}: the others have no node room left")
     return clean_warning(f"ipguard: steered away from {' and '.join(parts)}: out of pod IPs")
 
 

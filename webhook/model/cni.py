@@ -21,6 +21,7 @@ class CniSettingsError(ValueError):
 DEFAULT_WARM_ENI_TARGET = 1
 DEFAULT_WARM_PREFIX_TARGET = 1
 DEFAULT_ENI_CONFIG_LABEL = "k8s.amazonaws.com/eniConfig"
+DEFAULT_ENI_CONFIG_ANNOTATION = "k8s.amazonaws.com/eniConfig"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,7 @@ class CniSettings:
     warm_prefix_target: int = DEFAULT_WARM_PREFIX_TARGET
     custom_networking: bool = False
     eni_config_label_def: str = DEFAULT_ENI_CONFIG_LABEL
+    eni_config_annotation_def: str = DEFAULT_ENI_CONFIG_ANNOTATION
     max_eni: int | None = None
     pod_eni: bool = False
     ipv6: bool = False
@@ -56,6 +58,9 @@ class CniSettings:
             warm_prefix_target=_int(env, "WARM_PREFIX_TARGET", DEFAULT_WARM_PREFIX_TARGET) or 0,
             custom_networking=_bool(env, "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG", False),
             eni_config_label_def=(env.get("ENI_CONFIG_LABEL_DEF") or DEFAULT_ENI_CONFIG_LABEL).strip(),
+            eni_config_annotation_def=(
+                env.get("ENI_CONFIG_ANNOTATION_DEF") or DEFAULT_ENI_CONFIG_ANNOTATION
+            ).strip(),
             max_eni=_positive(env, "MAX_ENI"),
             pod_eni=_bool(env, "ENABLE_POD_ENI", False),
             ipv6=_bool(env, "ENABLE_IPv6", False),

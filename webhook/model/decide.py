@@ -127,11 +127,12 @@ def decide(
         verdicts = [_decide_pinned(name, node, use, index, settings) for node in candidates]
         return next((v for v in verdicts if v.verdict is not Verdict.DENY), verdicts[0])
 
-    allowed = pods.allowed_zones(pod, index.zone_names())
+    if not index.zone_names():
+        return Decision(Verdict.ALLOW, name, "no nodes known yet", use=use)
+    # Zones without nodes but with known pod subnets count too: new nodes can launch there.
+    allowed = pods.allowed_zones(pod, index.candidate_zones())
     if not allowed:
-        if not index.zone_names():
-            return Decision(Verdict.ALLOW, name, "no nodes known yet", use=use)
-        return Decision(Verdict.ALLOW, name, "its node constraints allow no zone with nodes: left to the scheduler",
+        return Decision(Verdict.ALLOW, name, "its node constraints allow no zone ipguard knows: left to the scheduler",
                         use=use)
     checks = tuple(_zone_check(zone, use, index, settings) for zone in allowed)
     open_checks = [c for c in checks if not c.exhausted]
@@ -147,14 +148,19 @@ def decide(
         return Decision(Verdict.STEER, name, f"zone(s) {', '.join(empty)} out of pod IPs; {reason}", use=use,
                         zones=checks, avoid_zones=empty, soft=pods.steer_softly(pod))
     best = max(open_checks, key=lambda c: (c.headroom - c.reserve, c.zone))
-    avoid_zones = tuple(c.zone for c in checks if c.exhausted)
+    # Only zones out of addresses are excluded outright; zones whose nodes are merely full stay allowed (new
+    # nodes can come there) and are left behind by the preferences toward the zones with room.
+    avoid_zones = tuple(c.zone for c in checks if c.out_of_addresses)
+    full_zones = tuple(c.zone for c in checks if c.exhausted and not c.out_of_addresses)
     avoid_nodes = _avoid_nodes(index, settings, [c.zone for c in open_checks])
-    if not avoid_zones and not avoid_nodes:
+    if not avoid_zones and not full_zones and not avoid_nodes:
         return Decision(Verdict.ALLOW, name, "allowed zones have room", use=use, zones=checks,
                         reserve_zone=best.zone)
     reasons = []
     if avoid_zones:
         reasons.append(f"zone(s) {', '.join(avoid_zones)} out of pod IPs")
+    if full_zones:
+        reasons.append(f"zone(s) {', '.join(full_zones)} without node room: preferring the others")
     if avoid_nodes:
         reasons.append(f"{len(avoid_nodes)} node(s) full")
     return Decision(
@@ -183,7 +189,7 @@ def _zone_check(zone_name: str, use: PodUse, index: CapacityIndex, settings: Set
         subnet_free=max(0, zone.supply),
         reservations=zone.reservations + zone.pending,
         subnets=zone.subnet_tuple,
-        addresses=zone.supply - zone.unbound_reservations - zone.pending,
+        addresses=zone.addresses - zone.unbound_reservations - zone.pending,
         subnets_known=zone.unknown_subnet_nodes == 0 and bool(zone.subnet_ids),
     )
 

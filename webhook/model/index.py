@@ -85,7 +85,8 @@ class Subnet:
     demand_at_refresh: int = 0
     demand: int = 0  # sum of its nodes' demand
     nodes: int = 0
-    supply: int = 0  # derived: pod IPs it can still hand out
+    supply: int = 0  # derived: pod IPs it can still hand out to its schedulable nodes
+    addresses: int = 0  # derived: the same with or without nodes on it (what new nodes could draw on)
 
 
 @dataclass(slots=True)
@@ -100,6 +101,7 @@ class Zone:
     beyond_warm_unknown: int = 0  # the same over nodes whose subnet has no figures yet: not judged (fail open)
     unknown_subnet_nodes: int = 0  # nodes whose pod subnet has no figures yet
     supply: int = 0  # sum of its subnets' supply (may be negative, see the module docstring)
+    addresses: int = 0  # sum of its subnets' addresses, nodes on them or not: what new nodes could get
     reservations: int = 0  # all reservations in the zone
     unbound_reservations: int = 0  # those not on a known node: not yet inside room and warm
     pending: int = 0  # unbound pods that were steered here
@@ -414,7 +416,7 @@ class CapacityIndex:
             if subnet is None:
                 subnet = self.subnets[subnet_id] = Subnet(subnet_id, zone)
             else:
-                self._set_supply_in_zone(subnet, 0)
+                self._set_supply_in_zone(subnet, 0, 0)
                 self.zones[subnet.zone].discard_subnet(subnet_id)
                 subnet.zone = zone
             self._zone(zone).add_subnet(subnet_id)
@@ -433,7 +435,7 @@ class CapacityIndex:
         users = [n for n in self.nodes.values() if n.known and n.pod_subnet == subnet_id]
         for node in users:
             self._detach(node)
-        self._set_supply_in_zone(subnet, 0)
+        self._set_supply_in_zone(subnet, 0, 0)
         del self.subnets[subnet_id]
         self.zones[subnet.zone].discard_subnet(subnet_id)
         for node in users:
@@ -444,10 +446,8 @@ class CapacityIndex:
         subnet.demand_at_refresh = demand_at_refresh
         self._refresh_supply(subnet)
 
-    def _subnet_supply(self, subnet: Subnet) -> int:
-        """Addresses the subnet can still give its nodes; below zero when predicted warm IPs outran it."""
-        if subnet.nodes == 0:
-            return 0  # no schedulable node can draw on it
+    def _subnet_addresses(self, subnet: Subnet) -> int:
+        """Addresses the subnet can still give; below zero when predicted warm IPs outran it."""
         grown = subnet.demand - subnet.demand_at_refresh
         if self.cni.prefix_delegation:
             # A /28 needs 16 contiguous free addresses; without a block count, assume no fragmentation.
@@ -455,13 +455,19 @@ class CapacityIndex:
             return (blocks - -(-grown // PREFIX_SIZE)) * PREFIX_SIZE  # growth takes whole blocks
         return subnet.free_ips - grown
 
-    def _refresh_supply(self, subnet: Subnet) -> None:
-        self._set_supply_in_zone(subnet, self._subnet_supply(subnet))
+    def _subnet_supply(self, subnet: Subnet) -> int:
+        """What the subnet's schedulable nodes can draw on (none: nothing to draw with)."""
+        return self._subnet_addresses(subnet) if subnet.nodes else 0
 
-    def _set_supply_in_zone(self, subnet: Subnet, supply: int) -> None:
-        if supply != subnet.supply:
-            self._zone(subnet.zone).supply += supply - subnet.supply
-            subnet.supply = supply
+    def _refresh_supply(self, subnet: Subnet) -> None:
+        addresses = self._subnet_addresses(subnet)
+        self._set_supply_in_zone(subnet, addresses if subnet.nodes else 0, addresses)
+
+    def _set_supply_in_zone(self, subnet: Subnet, supply: int, addresses: int) -> None:
+        zone = self._zone(subnet.zone)
+        zone.supply += supply - subnet.supply
+        zone.addresses += addresses - subnet.addresses
+        subnet.supply, subnet.addresses = supply, addresses
 
     # ---- pods -----------------------------------------------------------------------------------------
 
@@ -566,7 +572,12 @@ class CapacityIndex:
     # ---- queries --------------------------------------------------------------------------------------
 
     def zone_names(self) -> list[str]:
+        """Zones with schedulable nodes."""
         return sorted(name for name, zone in self.zones.items() if zone.nodes > 0)
+
+    def candidate_zones(self) -> list[str]:
+        """Zones a pod could be placed in: with nodes, or with pod subnets new nodes could launch into."""
+        return sorted(name for name, zone in self.zones.items() if zone.nodes > 0 or zone.subnet_ids)
 
     def zone_headroom(self, name: str) -> int:
         self._reservations.expire()
@@ -713,7 +724,10 @@ class CapacityIndex:
             self._contribute(node, 1, zones, subnets)
         for subnet in subnets.values():
             subnet.supply = self._subnet_supply(subnet)
-            zones.setdefault(subnet.zone, Zone(subnet.zone)).supply += subnet.supply
+            subnet.addresses = self._subnet_addresses(subnet)
+            zone = zones.setdefault(subnet.zone, Zone(subnet.zone))
+            zone.supply += subnet.supply
+            zone.addresses += subnet.addresses
         return _aggregates(zones, subnets, nodes)
 
     def aggregates(self) -> dict[str, Any]:
@@ -727,13 +741,14 @@ def _aggregates(zones: dict[str, Zone], subnets: dict[str, Subnet], nodes: dict[
         "zones": {
             z.name: (
                 z.nodes, z.room, z.branch_room, z.warm, z.warm_usable, z.beyond_warm, z.supply, z.reservations,
-                z.unbound_reservations, z.pending, z.beyond_warm_unknown, z.unknown_subnet_nodes, sorted(z.full_nodes),
+                z.unbound_reservations, z.pending, z.beyond_warm_unknown, z.unknown_subnet_nodes, z.addresses,
+                sorted(z.full_nodes),
                 sorted((sid, sorted(names)) for sid, names in z.dry_nodes.items() if names),
             )
             for z in zones.values()
-            if z.nodes or z.supply or z.reservations or z.pending
+            if z.nodes or z.supply or z.addresses or z.reservations or z.pending
         },
-        "subnets": {s.subnet_id: (s.nodes, s.demand, s.supply) for s in subnets.values()},
+        "subnets": {s.subnet_id: (s.nodes, s.demand, s.supply, s.addresses) for s in subnets.values()},
         "nodes": {
             n.name: (n.known, n.pods, n.assigned, n.branch, n.reserved, n.room, n.branch_room, n.warm, n.demand)
             for n in nodes.values()

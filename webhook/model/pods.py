@@ -106,13 +106,14 @@ def node_name(pod: Pod) -> str | None:
 
 
 # Node-selection keys whose every value the index can vouch for in any zone it would steer a pod to.
-ZONE_NEUTRAL_KEYS = frozenset({*ZONE_KEYS, OS_LABEL, "kubernetes.io/arch"})
+ZONE_NEUTRAL_KEYS = frozenset({*ZONE_KEYS, OS_LABEL})
 
 
 def steer_softly(pod: Pod) -> bool:
     """Whether avoiding a zone must stay a preference: the pod may be unable to run anywhere else. A zonal
     volume (a PersistentVolumeClaim, or an ephemeral one) binds it to its zone; a node selector or required
-    affinity on other labels (a GPU pool, a node group) may match nodes in the avoided zone only."""
+    affinity on other labels (a GPU pool, a node group, an architecture) may match nodes in the avoided zone
+    only; required pod affinity by zone ties it to its peers' zone."""
     pod_spec = spec(pod)
     for volume in _list(pod_spec.get("volumes")):
         volume = _map(volume)
@@ -120,6 +121,11 @@ def steer_softly(pod: Pod) -> bool:
             return True
     if any(key not in ZONE_NEUTRAL_KEYS for key in _map(pod_spec.get("nodeSelector"))):
         return True
+    # Required pod affinity by zone: the zone of its peers, which ipguard cannot move.
+    pod_affinity = _map(_map(pod_spec.get("affinity")).get("podAffinity"))
+    for term in _list(pod_affinity.get("requiredDuringSchedulingIgnoredDuringExecution")):
+        if _map(term).get("topologyKey") in ZONE_KEYS:
+            return True
     affinity = _map(_map(pod_spec.get("affinity")).get("nodeAffinity"))
     for term in _list(_map(affinity.get("requiredDuringSchedulingIgnoredDuringExecution")).get("nodeSelectorTerms")):
         term = _map(term)

@@ -21,7 +21,8 @@ from webhook.model.index import CapacityIndex, pod_key
 
 log = logging.getLogger("ipguard.sources")
 
-ENI_CONFIG_ANNOTATION = "k8s.amazonaws.com/eniConfig"
+EXTERNAL_ENI_CONFIG_LABEL = "vpc.amazonaws.com/externalEniConfig"
+DEFAULT_ENI_CONFIG_NAME = "default"
 INSTANCE_TYPE_LABELS = ("node.kubernetes.io/instance-type", "beta.kubernetes.io/instance-type")
 COMPUTE_TYPE_LABEL = "eks.amazonaws.com/compute-type"
 AWS_NODE_CONTAINER = "aws-node"
@@ -72,8 +73,8 @@ class NodeInfo:
     provider_id: str | None
     allocatable_pods: int | None
     schedulable: bool
-    eni_config_annotation: str | None  # k8s.amazonaws.com/eniConfig: overrides the label
-    labels: dict[str, str]  # kept whole: which label names the ENIConfig depends on the CNI settings
+    labels: dict[str, str]  # kept whole: which label and annotation name the ENIConfig depends on the CNI
+    annotations: dict[str, str]  # settings, which may arrive after the node
 
 
 def _quantity(value: Any) -> int | None:
@@ -100,8 +101,8 @@ def node_info(obj: Mapping[str, Any]) -> NodeInfo:
         provider_id=spec.get("providerID"),
         allocatable_pods=_quantity((status.get("allocatable") or {}).get("pods")),
         schedulable=linux and not fargate and not spec.get("unschedulable", False),
-        eni_config_annotation=annotations.get(ENI_CONFIG_ANNOTATION),
         labels={str(k): str(v) for k, v in labels.items()},
+        annotations={str(k): str(v) for k, v in annotations.items()},
     )
 
 
@@ -129,9 +130,15 @@ class ClusterFeed:
     def pod_subnet(self, info: NodeInfo) -> str | None:
         cni = self.index.cni
         if cni.custom_networking:
-            # Resolved now, not when the node was seen: the aws-node env may arrive after the nodes.
-            name = info.eni_config_annotation or info.labels.get(cni.eni_config_label_def)
-            return self.eni_configs.get(name) if name else None
+            # Resolved now, not when the node was seen: the aws-node env may arrive after the nodes. The CNI's
+            # order: the external label, the annotation, the label, then the ENIConfig named "default".
+            name = (
+                info.labels.get(EXTERNAL_ENI_CONFIG_LABEL)
+                or info.annotations.get(cni.eni_config_annotation_def)
+                or info.labels.get(cni.eni_config_label_def)
+                or DEFAULT_ENI_CONFIG_NAME
+            )
+            return self.eni_configs.get(name)
         return self.ec2_node_subnets.get(info.name)
 
     def sync_node(self, name: str) -> None:

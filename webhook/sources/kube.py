@@ -202,10 +202,10 @@ class Reflector:
                         self.resource_version = resource_version
             if buffer.strip():
                 resource_version = self._event(buffer, resource_version)
+            self.last_current = self.clock()  # ended normally: current up to now (a failed one is not)
         finally:
             response.release()
             self.connected = False
-            self.last_current = self.clock()
         return resource_version
 
     def _event(self, line: bytes, resource_version: str | None) -> str | None:

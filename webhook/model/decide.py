@@ -127,7 +127,7 @@ def decide(
         verdicts = [_decide_pinned(name, node, use, index, settings) for node in candidates]
         return next((v for v in verdicts if v.verdict is not Verdict.DENY), verdicts[0])
 
-    if not index.zone_names():
+    if not index.has_nodes():
         return Decision(Verdict.ALLOW, name, "no nodes known yet", use=use)
     # Zones without nodes but with known pod subnets count too: new nodes can launch there.
     allowed = pods.allowed_zones(pod, index.candidate_zones())
@@ -135,23 +135,32 @@ def decide(
         return Decision(Verdict.ALLOW, name, "its node constraints allow no zone ipguard knows: left to the scheduler",
                         use=use)
     checks = tuple(_zone_check(zone, use, index, settings) for zone in allowed)
-    open_checks = [c for c in checks if not c.exhausted]
+    # One pass: open zones, zones out of addresses (excluded), zones with full nodes only (preferred against).
+    open_checks: list[ZoneCheck] = []
+    empty: list[str] = []
+    full: list[str] = []
+    for check in checks:
+        if check.headroom > check.reserve:
+            open_checks.append(check)
+        elif check.subnets_known and check.addresses <= check.reserve:
+            empty.append(check.zone)
+        else:
+            full.append(check.zone)
+    avoid_zones = tuple(empty)
+    full_zones = tuple(full)
     if not open_checks:
-        if all(c.out_of_addresses for c in checks):
+        if not full_zones:
             return Decision(Verdict.DENY, name, "every allowed zone is out of pod IPs", use=use, zones=checks)
         # Nodes are full but subnets have addresses: the pod waits Pending for the autoscaler's new nodes.
         # Keep it (and so the new nodes) away from the zones whose subnets are empty.
-        empty = tuple(c.zone for c in checks if c.out_of_addresses)
         reason = "nodes are full in every allowed zone; subnets have addresses, so new nodes can take it"
-        if not empty:
+        if not avoid_zones:
             return Decision(Verdict.ALLOW, name, reason, use=use, zones=checks)
-        return Decision(Verdict.STEER, name, f"zone(s) {', '.join(empty)} out of pod IPs; {reason}", use=use,
-                        zones=checks, avoid_zones=empty, soft=pods.steer_softly(pod))
+        return Decision(Verdict.STEER, name, f"zone(s) {', '.join(avoid_zones)} out of pod IPs; {reason}",
+                        use=use, zones=checks, avoid_zones=avoid_zones, soft=pods.steer_softly(pod))
     best = max(open_checks, key=lambda c: (c.headroom - c.reserve, c.zone))
     # Only zones out of addresses are excluded outright; zones whose nodes are merely full stay allowed (new
     # nodes can come there) and are left behind by the preferences toward the zones with room.
-    avoid_zones = tuple(c.zone for c in checks if c.out_of_addresses)
-    full_zones = tuple(c.zone for c in checks if c.exhausted and not c.out_of_addresses)
     avoid_nodes = _avoid_nodes(index, settings, [c.zone for c in open_checks])
     if not avoid_zones and not full_zones and not avoid_nodes:
         return Decision(Verdict.ALLOW, name, "allowed zones have room", use=use, zones=checks,

@@ -575,9 +575,13 @@ class CapacityIndex:
         """Zones with schedulable nodes."""
         return sorted(name for name, zone in self.zones.items() if zone.nodes > 0)
 
+    def has_nodes(self) -> bool:
+        return any(zone.nodes > 0 for zone in self.zones.values())
+
     def candidate_zones(self) -> list[str]:
-        """Zones a pod could be placed in: with nodes, or with pod subnets new nodes could launch into."""
-        return sorted(name for name, zone in self.zones.items() if zone.nodes > 0 or zone.subnet_ids)
+        """Zones a pod could be placed in: with nodes, or with pod subnets new nodes could launch into
+        (unordered: this runs per request)."""
+        return [name for name, zone in self.zones.items() if zone.nodes > 0 or zone.subnet_ids]
 
     def zone_headroom(self, name: str) -> int:
         self._reservations.expire()

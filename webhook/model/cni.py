@@ -86,14 +86,18 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise CniSettingsError(f"{name}={value!r} is not a boolean (expected true or false)")
 
 
+def _whole(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise CniSettingsError(f"{name}={value!r} is not a whole number") from None
+
+
 def _int(env: Mapping[str, str], name: str, default: int | None) -> int | None:
     value = _raw(env, name)
     if value is None:
         return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise CniSettingsError(f"{name}={value!r} is not a whole number") from None
+    number = _whole(name, value)
     if number < 0:
         raise CniSettingsError(f"{name}={value!r} must not be negative")
     return number
@@ -103,10 +107,7 @@ def _positive(env: Mapping[str, str], name: str) -> int | None:
     value = _raw(env, name)
     if value is None:
         return None
-    try:
-        number = int(value)
-    except ValueError:
-        raise CniSettingsError(f"{name}={value!r} is not a whole number") from None
+    number = _whole(name, value)
     # The CNI treats MAX_ENI below 1 as "no cap".
     return number if number >= 1 else None
 

@@ -70,3 +70,38 @@ async def test_kubeconfig_and_context(tmp_path: Path) -> None:
     finally:
         await api.close()
         await fk.stop()
+
+
+async def test_in_cluster_service_account(tmp_path: Path) -> None:
+    """In a pod: KUBERNETES_SERVICE_HOST/PORT, the service account's token and the cluster CA, over HTTPS that
+    trusts only that CA; the token goes as a bearer token."""
+    from webhook.tls import CertReloader, generate_ca, generate_serving_cert
+
+    ca_cert, ca_key = generate_ca("fake-cluster-ca")
+    cert, key = generate_serving_cert(ca_cert, ca_key, ["kubernetes.default.svc"], ["127.0.0.1"])
+    (tmp_path / "tls.crt").write_bytes(cert)
+    (tmp_path / "tls.key").write_bytes(key)
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "ca.crt").write_bytes(ca_cert)
+    (account / "token").write_text("not-a-real-token")
+    fk = FakeKube(ssl_context=CertReloader(tmp_path / "tls.crt", tmp_path / "tls.key").context)
+    await fk.start()
+    await fk.create("nodes", live.node("ip-10-0-1-10.ec2.internal", "us-east-1a", "i-0123456789abcdef0"))
+    api = await api_client(service_account_dir=account,
+                           environ={"KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT": str(fk.port)})
+    try:
+        assert api.configuration.host == f"https://127.0.0.1:{fk.port}"
+        nodes = await k8s.CoreV1Api(api).list_node()
+        assert [n.metadata.name for n in nodes.items] == ["ip-10-0-1-10.ec2.internal"]
+        assert fk.request_log[-1].authorization == "Bearer not-a-real-token"
+    finally:
+        await api.close()
+        await fk.stop()
+
+
+async def test_in_cluster_without_a_service_account_is_a_clear_error(tmp_path: Path) -> None:
+    from kubernetes_asyncio.config import ConfigException
+
+    with pytest.raises(ConfigException, match="host/port"):
+        await api_client(service_account_dir=tmp_path, environ={})

@@ -28,6 +28,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import re
+import ssl
 import threading
 import uuid
 from collections import Counter, deque
@@ -74,6 +75,7 @@ class RequestRecord:
     path: str
     query: dict[str, str]
     watch: bool
+    authorization: str | None = None
 
 
 def query_bool(value: str | None) -> bool:
@@ -107,8 +109,11 @@ class FakeKube:
         default_watch_timeout: float | None = None,
         git_version: str = "v1.36.2",
         start_resource_version: int = 1,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
+        #: serve HTTPS with this context (as a real apiserver does), plain HTTP without one
+        self.ssl_context = ssl_context
         self.port = port
         #: seconds between BOOKMARK events on watches with allowWatchBookmarks=true (0 disables them)
         self.bookmark_interval = bookmark_interval
@@ -138,7 +143,7 @@ class FakeKube:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}"
 
     @property
     def resource_version(self) -> int:
@@ -159,7 +164,7 @@ class FakeKube:
 
     async def _listen(self) -> None:
         assert self._runner is not None
-        self._site = web.TCPSite(self._runner, self.host, self.port)
+        self._site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         await self._site.start()
         self.port = int(self._runner.addresses[0][1])
 
@@ -428,7 +433,8 @@ class FakeKube:
         path = request.path
         self.requests[path] += 1
         self.request_log.append(
-            RequestRecord(request.method, path, dict(request.query), query_bool(request.query.get("watch")))
+            RequestRecord(request.method, path, dict(request.query), query_bool(request.query.get("watch")),
+                          request.headers.get("Authorization"))
         )
         if self._paused == "refuse":  # a connection that slipped through: drop it
             request.protocol.force_close()

@@ -15,16 +15,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio.config.incluster_config import InClusterConfigLoader
 
 from webhook.sources.cluster import Handler
 
@@ -262,9 +265,14 @@ def watched_resources(api: k8s.ApiClient, config_namespace: str, config_name: st
     ]
 
 
-async def api_client(kubeconfig: str | None = None, context: str | None = None,
-                     host: str | None = None) -> k8s.ApiClient:
-    """In-cluster (service account) unless a kubeconfig or host is given."""
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+async def api_client(kubeconfig: str | None = None, context: str | None = None, host: str | None = None, *,
+                     service_account_dir: Path = SERVICE_ACCOUNT_DIR,
+                     environ: Mapping[str, str] | None = None) -> k8s.ApiClient:
+    """In-cluster (the pod's service account: its token, re-read as it rotates, and the cluster CA) unless a
+    kubeconfig or a host is given."""
     configuration = k8s.Configuration()
     if host is not None:
         configuration.host = host
@@ -272,5 +280,9 @@ async def api_client(kubeconfig: str | None = None, context: str | None = None,
         await k8s_config.load_kube_config(config_file=kubeconfig, context=context,
                                           client_configuration=configuration)
     else:
-        k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        InClusterConfigLoader(
+            token_filename=str(service_account_dir / "token"),
+            cert_filename=str(service_account_dir / "ca.crt"),
+            environ=dict(os.environ if environ is None else environ),
+        ).load_and_set(configuration)
     return k8s.ApiClient(configuration)

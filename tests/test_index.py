@@ -848,3 +848,10 @@ IndexMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestIndexMachine = IndexMachine.TestCase
+
+
+def test_node_room_query() -> None:
+    ix = tiny()
+    for name, node in ix.nodes.items():
+        assert ix.node_room(name) == node.room == ix.node_figures(name).room  # type: ignore[union-attr]
+    assert ix.node_room("no-such-node") == 0

@@ -251,8 +251,9 @@ class Service:
         def ec2_errors() -> Iterable[tuple[LabelValues, float]]:
             if self.poller is None:
                 return []
-            return [((str(kind), reason), float(n)) for kind, s in self.poller.stats.items()
-                    for reason, n in s.errors_by_reason.items()]
+            counts = [((str(kind), reason), float(n)) for kind, s in self.poller.stats.items()
+                      for reason, n in s.errors_by_reason.items()]
+            return [*counts, (("refresh", "unexpected"), float(self.ec2_loop_errors))]
 
         registry.add(Gauge("ipguard_ec2_errors_total", "EC2 call failures, by call and reason.", ("call", "reason"),
                            ec2_errors))

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 def _shared() -> Path:
     override = os.environ.get("IPGUARD_SHARED")
     candidates = [Path(override)] if override else []
-    candidates += [REPO.parent / "shared", Path("/work/shared")]
+    candidates += [REPO.parent / "shared"]
     for candidate in candidates:
         if (candidate / "fixtures" / "apiserver").is_dir():
             return candidate

@@ -11,7 +11,8 @@ REPO = Path(__file__).resolve().parent.parent
 def _shared() -> Path:
     override = os.environ.get("IPGUARD_SHARED")
     candidates = [Path(override)] if override else []
-    candidates += [REPO.parent / "shared"]
+    # Beside the repository, or beside one of the folders above it.
+    candidates += [parent / "shared" for parent in REPO.parents]
     for candidate in candidates:
         if (candidate / "fixtures" / "apiserver").is_dir():
             return candidate

@@ -593,25 +593,21 @@ class CapacityIndex:
         node = self.nodes.get(name)
         return node.room if node is not None else 0
 
-    def node_has_address(self, node: Node) -> bool:
-        """An IP slot free on the node (pods aside), and a warm IP or a subnet that can still supply one."""
-        used = node.assigned + node.reserved
-        if node.capacity - used <= self.node_reserve:
-            return False
+    def _ip_at_hand(self, node: Node) -> bool:
+        """A warm IP on the node, or a subnet that can still supply one. With no subnet data we cannot tell
+        the node is dry: do not call it exhausted."""
         if node.warm > 0:
             return True
         subnet = self.subnets.get(node.pod_subnet) if node.pod_subnet else None
         return subnet is None or subnet.supply > 0
 
+    def node_has_address(self, node: Node) -> bool:
+        """An IP slot free on the node (pods aside), and an IP at hand for it."""
+        return node.capacity - node.assigned - node.reserved > self.node_reserve and self._ip_at_hand(node)
+
     def node_can_take(self, node: Node) -> bool:
-        """Room for one more pod, and a warm IP or a subnet that can still supply one."""
-        if node.room <= self.node_reserve:
-            return False
-        if node.warm > 0:
-            return True
-        subnet = self.subnets.get(node.pod_subnet) if node.pod_subnet else None
-        # With no subnet data we cannot tell the node is dry: do not call it exhausted.
-        return subnet is None or subnet.supply > 0
+        """Room for one more pod, and an IP at hand for it."""
+        return node.room > self.node_reserve and self._ip_at_hand(node)
 
     def exhausted_nodes(self, zone_name: str) -> Iterator[str]:
         """Nodes in the zone that cannot take a pod now: full, or dry with an empty subnet. Walks only those."""

@@ -162,6 +162,15 @@ async def load_kube(fk: FakeKube, ec2c: Ec2Cluster, *, pods_a: int = 18, pods_b:
                     namespace="ipguard")
 
 
+async def start_cluster(moto: Moto, **fake_kube: Any) -> tuple[FakeKube, str, Ec2Cluster]:
+    """The EC2 side built in `moto`, and a fake API server loaded with the matching cluster."""
+    ec2c = build_ec2(moto.ec2())
+    fk = FakeKube(**fake_kube)
+    url = await fk.start()
+    await load_kube(fk, ec2c)
+    return fk, url, ec2c
+
+
 def certs(tmp: Path) -> CertPaths:
     return write_cert_bundle(tmp, "ipguard", "ipguard", ["127.0.0.1"])
 

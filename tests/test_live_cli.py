@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,13 +13,6 @@ from tests.fakekube import FakeKube
 from tests.live import aws_env  # noqa: F401  (autouse fixture)
 from webhook.cli import main
 from webhook.sources.kube import api_client
-
-
-@pytest.fixture
-def moto() -> Iterator[live.Moto]:
-    server = live.start_moto()
-    yield server
-    server.stop()
 
 
 def test_report_live_reads_the_cluster_and_ec2(moto: live.Moto, capsys: pytest.CaptureFixture[str]) -> None:

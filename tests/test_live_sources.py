@@ -8,9 +8,10 @@ open.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,12 +25,6 @@ from webhook.sources.kube import api_client
 A, B = "us-east-1a", "us-east-1b"
 NODE_A, NODE_B = "ip-10-0-1-10.ec2.internal", "ip-10-0-2-20.ec2.internal"
 
-
-@pytest.fixture
-def moto() -> Iterator[live.Moto]:
-    server = live.start_moto()
-    yield server
-    server.stop()
 
 
 class Clock:
@@ -72,18 +67,18 @@ async def until(check: Callable[[], bool], what: str, seconds: float = 15.0) -> 
     await live.eventually(check, what, seconds)
 
 
+def serve_options(paths: live.CertPaths, moto: live.Moto, **extra: Any) -> ServeOptions:
+    """Listen anywhere on 127.0.0.1, EC2 in moto, refreshes fast enough for a test to wait on."""
+    return ServeOptions(host="127.0.0.1", port=0, tls_cert=paths.tls_cert, tls_key=paths.tls_key,
+                        region=live.REGION, ec2_endpoint_url=moto.url, ec2_period=0.5, ec2_tick=0.2, **extra)
+
+
 @pytest.fixture
 async def env(moto: live.Moto, tmp_path: Path) -> AsyncIterator[Env]:
-    ec2c = live.build_ec2(moto.ec2())
-    fk = FakeKube(bookmark_interval=0.5)
-    url = await fk.start()
-    await live.load_kube(fk, ec2c)
+    fk, url, ec2c = await live.start_cluster(moto, bookmark_interval=0.5)
     paths = live.certs(tmp_path)
     clock = Clock()
-    options = ServeOptions(host="127.0.0.1", port=0, tls_cert=paths.tls_cert, tls_key=paths.tls_key,
-                           region=live.REGION, ec2_endpoint_url=moto.url, ec2_period=0.5, ec2_tick=0.2,
-                           watch_timeout=5)
-    service = Service(await api_client(host=url), options, clock=clock)
+    service = Service(await api_client(host=url), serve_options(paths, moto, watch_timeout=5), clock=clock)
     assert service.poller is not None
     service.poller.backoff_base = 0.2  # retry soon after a fault: the test waits for recovery
     service.poller.backoff_max = 0.5
@@ -249,14 +244,9 @@ async def test_cni_settings_follow_the_aws_node_daemonset(env: Env) -> None:
 
 
 async def test_missing_crds_stand_aside(moto: live.Moto, tmp_path: Path) -> None:
-    ec2c = live.build_ec2(moto.ec2())
-    fk = FakeKube(disabled=["eniconfigs", "securitygrouppolicies", "cninodes"])
-    url = await fk.start()
-    await live.load_kube(fk, ec2c)
+    fk, url, _ = await live.start_cluster(moto, disabled=["eniconfigs", "securitygrouppolicies", "cninodes"])
     paths = live.certs(tmp_path)
-    service = Service(await api_client(host=url), ServeOptions(
-        host="127.0.0.1", port=0, tls_cert=paths.tls_cert, tls_key=paths.tls_key, region=live.REGION,
-        ec2_endpoint_url=moto.url, ec2_period=0.5, ec2_tick=0.2))
+    service = Service(await api_client(host=url), serve_options(paths, moto))
     await service.start()
     try:
         await until(service.loaded, "ready without the CRDs")
@@ -274,9 +264,7 @@ async def test_ready_with_no_ec2_nodes_yet(moto: live.Moto, tmp_path: Path) -> N
     fk = FakeKube(bookmark_interval=0.5)
     url = await fk.start()
     paths = live.certs(tmp_path)
-    service = Service(await api_client(host=url), ServeOptions(
-        host="127.0.0.1", port=0, tls_cert=paths.tls_cert, tls_key=paths.tls_key, region=live.REGION,
-        ec2_endpoint_url=moto.url, ec2_period=0.5, ec2_tick=0.2))
+    service = Service(await api_client(host=url), serve_options(paths, moto))
     running = await service.start()
     client = live.Client(running.url, paths.ca_cert)
     try:

@@ -10,24 +10,14 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests import live
-from tests.fakekube import FakeKube
 from tests.live import aws_env  # noqa: F401  (autouse fixture)
 from tests.paths import REPO
 
 A = "us-east-1a"
 
-
-@pytest.fixture
-def moto() -> Iterator[live.Moto]:
-    server = live.start_moto()
-    yield server
-    server.stop()
 
 
 def free_port() -> int:
@@ -42,10 +32,7 @@ def metric(text: str, name: str) -> float | None:
 
 
 async def test_serve_process_end_to_end(moto: live.Moto, tmp_path: Path) -> None:
-    ec2c = live.build_ec2(moto.ec2())
-    fk = FakeKube(bookmark_interval=0.5)
-    url = await fk.start()
-    await live.load_kube(fk, ec2c)
+    fk, url, ec2c = await live.start_cluster(moto, bookmark_interval=0.5)
     paths = live.certs(tmp_path)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | live.FAKE_AWS_ENV

@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from webhook.model.cni import CniSettings, predict_held
+from webhook.model.cni import CniSettings
 from webhook.model.index import CapacityIndex, PodUse, pod_key
+from webhook.model.ipamd import predict_held
 from webhook.model.limits import LimitsTable, UnknownInstanceType, pod_ip_capacity
 
 TTL = 30.0
@@ -76,7 +77,9 @@ def test_tiny_cluster_figures() -> None:
 
     za = ix.zone_figures("za")
     assert (za.nodes, za.room, za.warm_free, za.subnet_free) == (2, 42, 14, 20)
-    assert za.headroom == min(42, 14 + 20) == 34
+    # Beyond their warm IPs both nodes need whole new ENIs: 20 free addresses fund two m5.large ENIs (a
+    # primary and 9 secondaries each: 18 pod IPs), or fewer t3.medium ones; the best use gives 18.
+    assert za.headroom == 14 + 18 == 32
     assert za.subnets == ("sa",)
     zb = ix.zone_figures("zb")
     assert (zb.nodes, zb.room, zb.warm_free, zb.subnet_free) == (1, 15, 15, 0)
@@ -109,24 +112,25 @@ def test_pods_draw_the_warm_pool_from_the_subnet() -> None:
     ix = tiny()
     for i in range(3):
         ix.upsert_pod(f"apps/a1-{i}", "a1", PodUse.IP)
-    # a1: used 3 -> held 18 (one more ENI), demand grew 9 -> supply 11
+    # a1: used 3 -> held 18 (one more ENI: its primary and 9 secondaries) -> supply 10
     a1 = ix.node_figures("a1")
     assert a1 is not None
     assert (a1.room, a1.warm_free) == (24, 15)
-    assert supply(ix, "sa") == 11
-    assert ix.zone_headroom("za") == min(24 + 15, 15 + 5 + 11) == 31
+    assert supply(ix, "sa") == 10
+    # warm 15 + 5; beyond warm a1 needs one more ENI (10 addresses: 9 IPs), which the subnet can fund
+    assert ix.zone_headroom("za") == 15 + 5 + 9 == 29
     for i in range(3, 10):
         ix.upsert_pod(f"apps/a1-{i}", "a1", PodUse.IP)
-    # used 10 -> held 27, demand grew 18 -> supply 2
-    assert supply(ix, "sa") == 2
+    # used 10 -> held 27 on 3 ENIs: 18 IPs and 2 ENI primaries more -> supply 0
+    assert supply(ix, "sa") == 0
     assert ix.zone_figures("za").warm_free == 17 + 5
-    assert ix.zone_headroom("za") == min(17 + 15, 22 + 2) == 24
+    assert ix.zone_headroom("za") == 17 + 5 == 22
     consistent(ix)
     # pods going away: demand shrinks again
     for i in range(10):
         ix.remove_pod(f"apps/a1-{i}")
     assert supply(ix, "sa") == 20
-    assert ix.zone_headroom("za") == 34
+    assert ix.zone_headroom("za") == 32
     consistent(ix)
 
 
@@ -183,7 +187,7 @@ def test_subnet_refresh_resets_the_baseline() -> None:
     ix = tiny()
     for i in range(10):
         ix.upsert_pod(f"apps/a1-{i}", "a1", PodUse.IP)
-    assert supply(ix, "sa") == 2
+    assert supply(ix, "sa") == 0  # a1 took two more ENIs: 18 IPs and their 2 primaries
     ix.upsert_subnet("sa", zone="za", free_ips=2)  # EC2 now measures what the nodes hold
     assert supply(ix, "sa") == 2
     ix.upsert_subnet("sa", zone="za", free_ips=7)
@@ -203,7 +207,7 @@ def test_subnet_removed_and_moved() -> None:
     assert ix.zone_headroom("za") == 42
     consistent(ix)
     ix.upsert_subnet("sa", zone="za", free_ips=20)
-    assert ix.zone_headroom("za") == 34
+    assert ix.zone_headroom("za") == 32
     ix.upsert_subnet("sb", zone="za", free_ips=5)  # re-zoned: its supply moves with it
     assert ix.zone_figures("zb").subnet_free == 0
     assert ix.zone_figures("za").subnet_free == 25
@@ -260,11 +264,11 @@ def test_zone_reservation_counts_and_expires() -> None:
     ix = tiny(clock)
     ix.reserve("apps/new", "za")
     za = ix.zone_figures("za")
-    assert (za.reservations, za.headroom) == (1, 33)
+    assert (za.reservations, za.headroom) == (1, 31)
     clock.advance(TTL - 0.5)
-    assert ix.zone_headroom("za") == 33
+    assert ix.zone_headroom("za") == 31
     clock.advance(1.0)
-    assert ix.zone_headroom("za") == 34
+    assert ix.zone_headroom("za") == 32
     assert ix.zone_figures("za").reservations == 0
     assert ix.reservations() == []
     consistent(ix)
@@ -276,14 +280,14 @@ def test_node_reservation_counts_in_node_room_and_warm_pool() -> None:
     ix.reserve("apps/new", "za", "a1")
     a1 = ix.node_figures("a1")
     assert a1 is not None
-    # used 1 -> held 18: room 26, warm 17, and the second ENI's 9 IPs come out of the subnet
+    # used 1 -> held 18: room 26, warm 17, and the second ENI (its primary and 9 IPs) comes out of the subnet
     assert (a1.reserved, a1.room, a1.warm_free) == (1, 26, 17)
-    assert supply(ix, "sa") == 11
-    assert ix.zone_headroom("za") == min(26 + 15, 17 + 5 + 11) == 33
+    assert supply(ix, "sa") == 10
+    assert ix.zone_headroom("za") == 17 + 5 + 9 == 31
     assert [(r.key, r.zone, r.node) for r in ix.reservations()] == [("apps/new", "za", "a1")]
     consistent(ix)
     clock.advance(TTL + 1)
-    assert ix.zone_headroom("za") == 34
+    assert ix.zone_headroom("za") == 32
     assert ix.node_figures("a1").reserved == 0  # type: ignore[union-attr]
     consistent(ix)
 
@@ -297,9 +301,9 @@ def test_reservation_released_when_pod_seen_bound() -> None:
     assert a1 is not None
     assert (a1.assigned, a1.reserved, a1.room) == (1, 0, 26)
     assert ix.zone_figures("za").reservations == 0
-    assert ix.zone_headroom("za") == 33
+    assert ix.zone_headroom("za") == 31
     clock.advance(TTL + 1)  # nothing left to expire: no double release
-    assert ix.zone_headroom("za") == 33
+    assert ix.zone_headroom("za") == 31
     consistent(ix)
 
 
@@ -308,9 +312,9 @@ def test_zone_reservation_released_when_bound_elsewhere() -> None:
     ix = tiny(clock)
     ix.reserve("apps/new", "za")
     ix.upsert_pod("apps/new", "a2", PodUse.IP)
-    # a2: used 1 -> held 10: room 14, warm 9, supply 15
+    # a2: used 1 -> held 10 on 2 ENIs: room 14, warm 9, supply 14, which funds one m5.large ENI for a1
     assert ix.zone_figures("za").reservations == 0
-    assert ix.zone_headroom("za") == min(27 + 14, 9 + 9 + 15) == 33
+    assert ix.zone_headroom("za") == 9 + 9 + 9 == 27
     consistent(ix)
 
 
@@ -319,7 +323,7 @@ def test_unbound_pod_does_not_release() -> None:
     ix.reserve("apps/new", "za")
     ix.upsert_pod("apps/new", None, PodUse.IP)  # created, not yet scheduled, not steered
     assert ix.zone_figures("za").reservations == 1
-    assert ix.zone_headroom("za") == 33
+    assert ix.zone_headroom("za") == 31
     consistent(ix)
 
 
@@ -329,13 +333,13 @@ def test_steered_unbound_pod_with_reservation_counts_once() -> None:
     ix = tiny(clock)
     ix.reserve("apps/new", "za")
     ix.upsert_pod("apps/new", None, PodUse.IP, steered_zone="za")
-    assert ix.zone_headroom("za") == 33
+    assert ix.zone_headroom("za") == 31
     assert ix.zone_figures("za").pending == 1
     clock.advance(TTL + 1)
-    assert ix.zone_headroom("za") == 33  # pending until bound, whatever the TTL
+    assert ix.zone_headroom("za") == 31  # pending until bound, whatever the TTL
     ix.upsert_pod("apps/new", "a2", PodUse.IP)
     assert ix.zone_figures("za").pending == 0
-    assert ix.zone_headroom("za") == 33  # a2 used 1 -> held 10: room 14, warm 9, supply 15
+    assert ix.zone_headroom("za") == 27  # a2 used 1 -> held 10: room 14, warm 9, supply 14
     consistent(ix)
 
 
@@ -344,13 +348,13 @@ def test_rereserve_same_key_does_not_double_count() -> None:
     ix.reserve("apps/new", "za")
     ix.reserve("apps/new", "za")
     assert ix.zone_figures("za").reservations == 1
-    assert ix.zone_headroom("za") == 33
+    assert ix.zone_headroom("za") == 31
     ix.reserve("apps/new", "za", "a1")
     assert ix.zone_figures("za").reservations == 1
     assert ix.node_figures("a1").reserved == 1  # type: ignore[union-attr]
-    assert ix.zone_headroom("za") == 33
+    assert ix.zone_headroom("za") == 31
     ix.reserve("apps/new", "zb")  # moved: za is whole again
-    assert ix.zone_headroom("za") == 34
+    assert ix.zone_headroom("za") == 32
     assert ix.node_figures("a1").reserved == 0  # type: ignore[union-attr]
     assert ix.zone_headroom("zb") == 14
     assert len(ix.reservations()) == 1
@@ -365,7 +369,7 @@ def test_release_and_remove_pod_release() -> None:
     ix.remove_pod("apps/y")  # a pod deleted before the watch showed it bound
     ix.release("apps/never-reserved")
     assert ix.zone_figures("za").reservations == 0
-    assert ix.zone_headroom("za") == 34
+    assert ix.zone_headroom("za") == 32
     consistent(ix)
 
 
@@ -373,7 +377,7 @@ def test_reservation_on_unknown_node_is_held_against_the_zone() -> None:
     ix = tiny()
     ix.reserve("apps/x", "za", "nope")
     assert ix.reservations()[0].node is None
-    assert ix.zone_headroom("za") == 33
+    assert ix.zone_headroom("za") == 31
     consistent(ix)
 
 
@@ -399,14 +403,16 @@ def test_pods_arriving_before_their_node() -> None:
         ix.upsert_pod(f"apps/early-{i}", "n9", PodUse.IP)
     assert ix.node_figures("n9") is None
     assert ix.zone_names() == ["za", "zb"]
-    assert ix.zone_headroom("za") == 34
+    assert ix.zone_headroom("za") == 32
     consistent(ix)
     ix.upsert_node("n9", zone="za", instance_type="m5.large", pod_subnet="sa", allocatable_pods=29)
     n9 = ix.node_figures("n9")
     assert n9 is not None
-    # used 3 -> held 18, all of it new to the subnet since its refresh
+    # used 3 -> held 18 on 2 ENIs, all of it new to the subnet since its refresh: 18 IPs and 2 ENI primaries
+    # (the first being the node's own): the subnet's 20 addresses
     assert (n9.pods, n9.assigned, n9.room, n9.warm_free) == (3, 3, 24, 15)
-    assert supply(ix, "sa") == 2
+    assert supply(ix, "sa") == 0
+    assert ix.subnets["sa"].supply == 0
     consistent(ix)
 
 
@@ -487,11 +493,13 @@ def test_cordon_does_not_free_subnet_addresses() -> None:
     ix = tiny()
     for i in range(10):
         ix.upsert_pod(f"apps/a1-{i}", "a1", PodUse.IP)
-    before = supply(ix, "sa")
-    assert before == 2
+    ix.upsert_subnet("sa", zone="za", free_ips=7)  # measured with a1's 27 IPs in place
+    before = ix.subnets["sa"].supply
+    assert before == 7
     ix.upsert_node("a1", zone="za", instance_type="m5.large", pod_subnet="sa", allocatable_pods=29,
-                   schedulable=False)
-    assert supply(ix, "sa") == before
+                   schedulable=False, cordoned=True)
+    assert ix.subnets["sa"].supply == before
+    consistent(ix)
 
 
 @pytest.mark.parametrize("change", ["node_reserve", "same_cni"])
@@ -499,13 +507,17 @@ def test_settings_change_keeps_subnet_growth(change: str) -> None:
     ix = tiny()
     for i in range(10):
         ix.upsert_pod(f"apps/a1-{i}", "a1", PodUse.IP)
-    assert supply(ix, "sa") == 2
+    ix.upsert_subnet("sa", zone="za", free_ips=7)
+    for i in range(10, 12):
+        ix.upsert_pod(f"apps/a1-{i}", "a1", PodUse.IP)  # within a1's 27: no draw
+    ix.upsert_pod("apps/a2-0", "a2", PodUse.IP)  # a2 takes its second ENI: 6 addresses
+    assert supply(ix, "sa") == 1
     if change == "node_reserve":
         ix.set_node_reserve(0)
     else:
         ix.set_cni(CniSettings())
-    assert supply(ix, "sa") == 2
-    assert ix.zone_headroom("za") == 24
+    assert supply(ix, "sa") == 1
+    assert ix.zone_headroom("za") == 15 + 9 == 24
 
 
 @pytest.mark.parametrize("mode", ["secondary", "prefix"])
@@ -516,8 +528,9 @@ def test_warm_pool_cannot_grow_past_an_empty_subnet(mode: str) -> None:
         ix.upsert_subnet("sa", zone="za", free_ips=2)  # measured with n holding 9
         for i in range(10):
             ix.upsert_pod(f"apps/p{i}", "n", PodUse.IP)
-        # n can hold at most its 9 + the subnet's 2 = 11 addresses; 10 are in use
-        assert ix.zone_headroom("za") == 1
+        # n's one ENI is full and a second needs 10 addresses: the 10th pod waits for an IP, and nothing is
+        # left for an 11th (the predicted warm ENIs the subnet cannot fund are taken back)
+        assert ix.zone_headroom("za") <= 0
     else:
         ix = CapacityIndex(cni=CniSettings(prefix_delegation=True))
         ix.upsert_node("n", zone="za", instance_type="m5.large", pod_subnet="sa", allocatable_pods=110)
@@ -755,7 +768,7 @@ class IndexMachine(RuleBasedStateMachine):
         if ec2 is not None:
             held = ec2
         elif limits is not None:
-            held = predict_held(used, limits, self.cni).ips
+            held = predict_held(used, limits, self.cni, alloc).ips
         else:
             held = used
         return {"capacity": capacity, "pods": pods, "assigned": assigned, "reserved": reserved,
@@ -769,11 +782,12 @@ class IndexMachine(RuleBasedStateMachine):
         assert aggregates == ix.recount()
 
         # nothing negative
-        # (a zone's and a subnet's supply may go below zero: predicted warm IPs the subnet could not give)
+        # (a zone's and a subnet's supply and growth may go below zero: predicted warm IPs the subnet could not
+        # give, taken back)
         for zone_row in aggregates["zones"].values():
-            assert all(v >= 0 for v in zone_row[:6] + zone_row[7:10]), zone_row
+            assert all(v >= 0 for v in zone_row[:5] + zone_row[7:16]), zone_row
         for subnet_row in aggregates["subnets"].values():
-            assert all(v >= 0 for v in subnet_row[:2]), subnet_row
+            assert all(v >= 0 for v in subnet_row[:3] + subnet_row[5:7]), subnet_row
         for node_row in aggregates["nodes"].values():
             assert all(v >= 0 for v in node_row[1:]), node_row
 
@@ -809,7 +823,7 @@ class IndexMachine(RuleBasedStateMachine):
             warm = sum(expected[n]["warm"] for n in members)
             warm_usable = sum(min(expected[n]["room"], expected[n]["warm"]) for n in members)
             beyond_warm = sum(max(0, expected[n]["room"] - expected[n]["warm"]) for n in members)
-            raw_supply = sum(ix.subnets[sid].supply for sid, s in subnet_figures.items() if s.zone == zone)
+            raw_supply = sum(ix.subnets[sid].usable for sid, s in subnet_figures.items() if s.zone == zone)
             unknown = [n for n in members if self.known[n]["subnet"] not in subnet_figures]
             beyond_warm -= sum(max(0, expected[n]["room"] - expected[n]["warm"]) for n in unknown)
             beyond_unknown = sum(max(0, expected[n]["room"] - expected[n]["warm"]) for n in unknown)
@@ -822,19 +836,29 @@ class IndexMachine(RuleBasedStateMachine):
             assert (zf.nodes, zf.room, zf.warm_free, zf.subnet_free, zf.reservations, zf.pending) == (
                 len(members), room, warm, zone_supply, reservations, pending,
             )
-            # each node uses its own warm IPs first; the rest of its room draws on the shared subnet supply
-            # a node whose subnet has no figures yet is judged on its room alone (fail open)
-            assert zf.headroom == warm_usable + min(beyond_warm, raw_supply) + beyond_unknown - debit
+            # each node uses its own warm IPs first; the rest of its room draws on the shared subnet supply,
+            # never more than it asks for nor than the subnet has; a node whose subnet has no figures yet is
+            # judged on its room alone (fail open)
+            growth = sum(ix.subnets[sid].growth for sid, s in subnet_figures.items() if s.zone == zone)
+            assert zf.headroom == warm_usable + growth + beyond_unknown - debit
+            assert growth <= beyond_warm
+            addresses = sum(ix.subnets[sid].supply for sid, s in subnet_figures.items() if s.zone == zone)
+            assert growth <= max(0, addresses) or growth < 0
             assert ix.zone_headroom(zone) == zf.headroom
 
-            # exhausted nodes: no room above the node reserve, or dry with a subnet that cannot supply
+            # exhausted nodes: no room above the node reserve, or no warm IP and none the subnet can fund
             def can_take(n: str) -> bool:
                 if expected[n]["room"] <= self.node_reserve:
                     return False
                 if expected[n]["warm"] > 0:
                     return True
+                node = ix.nodes[n]
                 sid = self.known[n]["subnet"]
-                return sid not in subnet_figures or subnet_figures[sid].supply > 0
+                if sid not in subnet_figures:
+                    return node.grows
+                if node.limits is None:  # an unknown type: one address per IP
+                    return node.grows and ix.subnets[sid].left > 0
+                return node.grows and ix.growth_funded(node, ix.subnets[sid]) is True
 
             assert sorted(ix.exhausted_nodes(zone)) == sorted(n for n in members if not can_take(n))
 

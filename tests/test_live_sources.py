@@ -20,6 +20,7 @@ from tests.fakekube import FakeKube
 from tests.live import aws_env  # noqa: F401  (autouse fixture)
 from webhook.model.index import PodUse
 from webhook.service import ServeOptions, Service
+from webhook.sources.aws import Call
 from webhook.sources.kube import api_client
 
 A, B = "us-east-1a", "us-east-1b"
@@ -106,7 +107,9 @@ async def test_loads_the_cluster_and_ec2_then_decides_from_them(env: Env) -> Non
     assert index.nodes[NODE_A].ec2_held == 18
     assert index.nodes[NODE_A].pod_subnet == env.ec2.subnet_a
     assert index.subnets[env.ec2.subnet_a].free_ips == 7
-    assert index.zone_headroom(A) == 7  # no warm IP on node A: all from the subnet
+    # no warm IP on node A, and its third ENI would need 10 addresses: the 7 are for new nodes only
+    assert index.zone_headroom(A) == 0
+    assert index.zone_figures(A).new_node_ips == 6  # a new node's primary takes one
     assert env.service.state.settings.zone_reserve == 3  # from the ConfigMap
     assert env.service.stale_reason() is None
     await env.consistent()
@@ -116,7 +119,7 @@ async def test_loads_the_cluster_and_ec2_then_decides_from_them(env: Env) -> Non
 
     # another workload takes the subnet's last addresses: zone A falls to its reserve, within a refresh
     live.consume(env.moto.ec2(), env.ec2.subnet_a, 5)  # 6 addresses: 1 left
-    await until(lambda: index.zone_headroom(A) <= 3, "zone A exhausted after the EC2 refresh")
+    await until(lambda: index.zone_figures(A).new_node_ips <= 3, "zone A out of addresses after the EC2 refresh")
     answer = await env.validate("web-2", A)
     assert answer["allowed"] is False
     assert answer["status"]["code"] == 403  # type: ignore[index]
@@ -165,7 +168,7 @@ async def test_watch_closed_and_410_gone_leave_no_pod_lost_or_double_counted(env
 
 async def test_stale_data_fails_open_and_recovers(env: Env) -> None:
     live.consume(env.moto.ec2(), env.ec2.subnet_a, 5)
-    await until(lambda: env.service.index.zone_headroom(A) <= 3, "zone A exhausted")
+    await until(lambda: env.service.index.zone_figures(A).new_node_ips <= 3, "zone A out of addresses")
     assert (await env.validate("web-1", A))["allowed"] is False
 
     # the API server goes away for longer than the staleness bound (60 s in the ConfigMap)
@@ -208,14 +211,15 @@ async def test_ec2_away_keeps_last_good_data_then_recovers(env: Env) -> None:
     # EC2 is back, with a subnet emptied meanwhile: ipguard follows
     live.consume(env.moto.ec2(), env.ec2.subnet_a, 5)
     await until(lambda: env.service.stale_reason() is None, "EC2 fresh again", seconds=20)
-    await until(lambda: index.zone_headroom(A) <= 3, "zone A exhausted after recovery", seconds=20)
+    await until(lambda: index.zone_figures(A).new_node_ips <= 3, "zone A out of addresses after recovery",
+                seconds=20)
     assert (await env.validate("web-2", A))["allowed"] is False
 
 
 async def test_configmap_hot_reload_refuses_bad_settings(env: Env) -> None:
     feed = env.service.feed
     live.consume(env.moto.ec2(), env.ec2.subnet_a, 5)
-    await until(lambda: env.service.index.zone_headroom(A) <= 3, "zone A exhausted")
+    await until(lambda: env.service.index.zone_figures(A).new_node_ips <= 3, "zone A out of addresses")
 
     # a bad value: refused, counted, the last good settings stay
     await env.fk.update("configmaps", live.config_map({"mode": "bogus", "zoneReserve": "3"}), namespace="ipguard")
@@ -276,3 +280,26 @@ async def test_ready_with_no_ec2_nodes_yet(moto: live.Moto, tmp_path: Path) -> N
         await client.close()
         await service.stop()
         await fk.stop()
+
+
+async def test_pods_waiting_for_an_ip_keep_their_claim_across_ec2_refreshes(env: Env) -> None:
+    """Pods bound to node A beyond the 18 IPs its two full ENIs hold wait for an IP: EC2 keeps reporting 18
+    held and 7 free at every refresh (ipamd cannot create a third ENI: it needs 10 addresses at once), and
+    every refresh must leave them counted, so no extra pod is admitted onto node A per refresh. Over HTTPS."""
+    index = env.service.index
+    for i in range(3):
+        await env.fk.create("pods", live.pod("shop", f"late-{i}", NODE_A), namespace="shop")
+    await until(lambda: index.zone_figures(A).waiting == 3, "three pods waiting for an IP on node A")
+    pinned = live.pod("shop", "pinned", NODE_A, phase="Pending")
+    assert env.service.poller is not None
+    subnets = env.service.poller.stats[Call.SUBNETS]
+    for _ in range(3):
+        seen = subnets.attempts
+        await until(lambda seen=seen: subnets.attempts > seen, "another subnet refresh")
+        answer = await env.client.post("/validate", live.review(pinned, name="pinned"))
+        assert answer["allowed"] is False
+        assert "a new ENI on m5.large needs 10 address(es) at once" in str(answer["status"])
+        assert index.zone_figures(A).waiting == 3 and index.zone_headroom(A) == 0
+    _, text = await env.client.get("/metrics")
+    assert 'ipguard_zone_pods_waiting_for_ip{zone="us-east-1a"} 3' in text
+    await env.consistent()

@@ -201,7 +201,9 @@ def test_denial_message_when_nodes_are_full() -> None:
     decision = deny(node_limited())
     message = denial_message(decision, CniSettings())
     for zone in (A, B, C):
-        assert f"{zone}: 0 free pod IPs, reserve 2 (node room 0" in message
+        # no pod IP on the nodes; the subnet's few addresses a new node could use are kept back by the reserve
+        assert f"{zone}: 0 free pod IPs, all kept back by its reserve of 2 (node room 0" in message
+    assert "lower zoneReserve" in message
     # the subnets are down to the reserve too: neither new nodes nor prefixes would get an address, so the
     # subnet is the fix
     assert "add nodes" not in message and "enable prefix delegation" not in message
@@ -260,7 +262,12 @@ def test_any_denial_names_pod_zones_figures_and_remedies(
     if decision.node is None:
         assert decision.zones
         for check in decision.zones:
-            assert f"{check.zone}: {max(check.headroom, 0)} free pod IPs, reserve {reserve}" in message
+            if check.headroom > 0 or check.addresses > 0:  # free, but kept back by the reserve: said so
+                phrase = f"{check.zone}: {max(check.headroom, 0)} free pod IPs, all kept back by its reserve of "
+                assert phrase + str(reserve) in message
+                assert "lower zoneReserve" in message
+            else:
+                assert f"{check.zone}: {max(check.headroom, 0)} free pod IPs, reserve {reserve}" in message
             assert SUBNETS[check.zone] in message
     else:
         assert decision.node.node in message

@@ -32,8 +32,8 @@ def zone_status(headroom: int, reserve: int) -> str:
 
 def report_text(snapshot: IndexSnapshot, settings: Settings) -> str:
     zone_rows = [
-        (z.zone, z.nodes, z.room, z.warm_free, z.subnet_free, z.reservations + z.pending, z.headroom,
-         settings.reserve_for_zone(z.zone), zone_status(z.headroom, settings.reserve_for_zone(z.zone)))
+        (z.zone, z.nodes, z.room, z.warm_free, z.subnet_free, z.reservations + z.pending, z.waiting, z.headroom,
+         z.new_node_ips, settings.reserve_for_zone(z.zone), zone_status(z.headroom, settings.reserve_for_zone(z.zone)))
         for z in snapshot.zones
     ]
     subnet_rows = [
@@ -44,8 +44,8 @@ def report_text(snapshot: IndexSnapshot, settings: Settings) -> str:
     out = [
         "Zones (pod IPs)",
         format_table(
-            ["ZONE", "NODES", "NODE-ROOM", "WARM-FREE", "SUBNET-FREE", "RESERVED", "HEADROOM", "RESERVE",
-             "STATUS"],
+            ["ZONE", "NODES", "NODE-ROOM", "WARM-FREE", "SUBNET-FREE", "RESERVED", "WAITING", "HEADROOM",
+             "NEW-NODES", "RESERVE", "STATUS"],
             zone_rows,
         ),
         "",
@@ -55,6 +55,9 @@ def report_text(snapshot: IndexSnapshot, settings: Settings) -> str:
         f"{snapshot.nodes} nodes, {snapshot.pods} pods, {snapshot.reservations} reservations; "
         f"headroom = min(node room, warm free + subnet free) - reserved",
     ]
+    if snapshot.waiting_nodes:
+        out += ["", "Nodes with pods waiting for an IP (FailedCreatePodSandBox while ipamd cannot get them one)",
+                format_table(["NODE", "ZONE", "WAITING"], list(snapshot.waiting_nodes))]
     if snapshot.unknown_types:
         out.append(f"unknown instance types (judged by allocatable pods only): {', '.join(snapshot.unknown_types)}")
     return "\n".join(out)
@@ -70,7 +73,9 @@ def report_json(snapshot: IndexSnapshot, settings: Settings) -> dict[str, Any]:
                 "warmFree": z.warm_free,
                 "subnetFree": z.subnet_free,
                 "reserved": z.reservations + z.pending,
+                "waitingForIp": z.waiting,
                 "headroom": z.headroom,
+                "newNodeIps": z.new_node_ips,
                 "reserve": settings.reserve_for_zone(z.zone),
                 "exhausted": z.headroom <= settings.reserve_for_zone(z.zone),
                 "subnets": list(z.subnets),
@@ -93,4 +98,5 @@ def report_json(snapshot: IndexSnapshot, settings: Settings) -> dict[str, Any]:
         "pods": snapshot.pods,
         "reservations": snapshot.reservations,
         "unknownInstanceTypes": list(snapshot.unknown_types),
+        "nodesWaitingForIp": [{"node": n, "zone": z, "waiting": w} for n, z, w in snapshot.waiting_nodes],
     }

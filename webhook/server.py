@@ -59,9 +59,16 @@ def _index_gauges(state: AdmissionState, registry: Registry) -> None:
     def reservations() -> Iterable[tuple[LabelValues, float]]:
         return [((), float(len(state.index.reservations())))]
 
+    def waiting() -> Iterable[tuple[LabelValues, float]]:
+        index = state.index
+        return [((z,), float(index.zones[z].waiting)) for z in index.zone_names()]
+
     registry.add(Gauge("ipguard_zone_headroom_pod_ips", "Pod IPs a zone can still take.", ("zone",), zones))
     registry.add(Gauge("ipguard_subnet_free_pod_ips", "Pod IPs a subnet can still supply.", ("subnet", "zone"),
                        subnets))
+    registry.add(Gauge("ipguard_zone_pods_waiting_for_ip",
+                       "Pods on a zone's nodes beyond the IPs their nodes hold: waiting for ipamd to get them an "
+                       "address (FailedCreatePodSandBox while it cannot).", ("zone",), waiting))
     registry.add(Gauge("ipguard_index_pods", "Pods in the capacity index (running, or pending and steered).", (),
                        lambda: [((), float(len(state.index.pods)))]))
     registry.add(Gauge("ipguard_index_nodes", "Nodes in the capacity index.", (),

@@ -22,6 +22,7 @@ from webhook.admission.messages import (
     denial_message,
     denial_warnings,
     steer_warning,
+    wait_warning,
 )
 from webhook.admission.patch import Steering, steering_patch, without_steering
 from webhook.admission.wire import AdmissionResponse, Review
@@ -52,7 +53,7 @@ class Answer:
 
 def _steering(decision: Decision) -> Steering:
     return Steering(decision.avoid_zones, decision.avoid_nodes, decision.prefer_zones, decision.reason,
-                    soft=decision.soft)
+                    soft=decision.soft, only_nodes=decision.only_nodes)
 
 
 def judge(review: Review, stage: Stage, state: AdmissionState) -> Decision:
@@ -100,6 +101,10 @@ def respond(review: Review, decision: Decision, stage: Stage, settings: Settings
             outcome = "steered" if mode is not Mode.DRY_RUN else "recorded"
             if mode is not Mode.DRY_RUN:
                 warnings.append(steer_warning(decision))
+    elif decision.waits_for_node:
+        # Said once, by the validating stage: without an autoscaler such a pod sits Pending with no other hint.
+        if mode is not Mode.DRY_RUN:
+            warnings.append(wait_warning(decision))
     elif decision.verdict is Verdict.DENY:
         if mode is Mode.ENFORCE:
             outcome = "denied"

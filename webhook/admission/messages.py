@@ -24,12 +24,25 @@ def clean_warning(text: str) -> str:
     return line if len(line) <= WARNING_MAX else line[: WARNING_MAX - 3].rstrip() + "..."
 
 
+def _kept_back(check: ZoneCheck) -> bool:
+    """Free pod IPs there, all kept back by the zone's reserve: only the reserve stands in the pod's way."""
+    return check.headroom > 0 or check.addresses > 0
+
+
 def _zone_phrase(check: ZoneCheck) -> str:
     subnets = ", ".join(check.subnets) or "no known pod subnet"
-    return (
-        f"{check.zone}: {max(check.headroom, 0)} free pod IPs, reserve {check.reserve} "
-        f"(node room {check.room}, warm IPs {check.warm_free}, subnet {subnets}: {check.subnet_free} free)"
-    )
+    free = max(check.headroom, 0)
+    if _kept_back(check):
+        head = f"{check.zone}: {free} free pod IPs, all kept back by its reserve of {check.reserve}"
+    else:
+        head = f"{check.zone}: {free} free pod IPs, reserve {check.reserve}"
+    details = [f"node room {check.room}", f"warm IPs {check.warm_free}",
+               f"subnet {subnets}: {check.subnet_free} free"]
+    if check.reservations:
+        details.append(f"{check.reservations} pod(s) admitted in the last seconds, not yet on a node")
+    if check.needs:
+        details.append(check.needs)
+    return f"{head} ({', '.join(details)})"
 
 
 def _limited_by_subnets(checks: tuple[ZoneCheck, ...]) -> bool:
@@ -61,6 +74,8 @@ def remedies(decision: Decision, cni: CniSettings) -> list[str]:
         if not cni.prefix_delegation:
             fixes.append("enable prefix delegation (ENABLE_PREFIX_DELEGATION=true) for more pod IPs per node")
         fixes.append("add nodes (or larger instance types) in these zones")
+    if any(_kept_back(c) and c.reserve for c in decision.zones):
+        fixes.append("lower zoneReserve/zoneReserves (kept for bursts and for pods other ipguard replicas admit)")
     if decision.zones and len(decision.zones) < 2:
         fixes.append("or let the pod run in more zones")
     return fixes or ["add nodes or pod subnet space in the allowed zones"]
@@ -68,9 +83,10 @@ def remedies(decision: Decision, cni: CniSettings) -> list[str]:
 
 def _node_phrase(check: NodeCheck) -> str:
     subnet = "unknown" if check.subnet_free is None else f"{check.subnet_free} free"
+    needs = f" ({check.needs})" if check.needs else ""
     return (
         f"node {check.node} ({check.zone or 'unknown zone'}): room {check.room} (reserve {check.reserve}), "
-        f"warm IPs {check.warm_free}, subnet {subnet}"
+        f"warm IPs {check.warm_free}, subnet {subnet}{needs}"
     )
 
 
@@ -83,6 +99,11 @@ def denial_message(decision: Decision, cni: CniSettings) -> str:
             f"{_node_phrase(decision.node)}. Fix: remove spec.nodeName so the scheduler can choose a node, or {fixes}."
         )
     zones = "; ".join(_zone_phrase(c) for c in decision.zones)
+    if decision.zones and all(_kept_back(c) for c in decision.zones):
+        return (
+            f"ipguard: pod {decision.pod} would take {what} that ipguard keeps in reserve in every zone it may "
+            f"run in: {zones}. Fix: {fixes}."
+        )
     return (
         f"ipguard: pod {decision.pod} cannot get {what} in any zone it may run in: {zones}. Fix: {fixes}."
     )
@@ -99,12 +120,23 @@ def denial_warnings(decision: Decision) -> list[str]:
     return [clean_warning(line) for line in lines]
 
 
+def wait_warning(decision: Decision) -> str:
+    zones = ", ".join(c.zone for c in decision.zones if c.exhausted and not c.out_of_addresses)
+    return clean_warning(
+        f"ipguard: no node in zone(s) {zones} can give it an IP; it waits Pending for a new node"
+    )
+
+
 def steer_warning(decision: Decision) -> str:
+    if decision.only_nodes:
+        return clean_warning(
+            f"ipguard: kept to the {len(decision.only_nodes)} node(s) that can still give it a pod IP"
+        )
     parts = []
     if decision.avoid_zones:
         parts.append(f"zone(s) {', '.join(decision.avoid_zones)}")
     if decision.avoid_nodes:
-        parts.append(f"{len(decision.avoid_nodes)} full node(s)")
+        parts.append(f"{len(decision.avoid_nodes)} node(s)")
     if not parts:
         top = ", ".join(zone for zone, _ in decision.prefer_zones[:3])
         return clean_warning(f"ipguard: preferring zone(s) {top}: the others have no node room left")
@@ -125,6 +157,10 @@ def audit_annotations(decision: Decision, mode: str, outcome: str) -> dict[str, 
         notes["avoid-zones"] = ",".join(decision.avoid_zones)
     if decision.avoid_nodes:
         notes["avoid-nodes"] = ",".join(decision.avoid_nodes)
+    if decision.only_nodes:
+        notes["only-nodes"] = ",".join(decision.only_nodes)
+    if decision.waits_for_node:
+        notes["waits-for-node"] = "true"
     if decision.node is not None:
         notes["node"] = f"{decision.node.node} room={decision.node.room} warm={decision.node.warm_free}"
     if decision.stale:

@@ -36,13 +36,14 @@ class Steering:
     avoid_nodes: tuple[str, ...] = ()
     prefer_zones: tuple[tuple[str, int], ...] = ()
     reason: str = ""
+    only_nodes: tuple[str, ...] = ()  # keep to these nodes (when the ones to avoid are too many to list)
     # Soft: the avoidance goes in as a strong preference, not a requirement, for pods that may have nowhere
     # else to go (zonal volumes, node selectors ipguard cannot check): better a pod placed than one Pending.
     soft: bool = False
 
     @property
     def empty(self) -> bool:
-        return not (self.avoid_zones or self.avoid_nodes or self.prefer_zones)
+        return not (self.avoid_zones or self.avoid_nodes or self.prefer_zones or self.only_nodes)
 
 
 def _pointer(*parts: str) -> str:
@@ -55,6 +56,8 @@ def _expressions(steering: Steering) -> list[dict[str, Any]]:
         exprs.append({"key": ZONE_LABEL, "operator": "NotIn", "values": sorted(steering.avoid_zones)})
     if steering.avoid_nodes:
         exprs.append({"key": HOSTNAME_LABEL, "operator": "NotIn", "values": sorted(steering.avoid_nodes)})
+    if steering.only_nodes:
+        exprs.append({"key": HOSTNAME_LABEL, "operator": "In", "values": sorted(steering.only_nodes)})
     return exprs
 
 
@@ -85,6 +88,8 @@ def _record(steering: Steering, created_required: bool, kept: list[list[Any]]) -
     }
     if steering.soft:
         record["soft"] = True
+    if steering.only_nodes:
+        record["onlyNodes"] = sorted(steering.only_nodes)
     if kept:
         # [term index, key] of expressions ipguard wanted but the term already had: those are the user's.
         record["kept"] = kept
@@ -127,6 +132,7 @@ def _recorded_steering(record: dict[str, Any]) -> Steering:
             and isinstance(p[1], int) and not isinstance(p[1], bool)
         ),
         soft=record.get("soft") is True,
+        only_nodes=_strings(record.get("onlyNodes")),
     )
 
 

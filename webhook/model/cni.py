@@ -1,8 +1,6 @@
-"""VPC CNI settings (the aws-node container's env) and the warm-pool model of ipamd.
+"""VPC CNI settings: the aws-node container's env, parsed with the CNI's own defaults.
 
-The warm pool decides how many IPs a node takes from its subnet beyond the ones its pods use, so subnet free
-counts fall faster than pod counts rise. Where EC2 tells us what a node really holds we use that; this model
-predicts it where EC2 data is missing.
+What ipamd does with them (warm pools, growth, ENI requests) is `webhook.model.ipamd`.
 """
 
 from __future__ import annotations
@@ -10,17 +8,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from webhook.model.limits import PREFIX_SIZE, CapacityMode, InstanceLimits, pod_ip_slots, uses_prefixes
+from webhook.model.limits import CapacityMode
 
 
 class CniSettingsError(ValueError):
     """A bad value in the aws-node env; the message names the variable."""
 
 
-# ipamd's defaults: WARM_ENI_TARGET=1 unless an IP target is set; WARM_PREFIX_TARGET=1 under prefix delegation.
+# ipamd's defaults when the variable is unset (`getWarmENITarget`, `getWarmPrefixTarget`): the shipped aws-node
+# manifests set WARM_PREFIX_TARGET=1 explicitly, which the env then carries.
 DEFAULT_WARM_ENI_TARGET = 1
-DEFAULT_WARM_PREFIX_TARGET = 1
+DEFAULT_WARM_PREFIX_TARGET = 0
 DEFAULT_ENI_CONFIG_LABEL = "k8s.amazonaws.com/eniConfig"
+DEFAULT_ENI_CONFIG_NAME = "default"  # the ENIConfig MyENIConfig falls back to
 DEFAULT_ENI_CONFIG_ANNOTATION = "k8s.amazonaws.com/eniConfig"
 
 
@@ -37,6 +37,8 @@ class CniSettings:
     max_eni: int | None = None
     pod_eni: bool = False
     ipv6: bool = False
+    manage_enis_non_schedulable: bool = False  # AWS_MANAGE_ENIS_NON_SCHEDULABLE
+    subnet_discovery: bool = True  # ENABLE_SUBNET_DISCOVERY (CNI 1.18+)
 
     @property
     def mode(self) -> CapacityMode:
@@ -64,6 +66,8 @@ class CniSettings:
             max_eni=_positive(env, "MAX_ENI"),
             pod_eni=_bool(env, "ENABLE_POD_ENI", False),
             ipv6=_bool(env, "ENABLE_IPv6", False),
+            manage_enis_non_schedulable=_bool(env, "AWS_MANAGE_ENIS_NON_SCHEDULABLE", False),
+            subnet_discovery=_bool(env, "ENABLE_SUBNET_DISCOVERY", True),
         )
 
 
@@ -110,45 +114,3 @@ def _positive(env: Mapping[str, str], name: str) -> int | None:
     number = _whole(name, value)
     # The CNI treats MAX_ENI below 1 as "no cap".
     return number if number >= 1 else None
-
-
-@dataclass(frozen=True, slots=True)
-class HeldAddresses:
-    """What a node holds from its subnet: IPs, and how many /28 prefixes those are under prefix delegation."""
-
-    ips: int
-    prefixes: int = 0
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def predict_held(assigned: int, limits: InstanceLimits, settings: CniSettings) -> HeldAddresses:
-    """IPs (and prefixes) ipamd holds on a node with `assigned` pod IPs in use, as its warm-pool rules would.
-
-    - WARM_IP_TARGET / MINIMUM_IP_TARGET: max(assigned + warm, minimum) addresses (whole /28s under PD).
-    - WARM_PREFIX_TARGET (prefix delegation): the prefixes pods use plus that many completely free ones.
-    - WARM_ENI_TARGET: whole ENIs, enough that that many ENIs' worth of IPs stay free.
-    Never more than the node can hold.
-    """
-    mode = settings.mode
-    slots = pod_ip_slots(limits, mode)
-    assigned = max(assigned, 0)
-    if uses_prefixes(limits, mode):
-        if settings.uses_ip_targets:
-            want_ips = max(assigned + (settings.warm_ip_target or 0), settings.minimum_ip_target or 0)
-            prefixes = _ceil_div(want_ips, PREFIX_SIZE)
-        else:
-            # Only completely free prefixes count as warm; pods are packed into the fewest prefixes.
-            prefixes = _ceil_div(assigned, PREFIX_SIZE) + settings.warm_prefix_target
-        prefixes = min(prefixes, slots)
-        return HeldAddresses(prefixes * PREFIX_SIZE, prefixes)
-    if settings.uses_ip_targets:
-        ips = max(assigned + (settings.warm_ip_target or 0), settings.minimum_ip_target or 0)
-        return HeldAddresses(min(ips, slots))
-    per_eni = max(limits.ipv4_per_eni - 1, 0)
-    if per_eni == 0:
-        return HeldAddresses(0)
-    enis = _ceil_div(assigned, per_eni) + settings.warm_eni_target
-    return HeldAddresses(min(enis * per_eni, slots))

@@ -36,6 +36,7 @@ class ZoneCheck(NamedTuple):
     subnets: tuple[str, ...]
     addresses: int = 0  # what its subnets can still give new nodes, less reservations; may be negative
     subnets_known: bool = True  # every node's pod subnet has figures
+    needs: str = ""  # for a denial: why free addresses are not pod IPs (a new ENI's or new node's whole request)
 
     @property
     def exhausted(self) -> bool:
@@ -60,6 +61,7 @@ class NodeCheck:
     reserve: int
     branch_room: int
     can_take: bool
+    needs: str = ""  # why the subnet's free addresses do not reach the node
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,8 @@ class Decision:
     reserve_zone: str | None = None  # where an admitted pod should hold its reservation
     reserve_node: str | None = None
     soft: bool = False  # steer by preference only (see pods.steer_softly)
+    only_nodes: tuple[str, ...] = ()  # steer onto these nodes (kubernetes.io/hostname In), when avoiding is too long
+    waits_for_node: bool = False  # no node in its zones can take it now: it waits Pending for a new node
 
     @property
     def open_zones(self) -> tuple[str, ...]:
@@ -148,21 +152,29 @@ def decide(
             full.append(check.zone)
     avoid_zones = tuple(empty)
     full_zones = tuple(full)
+    # Nodes out of IPs that still have pod slots draw the scheduler, which cannot see IPs: keep the pod off them
+    # in every zone it may still go to (or, when they are too many to list, onto the nodes that can take it).
+    reachable = [c.zone for c in open_checks] + list(full_zones)
+    avoid_nodes, only_nodes = _node_steering(index, settings, reachable, with_takers=bool(open_checks))
+    soft = pods.steer_softly(pod)
     if not open_checks:
         if not full_zones:
-            return Decision(Verdict.DENY, name, "every allowed zone is out of pod IPs", use=use, zones=checks)
+            detailed = tuple(c._replace(needs=index.growth_hint(c.zone)) for c in checks)
+            return Decision(Verdict.DENY, name, "every allowed zone is out of pod IPs", use=use, zones=detailed)
         # Nodes are full but subnets have addresses: the pod waits Pending for the autoscaler's new nodes.
         # Keep it (and so the new nodes) away from the zones whose subnets are empty.
         reason = "nodes are full in every allowed zone; subnets have addresses, so new nodes can take it"
-        if not avoid_zones:
-            return Decision(Verdict.ALLOW, name, reason, use=use, zones=checks)
-        return Decision(Verdict.STEER, name, f"zone(s) {', '.join(avoid_zones)} out of pod IPs; {reason}",
-                        use=use, zones=checks, avoid_zones=avoid_zones, soft=pods.steer_softly(pod))
+        if avoid_zones:
+            reason = f"zone(s) {', '.join(avoid_zones)} out of pod IPs; {reason}"
+        if avoid_nodes:
+            reason += f"; {len(avoid_nodes)} node(s) out of pod IPs avoided"
+        verdict = Verdict.STEER if avoid_zones or avoid_nodes else Verdict.ALLOW
+        return Decision(verdict, name, reason, use=use, zones=checks, avoid_zones=avoid_zones,
+                        avoid_nodes=avoid_nodes, soft=soft, waits_for_node=True)
     best = max(open_checks, key=lambda c: (c.headroom - c.reserve, c.zone))
     # Only zones out of addresses are excluded outright; zones whose nodes are merely full stay allowed (new
     # nodes can come there) and are left behind by the preferences toward the zones with room.
-    avoid_nodes = _avoid_nodes(index, settings, [c.zone for c in open_checks])
-    if not avoid_zones and not full_zones and not avoid_nodes:
+    if not avoid_zones and not full_zones and not avoid_nodes and not only_nodes:
         return Decision(Verdict.ALLOW, name, "allowed zones have room", use=use, zones=checks,
                         reserve_zone=best.zone)
     reasons = []
@@ -171,7 +183,9 @@ def decide(
     if full_zones:
         reasons.append(f"zone(s) {', '.join(full_zones)} without node room: preferring the others")
     if avoid_nodes:
-        reasons.append(f"{len(avoid_nodes)} node(s) full")
+        reasons.append(f"{len(avoid_nodes)} node(s) out of pod IPs")
+    if only_nodes:
+        reasons.append(f"only {len(only_nodes)} node(s) can give it an IP")
     return Decision(
         Verdict.STEER,
         name,
@@ -182,7 +196,8 @@ def decide(
         avoid_nodes=avoid_nodes,
         prefer_zones=_preferences(open_checks),
         reserve_zone=best.zone,
-        soft=pods.steer_softly(pod),
+        soft=soft,
+        only_nodes=only_nodes,
     )
 
 
@@ -203,21 +218,26 @@ def _zone_check(zone_name: str, use: PodUse, index: CapacityIndex, settings: Set
     )
 
 
-def _avoid_nodes(index: CapacityIndex, settings: Settings, zones: list[str]) -> tuple[str, ...]:
-    """Exhausted nodes in the zones left open, when they are few enough to list in a patch."""
+def _node_steering(index: CapacityIndex, settings: Settings, zones: list[str], *,
+                   with_takers: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(nodes to avoid, nodes to keep to): the nodes in these zones that cannot give a pod an IP but still
+    have pod slots (the scheduler would bind there), when few enough to list; else, where some node can take
+    the pod and those are few enough, the nodes that can. Whichever list is shorter; neither when both are
+    too long (the zone figures still steer)."""
     limit = settings.max_steered_nodes
-    total = 0
+    avoid: list[str] = []
     for zone in zones:
-        total += index.exhausted_count(zone)
-        if total > limit:
-            return ()  # too many to list: the zone figures still steer, the scheduler does the rest
-    found: list[str] = []
-    for zone in zones:
-        for node in index.exhausted_nodes(zone):
-            found.append(node)
-            if len(found) > limit:
-                return ()
-    return tuple(sorted(found))
+        for name in index.exhausted_nodes(zone):
+            if index.has_pod_slot(name):
+                avoid.append(name)
+        if len(avoid) > limit:
+            break
+    if len(avoid) <= limit:
+        return tuple(sorted(avoid)), ()
+    if not with_takers:
+        return (), ()
+    takers = index.nodes_that_can_take(zones, limit + 1)
+    return ((), tuple(sorted(takers))) if 0 < len(takers) <= limit else ((), ())
 
 
 def _preferences(open_checks: list[ZoneCheck]) -> tuple[tuple[str, int], ...]:
@@ -253,6 +273,7 @@ def _decide_pinned(name: str, node_name: str, use: PodUse, index: CapacityIndex,
         reserve=settings.node_reserve,
         branch_room=node.branch_room,
         can_take=can_take,
+        needs="" if can_take else index.node_growth_hint(node),
     )
     if can_take:
         return Decision(Verdict.ALLOW, name, f"node {node_name} has room", use=use, node=check,

@@ -1,20 +1,25 @@
 """The capacity index: nodes, subnets, zones, pods and reservations, with aggregates kept current.
 
 Every update is O(1) (amortised): an event touches one pod, its node, that node's pod subnet and zone, and
-adjusts their sums by the change it made. No query walks all pods or all nodes.
+adjusts their sums by the change it made. No query walks all pods or all nodes. What a node holds and how it
+grows are ipamd's rules (`webhook.model.ipamd`); how a subnet's addresses fall among its nodes is
+`webhook.model.supply`; this module keeps the books.
 
-Quantities, per node n (see DESIGN.md "Decisions"):
-  capacity(n)  pod IPs the node's type holds in the CNI mode (or allocatable pods when the type is unknown)
+Quantities, per node n:
+  capacity(n)  pod IPs the node's type holds in the CNI mode (or allocatable pods when the type is unknown);
+               none under custom networking when no ENIConfig applies to it
   room(n)      max(0, min(capacity - assigned - reserved, allocatable pods - pods - reserved))
-  held(n)      IPs the node holds from its subnet: EC2's figure when known, else the warm-pool prediction
+  held(n)      IPs (and ENIs) the node holds from its subnet: EC2's figures when known, else ipamd's prediction
   warm(n)      max(0, held - assigned - reserved): IPs ready on the node with no subnet call
-  demand(n)    max(held, assigned + reserved) + branch pods: addresses the node takes from its subnet, now or
-               soon (whole /28s under prefix delegation; each branch ENI takes one address)
-Per subnet s: supply(s) = free addresses EC2 last reported, less what its nodes' demand grew by since then
-(in whole /28 blocks under prefix delegation). It may go below zero: predicted warm IPs the subnet could not
-really give, which the zone figure then takes back.
-Per zone z, each node first uses its own warm IPs and then draws on the zone's shared subnet supply:
-  headroom = sum min(room, warm) + min(sum max(0, room - warm), sum supply) - unbound reservations - pending
+  waiting(n)   max(0, assigned + reserved - held): pods on the node with no IP yet; ipamd serves them first
+  units(n)     what the subnet must fund for the waiting pods and the room beyond warm: free slots on attached
+               ENIs, then whole new ENIs (each its primary address plus its whole request); none when ipamd
+               would not grow the node (cordoned, MINIMUM_IP_TARGET reached, max-pods IPs held, ENIs full)
+Per subnet s: supply(s) = free addresses EC2 last reported, less what its nodes drew since (held IPs, /28
+blocks, ENI primaries, node primaries, branch ENIs). Its yield serves waiting pods, then new pods, cheapest
+units first; what is left is what new nodes could draw on.
+Per zone z:
+  headroom = sum min(room, warm) + sum of its subnets' yield to new pods - unbound reservations - pending
 Unbound reservations are those not on a known node (node-bound ones are already inside room and warm);
 pending pods are unbound pods that ipguard steered to the zone.
 """
@@ -29,14 +34,16 @@ from typing import Any
 
 from cachetools import TTLCache
 
-from webhook.model.cni import CniSettings, predict_held
-from webhook.model.limits import (
-    PREFIX_SIZE,
-    InstanceLimits,
-    LimitsTable,
-    UnknownInstanceType,
-    pod_ip_capacity,
-    uses_prefixes,
+from webhook.model import ipamd
+from webhook.model.cni import CniSettings
+from webhook.model.ipamd import HeldAddresses
+from webhook.model.limits import PREFIX_SIZE, InstanceLimits, LimitsTable, UnknownInstanceType, pod_ip_capacity
+from webhook.model.supply import Demand, UnitKind, Yield, add_demand, new_node_ips, subnet_yield
+
+HEADROOM_RULE = (
+    "headroom = sum over nodes of min(room, warm IPs) + what the zone's pod subnets can still fund for the "
+    "nodes' growth (free ENI slots one address each, a new ENI its primary plus its whole request; pods "
+    "already waiting for an IP first) - reservations not yet on a node - pending steered pods"
 )
 
 Clock = Callable[[], float]
@@ -60,6 +67,9 @@ class Node:
     schedulable: bool = True  # Linux, EC2, not cordoned
     limits: InstanceLimits | None = None
     ec2_held: int | None = None  # IPs held per EC2 DescribeNetworkInterfaces, when known
+    cordoned: bool = False  # tainted unschedulable: ipamd gives it no new IP (isENIAttachmentAllowed)
+    no_eni_config: bool = False  # custom networking with no ENIConfig for it: no pod ENI, no pod IP
+    ec2_enis: int | None = None  # ENIs carrying its pod IPs per EC2, when known
     # pod counts
     pods: int = 0
     assigned: int = 0
@@ -70,9 +80,19 @@ class Node:
     room: int = 0
     branch_room: int = 0  # branch ENIs still free (security groups for pods)
     held: int = 0
+    held_prefixes: int = 0
+    held_enis: int = 0
     warm: int = 0
-    demand: int = 0
+    waiting: int = 0
+    grows: bool = True
+    demand: int = 0  # loose addresses drawn from its pod subnet (IPs, ENI and node primaries, branch ENIs)
+    demand_blocks: int = 0  # /28 prefixes drawn
+    units: tuple[tuple[UnitKind, Demand], ...] = ()
     known: bool = False  # a Node object has been seen (pods may name a node before it arrives)
+
+    @property
+    def held_addresses(self) -> HeldAddresses:
+        return HeldAddresses(self.held, self.held_prefixes, self.held_enis)
 
 
 @dataclass(slots=True)
@@ -83,10 +103,20 @@ class Subnet:
     free_ips: int = 0  # AvailableIpAddressCount at the last refresh
     free_blocks: int | None = None  # free /28 blocks at the last refresh, when known
     demand_at_refresh: int = 0
-    demand: int = 0  # sum of its nodes' demand
+    blocks_at_refresh: int = 0
+    demand: int = 0  # sum of its nodes' demand (loose addresses)
+    demand_blocks: int = 0  # sum of its nodes' /28 prefixes
     nodes: int = 0
-    supply: int = 0  # derived: pod IPs it can still hand out to its schedulable nodes
-    addresses: int = 0  # derived: the same with or without nodes on it (what new nodes could draw on)
+    wants: dict[UnitKind, Demand] = field(default_factory=dict)  # its nodes' growth units, summed by kind
+    # derived from the above by `_refresh_supply`
+    supply: int = 0  # free addresses now, less what its nodes drew since the refresh (may be negative)
+    supply_blocks: int = 0
+    growth: int = 0  # pod IPs new pods on its nodes can still get (negative: predicted IPs it cannot fund)
+    waiting_served: int = 0
+    left: int = 0  # addresses once the waiting pods are served
+    left_blocks: int = 0
+    addresses: int = 0  # pod IPs new nodes could still get from it
+    usable: int = 0  # what its schedulable nodes can draw on (whole /28s under prefix delegation)
 
 
 @dataclass(slots=True)
@@ -97,11 +127,14 @@ class Zone:
     branch_room: int = 0
     warm: int = 0
     warm_usable: int = 0  # sum of min(room, warm): pods the nodes can place on their own warm IPs
-    beyond_warm: int = 0  # sum of max(0, room - warm) over nodes whose subnet is known: needs subnet addresses
-    beyond_warm_unknown: int = 0  # the same over nodes whose subnet has no figures yet: not judged (fail open)
+    beyond_warm_unknown: int = 0  # max(0, room - warm) over nodes whose subnet has no figures yet (fail open)
     unknown_subnet_nodes: int = 0  # nodes whose pod subnet has no figures yet
+    no_config_nodes: int = 0  # custom networking: nodes no ENIConfig applies to (no pod IPs)
+    waiting: int = 0  # pods on its nodes with no IP yet
     supply: int = 0  # sum of its subnets' supply (may be negative, see the module docstring)
-    addresses: int = 0  # sum of its subnets' addresses, nodes on them or not: what new nodes could get
+    growth: int = 0  # sum of its subnets' yield to new pods on its nodes
+    waiting_served: int = 0
+    addresses: int = 0  # sum of its subnets' addresses for new nodes
     reservations: int = 0  # all reservations in the zone
     unbound_reservations: int = 0  # those not on a known node: not yet inside room and warm
     pending: int = 0  # unbound pods that were steered here
@@ -124,7 +157,7 @@ class Zone:
     def headroom(self) -> int:
         """Pods needing a warm-pool IP the zone can still take."""
         debit = self.unbound_reservations + self.pending
-        return self.warm_usable + min(self.beyond_warm, self.supply) + self.beyond_warm_unknown - debit
+        return self.warm_usable + self.growth + self.beyond_warm_unknown - debit
 
     @property
     def branch_headroom(self) -> int:
@@ -154,6 +187,9 @@ class ZoneFigures:
     headroom: int
     branch_headroom: int
     subnets: tuple[str, ...]
+    waiting: int = 0  # pods on its nodes with no IP yet
+    waiting_served: int = 0  # of those, how many its subnets can still serve
+    new_node_ips: int = 0  # pod IPs new nodes could still get from its subnets
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +201,9 @@ class SubnetFigures:
     free_blocks: int | None
     supply: int
     nodes: int
+    waiting_served: int = 0
+    left: int = 0  # free addresses once the waiting pods are served
+    new_node_ips: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +218,12 @@ class NodeFigures:
     reserved: int
     room: int
     warm_free: int
+    held: int = 0
+    enis: int = 0
+    waiting: int = 0
+    grows: bool = True
+    cordoned: bool = False
+    no_eni_config: bool = False
 
 
 class _ReservationCache(TTLCache[str, Reservation]):
@@ -224,6 +269,8 @@ class CapacityIndex:
         self.pods: dict[str, PodEntry] = {}
         self.unknown_types: set[str] = set()
         self.version = 0  # bumped by every change, so a caller can tell if figures moved
+        self._new_node_cost: ipamd.GrowthCost | None = None
+        self._type_counts: dict[InstanceLimits, int] = {}  # known nodes by their limits
         self._reservations = _ReservationCache(reservation_ttl, clock, self._released)
 
     # ---- settings -------------------------------------------------------------------------------------
@@ -249,9 +296,12 @@ class CapacityIndex:
     def _recompute_all(self) -> None:
         for node in self.nodes.values():
             self._detach(node)
+            self._count_type(node, -1)
             if node.instance_type is not None:
                 node.limits = self._lookup(node.instance_type)
+            self._count_type(node, 1)
             self._attach(node)
+        self._new_node_cost = None
         for subnet in self.subnets.values():
             # Baselines stay: what nodes drew since EC2's last figure is still drawn.
             self._refresh_supply(subnet)
@@ -276,12 +326,18 @@ class CapacityIndex:
         pod_subnet: str | None,
         allocatable_pods: int | None,
         schedulable: bool = True,
+        cordoned: bool = False,
+        no_eni_config: bool = False,
     ) -> None:
+        """A node as the watch shows it. `schedulable`: new pods may be placed there (Linux, EC2, not
+        cordoned); `cordoned`: tainted unschedulable, which also stops ipamd growing it; `no_eni_config`: custom
+        networking finds no ENIConfig for it."""
         node = self.nodes.get(name)
         if node is None:
             node = self.nodes[name] = Node(name)
         else:
             self._detach(node)
+            self._count_type(node, -1)
         node.known = True
         node.zone = zone
         if instance_type != node.instance_type or node.limits is None:
@@ -290,7 +346,11 @@ class CapacityIndex:
         node.pod_subnet = pod_subnet
         node.allocatable_pods = allocatable_pods
         node.schedulable = schedulable
+        node.cordoned = cordoned
+        node.no_eni_config = no_eni_config
+        self._count_type(node, 1)
         self._attach(node)
+        self._types_changed()
         self.version += 1
 
     def remove_node(self, name: str) -> None:
@@ -298,42 +358,58 @@ class CapacityIndex:
         if node is None:
             return
         self._detach(node)
+        self._count_type(node, -1)
         node.known = False
         node.zone = None
         node.pod_subnet = None
         node.ec2_held = None
+        node.ec2_enis = None
         if node.pods == 0 and node.reserved == 0:
             del self.nodes[name]
         else:
             # Its pods' DELETE events are still to come; keep their counts so they cancel out.
             self._attach(node)
+        self._types_changed()
         self.version += 1
 
-    def set_node_held(self, name: str, held_ips: int | None) -> None:
-        """IPs the node holds according to EC2 (None: unknown, predict it)."""
+    def set_node_held(self, name: str, held_ips: int | None, *, enis: int | None = None) -> None:
+        """IPs the node holds according to EC2, and the ENIs that carry them (None: unknown, predict it)."""
         node = self.nodes.get(name)
         if node is None:
             return
         self._detach(node)
         node.ec2_held = held_ips
+        node.ec2_enis = enis if held_ips is not None else None
         self._attach(node)
         self.version += 1
 
     def _node_counted(self, node: Node) -> bool:
         return node.known and node.schedulable and node.zone is not None
 
+    def _held(self, node: Node, limits: InstanceLimits, used: int) -> HeldAddresses:
+        """What the node holds: EC2's figures when known, else what ipamd would hold for its pods."""
+        if node.no_eni_config:
+            return HeldAddresses(0)
+        if node.ec2_held is None:
+            return ipamd.predict_held(used, limits, self.cni, node.allocatable_pods)
+        prefixes = node.ec2_held // PREFIX_SIZE if ipamd.prefix_delegation_on(limits, self.cni) else 0
+        enis = node.ec2_enis
+        if enis is None:
+            slots = prefixes or node.ec2_held
+            per_eni = ipamd.slots_per_eni(limits) or 1
+            enis = max(-(-slots // per_eni), 0 if self.cni.custom_networking else 1)
+        return HeldAddresses(node.ec2_held, prefixes, enis)
+
     def _derive(self, node: Node) -> None:
         limits = node.limits
         used = node.assigned + node.reserved
         if limits is None:
             node.capacity = node.allocatable_pods or 0
-            node.held = node.ec2_held if node.ec2_held is not None else used
+            held = HeldAddresses(node.ec2_held if node.ec2_held is not None else used)
         else:
-            node.capacity = pod_ip_capacity(limits, self.cni.mode)
-            if node.ec2_held is not None:
-                node.held = node.ec2_held
-            else:
-                node.held = predict_held(used, limits, self.cni).ips
+            node.capacity = 0 if node.no_eni_config else pod_ip_capacity(limits, self.cni.mode)
+            held = self._held(node, limits, used)
+        node.held, node.held_prefixes, node.held_enis = held.ips, held.prefixes, held.enis
         ip_room = node.capacity - used
         if node.allocatable_pods is not None:
             ip_room = min(ip_room, node.allocatable_pods - node.pods - node.reserved)
@@ -341,11 +417,27 @@ class CapacityIndex:
         branch_limit = limits.branch_enis if limits is not None and self.cni.pod_eni else 0
         pod_room = node.room if node.allocatable_pods is None else node.allocatable_pods - node.pods
         node.branch_room = max(0, min(branch_limit - node.branch, pod_room - node.reserved))
-        node.warm = max(0, node.held - used)
-        demand = max(node.held, used)
-        if limits is not None and uses_prefixes(limits, self.cni.mode):
-            demand = -(-demand // PREFIX_SIZE) * PREFIX_SIZE  # whole /28s
-        node.demand = demand + node.branch  # a branch ENI takes one address of its own
+        node.warm = max(0, held.ips - used)
+        node.waiting = max(0, used - held.ips)
+        beyond = max(0, node.room - node.warm) if self._node_counted(node) else 0
+        # EC2 attaches no ENI from a subnet in another Availability Zone (an ENIConfig pointing across zones).
+        subnet = self.subnets.get(node.pod_subnet) if node.pod_subnet else None
+        across = subnet is not None and node.zone is not None and subnet.zone != node.zone
+        if limits is None:
+            # An unknown type: judged by its allocatable pods, one address per IP (no ENI figures to go on).
+            node.grows = not across
+            kind: UnitKind = (1, 0, 1)
+            wants = Demand(node.waiting, node.waiting, node.waiting + beyond, beyond)
+            node.units = ((kind, wants),) if node.grows else ()
+        else:
+            node.grows = not node.no_eni_config and not across and ipamd.node_grows(
+                held, used, limits, self.cni, max_pods=node.allocatable_pods, cordoned=node.cordoned)
+            node.units = ipamd.growth_units(node.waiting, beyond, held, limits, self.cni) if node.grows else ()
+        # Every ENI's primary address, the primary ENI's being the node's own: in the pod subnet unless custom
+        # networking puts pods elsewhere.
+        primaries = held.enis if self.cni.custom_networking else max(held.enis, 1)
+        node.demand = (held.ips - held.prefixes * PREFIX_SIZE) + primaries + node.branch
+        node.demand_blocks = held.prefixes
 
     def _attach(self, node: Node) -> None:
         """Add a node's contribution to its zone and subnet (after recomputing it)."""
@@ -371,9 +463,10 @@ class CapacityIndex:
             zone.branch_room += sign * node.branch_room
             zone.warm += sign * node.warm
             zone.warm_usable += sign * min(node.room, node.warm)
-            if subnet is not None:
-                zone.beyond_warm += sign * max(0, node.room - node.warm)
-            else:
+            zone.waiting += sign * node.waiting
+            if node.no_eni_config:
+                zone.no_config_nodes += sign
+            elif subnet is None:
                 zone.beyond_warm_unknown += sign * max(0, node.room - node.warm)
                 zone.unknown_subnet_nodes += sign
             if node.room <= self.node_reserve and sign > 0:
@@ -391,6 +484,8 @@ class CapacityIndex:
         if subnet is not None:
             subnet.nodes += sign * counted
             subnet.demand += sign * node.demand
+            subnet.demand_blocks += sign * node.demand_blocks
+            add_demand(subnet.wants, node.units, sign)
             if subnets is None:
                 self._refresh_supply(subnet)
 
@@ -416,7 +511,7 @@ class CapacityIndex:
             if subnet is None:
                 subnet = self.subnets[subnet_id] = Subnet(subnet_id, zone)
             else:
-                self._set_supply_in_zone(subnet, 0, 0)
+                self._set_supply_in_zone(subnet, None)
                 self.zones[subnet.zone].discard_subnet(subnet_id)
                 subnet.zone = zone
             self._zone(zone).add_subnet(subnet_id)
@@ -425,7 +520,9 @@ class CapacityIndex:
         subnet.free_blocks = None if free_blocks is None else max(0, free_blocks)
         for node in users:
             self._attach(node)
-        self._set_subnet_supply(subnet, subnet.demand)
+        subnet.demand_at_refresh = subnet.demand
+        subnet.blocks_at_refresh = subnet.demand_blocks
+        self._refresh_supply(subnet)
         self.version += 1
 
     def remove_subnet(self, subnet_id: str) -> None:
@@ -435,39 +532,77 @@ class CapacityIndex:
         users = [n for n in self.nodes.values() if n.known and n.pod_subnet == subnet_id]
         for node in users:
             self._detach(node)
-        self._set_supply_in_zone(subnet, 0, 0)
+        self._set_supply_in_zone(subnet, None)
         del self.subnets[subnet_id]
         self.zones[subnet.zone].discard_subnet(subnet_id)
         for node in users:
             self._attach(node)  # their subnet is unknown again: not judged on it
         self.version += 1
 
-    def _set_subnet_supply(self, subnet: Subnet, demand_at_refresh: int) -> None:
-        subnet.demand_at_refresh = demand_at_refresh
-        self._refresh_supply(subnet)
+    def _supply(self, subnet: Subnet) -> tuple[int, int]:
+        """Free addresses and whole free /28 blocks now: EC2's last figures less what the nodes drew since.
+        Without a block count, assume no fragmentation."""
+        grown_blocks = subnet.demand_blocks - subnet.blocks_at_refresh
+        addresses = subnet.free_ips - (subnet.demand - subnet.demand_at_refresh) - PREFIX_SIZE * grown_blocks
+        blocks = subnet.free_blocks if subnet.free_blocks is not None else subnet.free_ips // PREFIX_SIZE
+        return addresses, min(blocks - grown_blocks, max(addresses, 0) // PREFIX_SIZE)
 
-    def _subnet_addresses(self, subnet: Subnet) -> int:
-        """Addresses the subnet can still give; below zero when predicted warm IPs outran it."""
-        grown = subnet.demand - subnet.demand_at_refresh
-        if self.cni.prefix_delegation:
-            # A /28 needs 16 contiguous free addresses; without a block count, assume no fragmentation.
-            blocks = subnet.free_blocks if subnet.free_blocks is not None else subnet.free_ips // PREFIX_SIZE
-            return (blocks - -(-grown // PREFIX_SIZE)) * PREFIX_SIZE  # growth takes whole blocks
-        return subnet.free_ips - grown
+    def _new_node_figure(self, addresses: int, blocks: int) -> int:
+        cost = self.new_node_cost()
+        return new_node_ips(addresses, blocks, cost.addresses, cost.blocks)
 
-    def _subnet_supply(self, subnet: Subnet) -> int:
-        """What the subnet's schedulable nodes can draw on (none: nothing to draw with)."""
-        return self._subnet_addresses(subnet) if subnet.nodes else 0
+    def new_node_cost(self) -> ipamd.GrowthCost:
+        """What the cheapest node type in the cluster needs from a pod subnet before its first pod runs (the
+        type a new node most likely has; with no node yet, its primary address and one IP)."""
+        if self._new_node_cost is None:
+            costs = [ipamd.new_node_cost(limits, self.cni) for limits in self._type_counts]
+            default = ipamd.GrowthCost(1 if self.cni.custom_networking else 2, 0, 0)
+            self._new_node_cost = min(costs, key=lambda c: c.addresses + PREFIX_SIZE * c.blocks, default=default)
+        return self._new_node_cost
+
+    def _count_type(self, node: Node, sign: int) -> None:
+        if not node.known or node.limits is None:
+            return
+        count = self._type_counts.get(node.limits, 0) + sign
+        if count:
+            self._type_counts[node.limits] = count
+        else:
+            del self._type_counts[node.limits]
+
+    def _types_changed(self) -> None:
+        """The node types in the cluster changed: if the cheapest new node changed with them, every subnet's
+        figure for new nodes moves (rare: a type's first node joined or its last one left)."""
+        before = self._new_node_cost
+        self._new_node_cost = None
+        if before is not None and self.new_node_cost() != before:
+            for subnet in self.subnets.values():
+                self._refresh_supply(subnet)
 
     def _refresh_supply(self, subnet: Subnet) -> None:
-        addresses = self._subnet_addresses(subnet)
-        self._set_supply_in_zone(subnet, addresses if subnet.nodes else 0, addresses)
+        self._set_supply_in_zone(subnet, self._subnet_state(subnet))
 
-    def _set_supply_in_zone(self, subnet: Subnet, supply: int, addresses: int) -> None:
+    def _subnet_state(self, subnet: Subnet) -> tuple[int, int, Yield, int]:
+        addresses, blocks = self._supply(subnet)
+        served = subnet_yield(addresses, blocks, subnet.wants)
+        return addresses, blocks, served, self._new_node_figure(served.addresses_left, served.blocks_left)
+
+    def _set_supply_in_zone(self, subnet: Subnet, state: tuple[int, int, Yield, int] | None) -> None:
+        """Replace the subnet's derived figures (None: zero them) and move its zone's sums by the change."""
+        if state is None:
+            supply, blocks, served, addresses = 0, 0, Yield(0, 0, 0, 0), 0
+        else:
+            supply, blocks, served, addresses = state
         zone = self._zone(subnet.zone)
-        zone.supply += supply - subnet.supply
+        usable = self._usable_signed(subnet.nodes, supply, blocks)
+        zone.supply += usable - subnet.usable
+        subnet.usable = usable
+        zone.growth += served.new_ips - subnet.growth
+        zone.waiting_served += served.waiting_served - subnet.waiting_served
         zone.addresses += addresses - subnet.addresses
-        subnet.supply, subnet.addresses = supply, addresses
+        subnet.supply, subnet.supply_blocks = supply, blocks
+        subnet.growth, subnet.waiting_served = served.new_ips, served.waiting_served
+        subnet.left, subnet.left_blocks = served.addresses_left, served.blocks_left
+        subnet.addresses = addresses
 
     # ---- pods -----------------------------------------------------------------------------------------
 
@@ -594,12 +729,38 @@ class CapacityIndex:
         return node.room if node is not None else 0
 
     def _ip_at_hand(self, node: Node) -> bool:
-        """A warm IP on the node, or a subnet that can still supply one. With no subnet data we cannot tell
-        the node is dry: do not call it exhausted."""
+        """A warm IP on the node, or one ipamd would get it from its subnet: the node grows at all, and what the
+        subnet has left once the pods already waiting are served funds the node's next step (one address on an
+        attached ENI with a free slot, else a whole new ENI). With no subnet data we cannot tell the node is
+        dry: do not call it exhausted."""
         if node.warm > 0:
             return True
+        if not node.grows:
+            return False
         subnet = self.subnets.get(node.pod_subnet) if node.pod_subnet else None
-        return subnet is None or subnet.supply > 0
+        if subnet is None:
+            return True
+        if node.limits is None:
+            return subnet.left > 0
+        return self.growth_funded(node, subnet) is True
+
+    def growth_funded(self, node: Node, subnet: Subnet) -> bool | None:
+        """Whether the subnet funds one more IP on this node beyond the pods waiting there (None: no ENI slot
+        could carry it)."""
+        assert node.limits is not None
+        used = node.assigned + node.reserved
+        held = node.held_addresses
+        cost = ipamd.growth_cost(node.waiting + 1, held, node.limits, self.cni, assigned=used)
+        if cost is None:
+            return None
+        addresses, blocks = subnet.left, subnet.left_blocks
+        own = ipamd.growth_cost(node.waiting, held, node.limits, self.cni, assigned=used)
+        if own is not None and own.addresses + PREFIX_SIZE * own.blocks <= subnet.supply:
+            # The node's own waiting pods were served from what is no longer left: that was its to spend.
+            addresses += own.addresses + PREFIX_SIZE * own.blocks
+            blocks += own.blocks
+            cost = ipamd.GrowthCost(cost.addresses - own.addresses, cost.blocks - own.blocks, 0)
+        return cost.addresses + PREFIX_SIZE * cost.blocks <= addresses and cost.blocks <= blocks
 
     def node_has_address(self, node: Node) -> bool:
         """An IP slot free on the node (pods aside), and an IP at hand for it."""
@@ -610,26 +771,93 @@ class CapacityIndex:
         return node.room > self.node_reserve and self._ip_at_hand(node)
 
     def exhausted_nodes(self, zone_name: str) -> Iterator[str]:
-        """Nodes in the zone that cannot take a pod now: full, or dry with an empty subnet. Walks only those."""
+        """Nodes in the zone that cannot take a pod now: full, or with no warm IP and no way to get one. Walks
+        only those with no warm IP."""
         zone = self.zones.get(zone_name)
         if zone is None:
             return
         yield from zone.full_nodes
-        for subnet_id, names in zone.dry_nodes.items():
-            if self.subnets[subnet_id].supply > 0:
-                continue
+        for names in zone.dry_nodes.values():
             for name in names:
-                if name not in zone.full_nodes and self.nodes[name].room > self.node_reserve:
+                node = self.nodes[name]
+                if name not in zone.full_nodes and node.room > self.node_reserve and not self._ip_at_hand(node):
                     yield name
+
+    def node_growth_hint(self, node: Node) -> str:
+        """Why the node gets no IP from its subnet, in words (for a denial, not the request path's hot part)."""
+        if node.no_eni_config:
+            return "custom networking is on and no ENIConfig applies to the node"
+        if node.cordoned and not self.cni.manage_enis_non_schedulable:
+            return "the node is cordoned: ipamd adds no IP to it (AWS_MANAGE_ENIS_NON_SCHEDULABLE is off)"
+        if node.limits is None:
+            return ""
+        used = node.assigned + node.reserved
+        if not node.grows:
+            if self.cni.uses_ip_targets and not self.cni.warm_ip_target:
+                return f"MINIMUM_IP_TARGET without WARM_IP_TARGET: ipamd holds {node.held} IPs and adds none"
+            if node.allocatable_pods is not None and node.held >= node.allocatable_pods:
+                return f"ipamd adds no IP once a node holds max-pods ({node.allocatable_pods}) IPs"
+            return f"every ENI slot of {node.instance_type} is in use"
+        subnet = self.subnets.get(node.pod_subnet) if node.pod_subnet else None
+        cost = ipamd.growth_cost(node.waiting + 1, node.held_addresses, node.limits, self.cni, assigned=used)
+        if subnet is None or cost is None:
+            return ""
+        return _cost_phrase(node.instance_type or "the node", cost, subnet)
+
+    def growth_hint(self, zone_name: str) -> str:
+        """Why a zone's free addresses are not pod IPs, in words: the cheapest step its nodes need next, and
+        what a new node needs, against what is left (for a denial only: walks the zone's dry nodes)."""
+        zone = self.zones.get(zone_name)
+        if zone is None:
+            return ""
+        hints: list[str] = []
+        for subnet_id in zone.subnet_tuple:
+            subnet = self.subnets[subnet_id]
+            if subnet.left <= 0:
+                continue
+            cheapest: tuple[int, str, ipamd.GrowthCost] | None = None
+            for name in zone.dry_nodes.get(subnet_id, ()):
+                node = self.nodes[name]
+                if node.limits is None or not node.grows or node.room <= 0:
+                    continue
+                cost = ipamd.growth_cost(node.waiting + 1, node.held_addresses, node.limits, self.cni,
+                                         assigned=node.assigned + node.reserved)
+                if cost is not None:
+                    whole = cost.addresses + PREFIX_SIZE * cost.blocks
+                    if cheapest is None or whole < cheapest[0]:
+                        cheapest = (whole, node.instance_type or name, cost)
+            if cheapest is not None:
+                hints.append(_cost_phrase(cheapest[1], cheapest[2], subnet))
+            new = self.new_node_cost()
+            hints.append(f"a new node needs {new.addresses} address(es)"
+                         + (f" and {new.blocks} free /28 block(s)" if new.blocks else ""))
+        return "; ".join(dict.fromkeys(hints))
+
+    def has_pod_slot(self, name: str) -> bool:
+        """The scheduler could still bind a pod to the node: a pod slot left (allocatable pods)."""
+        node = self.nodes.get(name)
+        if node is None:
+            return False
+        return node.allocatable_pods is None or node.allocatable_pods - node.pods - node.reserved > 0
+
+    def nodes_that_can_take(self, zones: list[str], most: int) -> list[str]:
+        """Up to `most` counted nodes in these zones that can take a pod now. Walks the nodes: only for the
+        rare case where the nodes that cannot are too many to list."""
+        wanted = set(zones)
+        found: list[str] = []
+        for node in self.nodes.values():
+            if node.zone in wanted and self._node_counted(node) and self.node_can_take(node):
+                found.append(node.name)
+                if len(found) >= most:
+                    break
+        return found
 
     def exhausted_count(self, zone_name: str) -> int:
         """An upper bound on len(exhausted_nodes(zone)), in O(subnets)."""
         zone = self.zones.get(zone_name)
         if zone is None:
             return 0
-        return len(zone.full_nodes) + sum(
-            len(names) for sid, names in zone.dry_nodes.items() if self.subnets[sid].supply <= 0
-        )
+        return len(zone.full_nodes) + sum(len(names) for names in zone.dry_nodes.values())
 
     def zone_figures(self, name: str, *, expire: bool = True) -> ZoneFigures:
         """One zone's figures (`expire=False` when the caller has just expired reservations itself)."""
@@ -648,6 +876,9 @@ class CapacityIndex:
             headroom=zone.headroom,
             branch_headroom=zone.branch_headroom,
             subnets=subnets,
+            waiting=zone.waiting,
+            waiting_served=zone.waiting_served,
+            new_node_ips=zone.addresses,
         )
 
     def node_figures(self, name: str) -> NodeFigures | None:
@@ -666,14 +897,33 @@ class CapacityIndex:
             reserved=node.reserved,
             room=node.room,
             warm_free=node.warm,
+            held=node.held,
+            enis=node.held_enis,
+            waiting=node.waiting,
+            grows=node.grows,
+            cordoned=node.cordoned,
+            no_eni_config=node.no_eni_config,
         )
 
     def subnet_figures(self) -> list[SubnetFigures]:
         self._reservations.expire()
         return [
-            SubnetFigures(s.subnet_id, s.zone, s.cidr, s.free_ips, s.free_blocks, max(0, s.supply), s.nodes)
+            SubnetFigures(s.subnet_id, s.zone, s.cidr, s.free_ips, s.free_blocks, self._usable(s), s.nodes,
+                          s.waiting_served, max(0, s.left), s.addresses)
             for s in sorted(self.subnets.values(), key=lambda s: (s.zone, s.subnet_id))
         ]
+
+    def _usable_signed(self, nodes: int, supply: int, blocks: int) -> int:
+        """What a subnet's schedulable nodes can still draw on: free addresses, in whole /28 blocks under
+        prefix delegation (none when no node draws on it); below zero when predictions outran it."""
+        if not nodes:
+            return 0
+        if self.cni.prefix_delegation and supply >= 0:
+            return blocks * PREFIX_SIZE
+        return supply
+
+    def _usable(self, subnet: Subnet) -> int:
+        return max(0, subnet.usable)
 
     def snapshot(self) -> IndexSnapshot:
         """Every zone's and subnet's figures at one moment (one version of the index)."""
@@ -686,6 +936,9 @@ class CapacityIndex:
             nodes=sum(1 for n in self.nodes.values() if n.known),
             reservations=len(self._reservations),
             unknown_types=tuple(sorted(self.unknown_types)),
+            waiting_nodes=tuple(sorted(
+                (n.name, n.zone or "", n.waiting) for n in self.nodes.values() if n.known and n.waiting > 0
+            )),
         )
 
     # ---- checking -------------------------------------------------------------------------------------
@@ -695,7 +948,7 @@ class CapacityIndex:
         self._reservations.expire()
         nodes = {
             name: Node(n.name, n.zone, n.instance_type, n.pod_subnet, n.allocatable_pods, n.schedulable,
-                       n.limits, n.ec2_held, known=n.known)
+                       n.limits, n.ec2_held, n.cordoned, n.no_eni_config, n.ec2_enis, known=n.known)
             for name, n in self.nodes.items()
         }
         zones: dict[str, Zone] = {}
@@ -716,18 +969,22 @@ class CapacityIndex:
             else:
                 nodes.setdefault(reservation.node, Node(reservation.node)).reserved += 1
         subnets = {
-            sid: Subnet(sid, s.zone, s.cidr, s.free_ips, s.free_blocks, s.demand_at_refresh)
+            sid: Subnet(sid, s.zone, s.cidr, s.free_ips, s.free_blocks, s.demand_at_refresh, s.blocks_at_refresh)
             for sid, s in self.subnets.items()
         }
         for node in nodes.values():
             self._derive(node)
             self._contribute(node, 1, zones, subnets)
         for subnet in subnets.values():
-            subnet.supply = self._subnet_supply(subnet)
-            subnet.addresses = self._subnet_addresses(subnet)
+            supply, blocks, served, addresses = self._subnet_state(subnet)
+            subnet.supply, subnet.growth, subnet.addresses = supply, served.new_ips, addresses
+            subnet.waiting_served = served.waiting_served
+            subnet.usable = self._usable_signed(subnet.nodes, supply, blocks)
             zone = zones.setdefault(subnet.zone, Zone(subnet.zone))
-            zone.supply += subnet.supply
-            zone.addresses += subnet.addresses
+            zone.supply += subnet.usable
+            zone.growth += served.new_ips
+            zone.waiting_served += served.waiting_served
+            zone.addresses += addresses
         return _aggregates(zones, subnets, nodes)
 
     def aggregates(self) -> dict[str, Any]:
@@ -740,21 +997,39 @@ def _aggregates(zones: dict[str, Zone], subnets: dict[str, Subnet], nodes: dict[
     return {
         "zones": {
             z.name: (
-                z.nodes, z.room, z.branch_room, z.warm, z.warm_usable, z.beyond_warm, z.supply, z.reservations,
+                z.nodes, z.room, z.branch_room, z.warm, z.warm_usable, z.growth, z.supply, z.reservations,
                 z.unbound_reservations, z.pending, z.beyond_warm_unknown, z.unknown_subnet_nodes, z.addresses,
+                z.waiting, z.waiting_served, z.no_config_nodes,
                 sorted(z.full_nodes),
                 sorted((sid, sorted(names)) for sid, names in z.dry_nodes.items() if names),
             )
             for z in zones.values()
-            if z.nodes or z.supply or z.addresses or z.reservations or z.pending
+            if z.nodes or z.supply or z.addresses or z.reservations or z.pending or z.growth
         },
-        "subnets": {s.subnet_id: (s.nodes, s.demand, s.supply, s.addresses) for s in subnets.values()},
+        "subnets": {
+            s.subnet_id: (s.nodes, s.demand, s.demand_blocks, s.supply, s.growth, s.waiting_served, s.addresses,
+                          {k: (d.wait_units, d.wait_ips, d.all_units, d.new_ips) for k, d in s.wants.items()})
+            for s in subnets.values()
+        },
         "nodes": {
-            n.name: (n.known, n.pods, n.assigned, n.branch, n.reserved, n.room, n.branch_room, n.warm, n.demand)
+            n.name: (n.known, n.pods, n.assigned, n.branch, n.reserved, n.room, n.branch_room, n.warm, n.demand,
+                     n.waiting, n.grows, n.held, n.held_enis)
             for n in nodes.values()
             if n.known or n.pods or n.reserved
         },
     }
+
+def _cost_phrase(instance_type: str, cost: ipamd.GrowthCost, subnet: Subnet) -> str:
+    left = max(subnet.left, 0)
+    if cost.blocks:
+        have = f"{subnet.subnet_id} has {max(subnet.left_blocks, 0)} free /28 block(s)"
+        need = f"{cost.blocks} /28 block(s)" + (f" and {cost.addresses} address(es)" if cost.addresses else "")
+    else:
+        have = f"{subnet.subnet_id} has {left} free address(es)"
+        need = f"{cost.addresses} address(es)"
+    what = f"a new ENI on {instance_type}" if cost.new_enis else f"{instance_type}"
+    return f"{have}; {what} needs {need} at once"
+
 
 @dataclass(frozen=True, slots=True)
 class IndexSnapshot:
@@ -765,6 +1040,7 @@ class IndexSnapshot:
     nodes: int
     reservations: int
     unknown_types: tuple[str, ...]
+    waiting_nodes: tuple[tuple[str, str, int], ...] = ()  # (node, zone, pods on it waiting for an IP)
 
 
 def pod_key(namespace: str, name: str) -> str:

@@ -137,20 +137,30 @@ def steer_softly(pod: Pod) -> bool:
 
 
 def pinned_nodes(pod: Pod) -> list[str]:
-    """Nodes a pod is pinned to by name through its required affinity (how DaemonSet pods are placed:
-    `matchFields: metadata.name In [node]`); empty when any term leaves it free."""
+    """Nodes a pod is pinned to by name: through its required affinity (how DaemonSet pods are placed:
+    `matchFields: metadata.name In [node]`), or by the `kubernetes.io/hostname` label (in its node selector, or
+    `In` in every required term), which on EKS is the node's name. Empty when the pod is free of that."""
+    selector = _map(spec(pod).get("nodeSelector")).get(HOSTNAME_LABEL)
+    by_selector = [selector] if isinstance(selector, str) and selector else []
     affinity = _map(_map(spec(pod).get("affinity")).get("nodeAffinity"))
     terms = _list(_map(affinity.get("requiredDuringSchedulingIgnoredDuringExecution")).get("nodeSelectorTerms"))
     names: list[str] = []
     for term in terms:
+        term = _map(term)
         fields = [
-            _map(f) for f in _list(_map(term).get("matchFields"))
+            _map(f) for f in _list(term.get("matchFields"))
             if _map(f).get("key") == "metadata.name" and _map(f).get("operator") == "In"
+        ] + [
+            _map(e) for e in _list(term.get("matchExpressions"))
+            if _map(e).get("key") == HOSTNAME_LABEL and _map(e).get("operator") == "In"
         ]
         if not fields:
-            return []
-        names.extend(v for v in _list(fields[0].get("values")) if isinstance(v, str) and v not in names)
-    return names
+            return by_selector
+        allowed = [v for v in _list(fields[0].get("values")) if isinstance(v, str)]
+        for extra in fields[1:]:  # several in one term are ANDed
+            allowed = [v for v in allowed if v in _list(extra.get("values"))]
+        names.extend(v for v in allowed if v not in names and (not by_selector or v in by_selector))
+    return names if terms else by_selector
 
 
 def allowed_zones(pod: Pod, zones: Iterable[str]) -> list[str]:

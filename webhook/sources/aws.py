@@ -280,6 +280,10 @@ class InstanceEnis:
             prefixes -= self.primary_prefixes
         return ips + prefixes * PREFIX_SIZE
 
+    def pod_enis(self, *, custom_networking: bool = False) -> int:
+        """ENIs that carry pod IPs (under custom networking the primary ENI carries none)."""
+        return max(self.enis - (1 if custom_networking and self.primary_subnet is not None else 0), 0)
+
 
 @dataclass(slots=True)
 class _Tally:
@@ -993,8 +997,9 @@ class Ec2Poller:
             held = usage.held_ips(custom_networking=custom) if usage is not None else None
             if held is not None:
                 held_now.add(node_name)
-            if node.ec2_held != held:
-                index.set_node_held(node_name, held)
+            enis = usage.pod_enis(custom_networking=custom) if usage is not None else None
+            if node.ec2_held != held or node.ec2_enis != enis:
+                index.set_node_held(node_name, held, enis=enis)
                 updated += 1
         for node_name in self._held_nodes - held_now:
             node = index.nodes.get(node_name)

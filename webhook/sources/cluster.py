@@ -15,16 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from webhook.model import pods as podlib
-from webhook.model.cni import CniSettings, CniSettingsError
+from webhook.model.cni import DEFAULT_ENI_CONFIG_NAME, CniSettings, CniSettingsError
 from webhook.model.config import ConfigError, Settings
 from webhook.model.index import CapacityIndex, pod_key
 
 log = logging.getLogger("ipguard.sources")
 
 EXTERNAL_ENI_CONFIG_LABEL = "vpc.amazonaws.com/externalEniConfig"
-DEFAULT_ENI_CONFIG_NAME = "default"
 INSTANCE_TYPE_LABELS = ("node.kubernetes.io/instance-type", "beta.kubernetes.io/instance-type")
 COMPUTE_TYPE_LABEL = "eks.amazonaws.com/compute-type"
+UNSCHEDULABLE_TAINT = "node.kubernetes.io/unschedulable"
 AWS_NODE_CONTAINER = "aws-node"
 
 
@@ -73,6 +73,7 @@ class NodeInfo:
     provider_id: str | None
     allocatable_pods: int | None
     schedulable: bool
+    cordoned: bool  # ipamd adds no IP or ENI to it (isENIAttachmentAllowed)
     labels: dict[str, str]  # kept whole: which label and annotation name the ENIConfig depends on the CNI
     annotations: dict[str, str]  # settings, which may arrive after the node
 
@@ -94,13 +95,20 @@ def node_info(obj: Mapping[str, Any]) -> NodeInfo:
     instance_type = next((labels[k] for k in INSTANCE_TYPE_LABELS if labels.get(k)), None)
     linux = labels.get(podlib.OS_LABEL, "linux") == "linux"
     fargate = labels.get(COMPUTE_TYPE_LABEL) == "fargate"
+    # ipamd reads the taint the node lifecycle controller adds on cordon; spec.unschedulable is the cordon.
+    taints = spec.get("taints") or []
+    cordoned = bool(spec.get("unschedulable", False)) or any(
+        isinstance(t, Mapping) and t.get("key") == UNSCHEDULABLE_TAINT and t.get("effect") == "NoSchedule"
+        for t in taints
+    )
     return NodeInfo(
         name=str(meta.get("name")),
         zone=zone,
         instance_type=instance_type,
         provider_id=spec.get("providerID"),
         allocatable_pods=_quantity((status.get("allocatable") or {}).get("pods")),
-        schedulable=linux and not fargate and not spec.get("unschedulable", False),
+        schedulable=linux and not fargate and not cordoned,
+        cordoned=cordoned,
         labels={str(k): str(v) for k, v in labels.items()},
         annotations={str(k): str(v) for k, v in annotations.items()},
     )
@@ -145,13 +153,17 @@ class ClusterFeed:
         info = self.nodes.get(name)
         if info is None:
             return
+        pod_subnet = self.pod_subnet(info)
         self.index.upsert_node(
             name,
             zone=info.zone,
             instance_type=info.instance_type,
-            pod_subnet=self.pod_subnet(info),
+            pod_subnet=pod_subnet,
             allocatable_pods=info.allocatable_pods,
             schedulable=info.schedulable,
+            cordoned=info.cordoned,
+            # MyENIConfig finds none: ipamd attaches no pod ENI, and the node gives no pod IP.
+            no_eni_config=self.index.cni.custom_networking and pod_subnet is None,
         )
 
     def sync_all_nodes(self) -> None:
@@ -176,7 +188,11 @@ class ClusterFeed:
         return result
 
     def subnets_in_use(self) -> set[str]:
-        return set(self.ec2_node_subnets.values()) | set(self.eni_configs.values())
+        """Pod subnets: the ENIConfigs' under custom networking (the nodes' own subnets then give pods
+        nothing), else the nodes' own."""
+        if self.index.cni.custom_networking:
+            return set(self.eni_configs.values())
+        return set(self.ec2_node_subnets.values())
 
     def handlers(self) -> dict[str, Handler]:
         return {

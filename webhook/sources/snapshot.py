@@ -6,6 +6,10 @@ is a full example):
     cni: {ENABLE_PREFIX_DELEGATION: "false", WARM_ENI_TARGET: "1"}   # the aws-node env
     settings: {mode: enforce, zoneReserve: "5"}                     # ipguard's ConfigMap data
     eniConfigs: {us-east-1a: subnet-...}                            # custom networking: ENIConfig -> subnet
+                                                                    # (a node picks its eniConfig, else the one
+                                                                    # named for its zone when ENI_CONFIG_LABEL_DEF
+                                                                    # is the zone label, else "default"; with
+                                                                    # none of those it gets no pod IP)
     subnets:
       - {id: subnet-..., zone: us-east-1a, cidr: 10.0.0.0/24, free: 12, freeBlocks: 0}
     nodes:
@@ -16,7 +20,8 @@ is a full example):
         eniConfig: us-east-1a       # optional (custom networking); default by ENI_CONFIG_LABEL_DEF
         allocatablePods: 29         # optional; default: the type's max-pods
         heldIPs: 27                 # optional: what EC2 says the node holds
-        unschedulable: false
+        enis: 3                     # optional, with heldIPs: the ENIs carrying them (default: as few as hold them)
+        unschedulable: false        # cordoned: no new pods, and ipamd gives it no new IP
         os: linux
         pods: {ip: 20, hostNetwork: 2, completed: 3, branch: 0}
 """
@@ -30,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from webhook.model.cni import CniSettings, CniSettingsError
+from webhook.model.cni import DEFAULT_ENI_CONFIG_NAME, CniSettings, CniSettingsError
 from webhook.model.config import ConfigError, Settings
 from webhook.model.index import CapacityIndex, PodUse
 from webhook.model.limits import LimitsTable, UnknownInstanceType, max_pods
@@ -47,10 +52,12 @@ class SnapshotNode:
     zone: str
     instance_type: str
     subnet: str
-    pod_subnet: str
+    pod_subnet: str | None  # None: custom networking and no ENIConfig for it
     allocatable_pods: int | None
     held_ips: int | None
+    held_enis: int | None
     schedulable: bool
+    cordoned: bool
     ip_pods: int
     host_network_pods: int
     completed_pods: int
@@ -74,6 +81,7 @@ class Snapshot:
     settings_data: dict[str, str]
     subnets: list[SnapshotSubnet] = field(default_factory=list)
     nodes: list[SnapshotNode] = field(default_factory=list)
+    eni_configs: dict[str, str] = field(default_factory=dict)  # ENIConfig name -> subnet
 
     def build_index(self, limits: LimitsTable | None = None, **kwargs: Any) -> CapacityIndex:
         index = CapacityIndex(
@@ -91,9 +99,11 @@ class Snapshot:
                 pod_subnet=node.pod_subnet,
                 allocatable_pods=node.allocatable_pods,
                 schedulable=node.schedulable,
+                cordoned=node.cordoned,
+                no_eni_config=node.pod_subnet is None,
             )
             if node.held_ips is not None:
-                index.set_node_held(node.name, node.held_ips)
+                index.set_node_held(node.name, node.held_ips, enis=node.held_enis)
             short = node.name.split(".", 1)[0]
             for i in range(node.ip_pods):
                 index.upsert_pod(f"apps/{short}-app-{i}", node.name, PodUse.IP)
@@ -102,8 +112,12 @@ class Snapshot:
             for i in range(node.host_network_pods):
                 index.upsert_pod(f"kube-system/{short}-host-{i}", node.name, PodUse.NONE)
             # Completed pods take nothing: they stay out of the index, as the watch source leaves them out.
-        # Subnet figures last: EC2 measured them with these pods and warm pools already in place.
+        # Subnet figures last: EC2 measured them with these pods and warm pools already in place. Under custom
+        # networking only the ENIConfigs' subnets give pods addresses, not the nodes' own.
+        pod_subnets = set(self.eni_configs.values()) if self.cni.custom_networking else None
         for subnet in self.subnets:
+            if pod_subnets is not None and subnet.subnet_id not in pod_subnets:
+                continue
             index.upsert_subnet(
                 subnet.subnet_id,
                 zone=subnet.zone,
@@ -138,7 +152,7 @@ def parse_snapshot(document: Any, source: str, limits: LimitsTable) -> Snapshot:
     except ConfigError as exc:
         raise SnapshotError(f"{source}: settings: {exc}") from None
     eni_configs = {str(k): str(v) for k, v in _mapping(doc.get("eniConfigs", {}), source, "eniConfigs").items()}
-    snapshot = Snapshot(source, cni, settings, settings_data)
+    snapshot = Snapshot(source, cni, settings, settings_data, eni_configs=eni_configs)
 
     for i, raw in enumerate(_list(doc.get("subnets", []), source, "subnets")):
         where = f"subnets[{i}]"
@@ -169,21 +183,26 @@ def parse_snapshot(document: Any, source: str, limits: LimitsTable) -> Snapshot:
         except UnknownInstanceType as exc:
             raise SnapshotError(f"{source}: {where}: {exc}") from None
         subnet = _str(item, "subnet", source, where)
-        pod_subnet = subnet
+        pod_subnet: str | None = subnet
         if cni.custom_networking:
+            # The CNI's order (MyENIConfig): the node's own choice, the zone under a zone label, then "default".
             config_name = str(item.get("eniConfig") or "")
             if not config_name and cni.eni_config_label_def == ZONE_LABEL:
                 config_name = zone
-            if config_name not in eni_configs:
+            if config_name and config_name not in eni_configs:
                 raise SnapshotError(
                     f"{source}: {where}: custom networking is on but ENIConfig {config_name!r} is not in eniConfigs"
                 )
-            pod_subnet = eni_configs[config_name]
-        if pod_subnet not in known_subnets:
+            pod_subnet = eni_configs.get(config_name or DEFAULT_ENI_CONFIG_NAME)
+        if pod_subnet is not None and pod_subnet not in known_subnets:
             raise SnapshotError(f"{source}: {where}: pod subnet {pod_subnet} is not listed under subnets")
         pods = _mapping(item.get("pods", {}), source, f"{where}.pods")
         allocatable = item.get("allocatablePods")
         held = item.get("heldIPs")
+        enis = item.get("enis")
+        if enis is not None and held is None:
+            raise SnapshotError(f"{source}: {where}: enis needs heldIPs (the IPs those ENIs hold)")
+        cordoned = bool(item.get("unschedulable", False))
         snapshot.nodes.append(
             SnapshotNode(
                 name=_str(item, "name", source, where),
@@ -197,7 +216,9 @@ def parse_snapshot(document: Any, source: str, limits: LimitsTable) -> Snapshot:
                     else _int(item, "allocatablePods", source, where)
                 ),
                 held_ips=None if held is None else _int(item, "heldIPs", source, where),
-                schedulable=not bool(item.get("unschedulable", False)) and item.get("os", "linux") == "linux",
+                held_enis=None if enis is None else _int(item, "enis", source, where),
+                schedulable=not cordoned and item.get("os", "linux") == "linux",
+                cordoned=cordoned,
                 ip_pods=_int(pods, "ip", source, where, 0),
                 host_network_pods=_int(pods, "hostNetwork", source, where, 0),
                 completed_pods=_int(pods, "completed", source, where, 0),

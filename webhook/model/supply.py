@@ -1,0 +1,118 @@
+"""How many more pod IPs one subnet's free addresses can give the nodes that draw on it.
+
+Nodes do not take addresses one at a time: a node whose attached ENIs are full gets nothing until the subnet
+can fund a whole new ENI (its primary address plus its whole request, `ipamd.growth_cost`). So each node's
+growth is a list of units, each with a cost (addresses, /28 blocks) and a gain (pod IPs), and the subnet's
+answer depends on how its free addresses fall among them. The index keeps, per subnet, the sum of its nodes'
+units by kind (`Demand`, O(1) to update); `subnet_yield` then answers in O(kinds), a handful.
+
+Pods already on a node beyond what it holds (waiting for an IP: the `FailedCreatePodSandBox` pods) are
+served first: their node's ipamd is already asking. What is left goes to new pods, then to new nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from webhook.model.limits import PREFIX_SIZE
+
+# (addresses, /28 blocks, pod IPs gained) of one growth unit: a free slot filled on an attached ENI
+# ((1, 0, 1), or (0, 1, 16) for a prefix), or a new ENI ((1 + n, 0, n), or (1, n, 16 n) with prefixes).
+UnitKind = tuple[int, int, int]
+
+
+@dataclass(slots=True)
+class Demand:
+    """What the nodes of one subnet want of one unit kind."""
+
+    wait_units: int = 0  # units needed to serve the pods waiting for an IP
+    wait_ips: int = 0
+    all_units: int = 0  # units needed to serve those and the new pods the nodes have room for
+    new_ips: int = 0
+
+    def add(self, other: Demand, sign: int) -> None:
+        self.wait_units += sign * other.wait_units
+        self.wait_ips += sign * other.wait_ips
+        self.all_units += sign * other.all_units
+        self.new_ips += sign * other.new_ips
+
+    @property
+    def empty(self) -> bool:
+        return not (self.wait_units or self.wait_ips or self.all_units or self.new_ips)
+
+
+@dataclass(frozen=True, slots=True)
+class Yield:
+    new_ips: int  # pod IPs new pods on the subnet's nodes can get (negative: predicted warm IPs it cannot fund)
+    waiting_served: int  # waiting pods that will get an IP
+    addresses_left: int  # free addresses once the waiting pods are served (what new nodes could draw on)
+    blocks_left: int
+
+
+def _affordable(addresses: int, blocks: int, kind: UnitKind) -> int:
+    cost_addresses, cost_blocks, _ = kind
+    whole = cost_addresses + PREFIX_SIZE * cost_blocks
+    count = addresses // whole if whole else 1 << 30
+    if cost_blocks:
+        count = min(count, blocks // cost_blocks)
+    return max(count, 0)
+
+
+def _spend(addresses: int, blocks: int, kind: UnitKind, units: int) -> tuple[int, int]:
+    cost_addresses, cost_blocks, _ = kind
+    addresses -= units * (cost_addresses + PREFIX_SIZE * cost_blocks)
+    blocks -= units * cost_blocks
+    # Loose addresses taken may break free blocks: never count more blocks than the addresses left can hold.
+    return addresses, min(blocks, max(addresses, 0) // PREFIX_SIZE)
+
+
+def subnet_yield(addresses: int, blocks: int, demand: Mapping[UnitKind, Demand]) -> Yield:
+    """Serve the waiting pods, then the new ones, cheapest units first, from `addresses` free addresses of which
+    `blocks` aligned /28 blocks are whole. Below zero (predicted warm pools the subnet could not give), the
+    shortfall is the answer: the zone sum takes those phantom IPs back."""
+    if addresses < 0 or blocks < 0:
+        shortfall = min(addresses, blocks * PREFIX_SIZE)
+        return Yield(shortfall, 0, addresses, blocks)
+    kinds = sorted(demand, key=lambda k: (k[0] + PREFIX_SIZE * k[1]) / k[2])
+    funded: dict[UnitKind, int] = {}
+    surplus: dict[UnitKind, int] = {}
+    waiting_served = 0
+    for kind in kinds:
+        want = demand[kind]
+        units = min(want.wait_units, _affordable(addresses, blocks, kind))
+        addresses, blocks = _spend(addresses, blocks, kind, units)
+        served = min(want.wait_ips, units * kind[2])
+        waiting_served += served
+        funded[kind] = units
+        surplus[kind] = units * kind[2] - served
+    left = (addresses, blocks)
+    new_ips = 0
+    for kind in kinds:
+        want = demand[kind]
+        units = min(want.all_units - funded[kind], _affordable(addresses, blocks, kind))
+        addresses, blocks = _spend(addresses, blocks, kind, max(units, 0))
+        new_ips += min(want.new_ips, surplus[kind] + max(units, 0) * kind[2])
+    return Yield(new_ips, waiting_served, left[0], left[1])
+
+
+def add_demand(into: dict[UnitKind, Demand], parts: Iterable[tuple[UnitKind, Demand]], sign: int) -> None:
+    for kind, part in parts:
+        total = into.get(kind)
+        if total is None:
+            total = into[kind] = Demand()
+        total.add(part, sign)
+        if total.empty:
+            del into[kind]
+
+
+def new_node_ips(addresses: int, blocks: int, cost_addresses: int, cost_blocks: int) -> int:
+    """Pod IPs new nodes could still get from what is left: none unless one node's first pod can be funded
+    (its own primary address and its first IP, or its first ENI's whole request); then what the addresses
+    hold beyond that node's overhead."""
+    if addresses < cost_addresses + PREFIX_SIZE * cost_blocks or blocks < cost_blocks:
+        return 0
+    if cost_blocks:
+        return PREFIX_SIZE * blocks
+    overhead = cost_addresses - 1  # every address past the overhead can become a pod IP
+    return addresses - overhead

@@ -3,7 +3,7 @@
 Serves list (paginated, served "as of" a resourceVersion), watch (ADDED/MODIFIED/DELETED, BOOKMARK, ERROR 410,
 timeoutSeconds) and simple writes for core/v1 nodes, pods, namespaces, configmaps, apps/v1 daemonsets and the EKS
 CRDs (ENIConfig, SecurityGroupPolicy, CNINode), reproducing the wire format captured from kube-apiserver v1.36 in
-../shared/fixtures/apiserver (see the README there, "List/watch facts").
+tests/fixtures/apiserver (see the README there, "List/watch facts").
 
 Typical use::
 

@@ -76,6 +76,7 @@ class WebhookServer:
     reloader: CertReloader | None = None
     index_loaded: Callable[[], bool] = lambda: True
     source_ages: Callable[[], dict[str, float]] = dict  # source -> seconds since it was last current
+    notes: Callable[[], list[str]] = list  # what an admin should know while ready (shown by /readyz)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     log_allows: bool = False
     draining: bool = False  # shutting down: not ready, still answering
@@ -103,7 +104,7 @@ class WebhookServer:
             return False, "capacity index not loaded yet"
         if self.reloader is not None and not self.reloader.ready:
             return False, "serving certificate not loaded"
-        return True, "ok"
+        return True, "; ".join(["ok", *self.notes()])
 
     def app(self) -> web.Application:
         # The body limit is enforced by hand (with a clear reason); aiohttp's own check is a backstop.

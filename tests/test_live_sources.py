@@ -378,6 +378,27 @@ async def test_reconnect_probes_every_few_seconds_while_the_api_server_is_away(
         await env.consistent()
 
 
+async def test_ready_without_waiting_a_tick_for_ec2(moto: live.Moto, tmp_path: Path) -> None:
+    """The first EC2 refresh starts as soon as the nodes (and where their pods' subnets come from) are listed,
+    not one ec2_tick later: with the default 5 s tick, ready well within it."""
+    fk, url, _ = await live.start_cluster(moto, bookmark_interval=0.5)
+    paths = live.certs(tmp_path)
+    options = ServeOptions(host="127.0.0.1", port=0, tls_cert=paths.tls_cert, tls_key=paths.tls_key,
+                           region=live.REGION, ec2_endpoint_url=moto.url)
+    assert options.ec2_tick == 5.0
+    service = Service(await api_client(host=url), options)
+    started = time.monotonic()
+    await service.start()
+    try:
+        await until(service.loaded, "ready", seconds=20)
+        seconds = time.monotonic() - started
+        print(f"time to ready: {seconds:.2f} s (ec2_tick {options.ec2_tick:.0f} s)")
+        assert seconds < options.ec2_tick - 1
+    finally:
+        await service.stop()
+        await fk.stop()
+
+
 async def test_cni_settings_follow_the_aws_node_daemonset(env: Env) -> None:
     index = env.service.index
     assert index.cni.warm_eni_target == 1 and not index.cni.prefix_delegation

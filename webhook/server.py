@@ -62,8 +62,9 @@ def _index_gauges(state: AdmissionState, registry: Registry) -> None:
     registry.add(Gauge("ipguard_zone_headroom_pod_ips", "Pod IPs a zone can still take.", ("zone",), zones))
     registry.add(Gauge("ipguard_subnet_free_pod_ips", "Pod IPs a subnet can still supply.", ("subnet", "zone"),
                        subnets))
-    registry.add(Gauge("ipguard_index_pods", "Pods in the capacity index (running, or pending and steered).", (),
-                       lambda: [((), float(len(state.index.pods)))]))
+    pods_help = ("Pods in the capacity index: every pod not Succeeded or Failed, bound to a node or not (steered "
+                 "or not), those that take no pod IP (host network, Fargate, Windows) included.")
+    registry.add(Gauge("ipguard_index_pods", pods_help, (), lambda: [((), float(len(state.index.pods)))]))
     registry.add(Gauge("ipguard_index_nodes", "Nodes in the capacity index.", (),
                        lambda: [((), float(sum(1 for n in state.index.nodes.values() if n.known)))]))
     registry.add(Gauge("ipguard_reservations", "Admitted pods holding an IP until the watch shows them.", (),

@@ -33,6 +33,9 @@ log = logging.getLogger("ipguard.service")
 
 # Data older than the staleness bound from these fails decisions open.
 ESSENTIAL = ("nodes", "pods")
+# What the EC2 refresh needs listed first: the nodes' instances, and the ENIConfigs and CNI settings that say
+# which subnets their pods use.
+EC2_INPUTS = ("nodes", "eniconfigs", "daemonsets")
 
 
 @dataclass(slots=True)
@@ -51,6 +54,7 @@ class ServeOptions:
     ec2_tick: float = 5.0  # how often the poller is asked; it only calls EC2 for what is due
     watch_timeout: int = WATCH_TIMEOUT
     shutdown_delay: float = 5.0  # not ready, still serving, before the listener closes
+    tls: bool = True  # False: the index only (`report --live`), no serving certificate looked for
 
 
 def min_staleness(options: ServeOptions) -> float:
@@ -98,7 +102,7 @@ class Service:
                       subnet_period=o.ec2_period, clock=self.clock)
             if o.ec2 else None
         )
-        reloader = CertReloader(o.tls_cert, o.tls_key, allow_missing=True)
+        reloader = CertReloader(o.tls_cert, o.tls_key, allow_missing=True) if o.tls else None
         self.server = WebhookServer(self.state, reloader, self.loaded, self.source_ages, self.notes)
         self._add_metrics()
 
@@ -197,6 +201,9 @@ class Service:
             self.ec2_ready = True
 
     async def _ec2_loop(self) -> None:
+        # The first refresh as soon as EC2 can be asked the right things (the nodes, and where custom networking
+        # puts their pods), not a tick later: it is what readiness waits for.
+        await asyncio.gather(*(self.reflectors[kind].listed.wait() for kind in EC2_INPUTS))
         while True:
             try:
                 await self.refresh_ec2()
@@ -308,3 +315,4 @@ async def serve(api: k8s.ApiClient, options: ServeOptions) -> None:
         await asyncio.sleep(options.shutdown_delay)
     finally:
         await service.stop()
+        log.info("stopped")

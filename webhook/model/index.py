@@ -39,6 +39,13 @@ from webhook.model.limits import (
     uses_prefixes,
 )
 
+# The zone headroom rule as `zone_headroom` computes it, in words: `ipguard report` prints it and README states it
+# (a test keeps README's text equal to this one). Change it together with the computation.
+HEADROOM_RULE = (
+    "headroom = sum of min(room, warm free) + min(sum of room beyond warm, what the pod subnets can still "
+    "supply), less reservations not yet on a node and pending pods steered there"
+)
+
 Clock = Callable[[], float]
 
 

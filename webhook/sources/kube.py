@@ -106,6 +106,7 @@ class Reflector:
     events: int = 0
     errors: int = 0
     backoff: Backoff = field(default_factory=Backoff)
+    listed: asyncio.Event = field(default_factory=asyncio.Event)  # set once synced
     _task: asyncio.Task[None] | None = None
 
     @property
@@ -157,6 +158,8 @@ class Reflector:
                                 self.kind)
                 self.missing = True
                 self.synced = self.optional  # an optional resource that is absent is as synced as it gets
+                if self.synced:
+                    self.listed.set()
                 need_list = True
                 await asyncio.sleep(self.missing_retry)
             except Exception as exc:
@@ -205,6 +208,7 @@ class Reflector:
         self.handler.end_resync()
         self.lists += 1
         self.synced = True
+        self.listed.set()
         self.missing = False
         self.last_current = self.clock()  # current once the list (a relist after 410 too) has finished
         log.info("%s: listed at resourceVersion %s", self.kind, resource_version)

@@ -21,11 +21,12 @@ import pytest
 
 from tests import live
 from tests.fakekube import FakeKube
+from tests.fakekube.server import PauseMode
 from tests.live import aws_env  # noqa: F401  (autouse fixture)
 from webhook.model.config import Mode
 from webhook.model.index import PodUse
 from webhook.service import ServeOptions, Service
-from webhook.sources.kube import PROBE_DELAY, api_client
+from webhook.sources.kube import PROBE_DELAY, WATCH_GRACE, api_client
 
 A, B = "us-east-1a", "us-east-1b"
 NODE_A, NODE_B = "ip-10-0-1-10.ec2.internal", "ip-10-0-2-20.ec2.internal"
@@ -324,6 +325,23 @@ async def test_a_quiet_watch_is_current_and_a_failed_one_ages_from_its_failure(
         await until(lambda: nodes.age() == 0, "current again once the API server is back", seconds=5)
 
 
+async def test_a_silent_connection_is_current_only_for_as_long_as_a_good_watch_can_be_silent(
+        moto: live.Moto, tmp_path: Path) -> None:
+    """A half-open watch (the network gone, the connection still open) is not current: after the watch's own
+    timeout plus WATCH_GRACE without a byte the data ages, and the connection is dropped."""
+    async with running_env(moto, tmp_path, bookmarks=0, watch_timeout=2) as env:
+        nodes = env.service.reflectors["nodes"]
+        assert nodes.max_silence == 2 + WATCH_GRACE
+        await until(lambda: nodes.live, "node watch confirmed")
+        await env.fk.pause("stall")
+        stalled = time.monotonic()
+        await until(lambda: (nodes.age() or 0) > 0, "ageing once silent for too long", seconds=15)
+        assert time.monotonic() - stalled >= 2  # not before a good watch would have ended
+        await until(lambda: not nodes.connected, "silent connection dropped", seconds=5)
+        await env.fk.resume()
+        await until(lambda: nodes.age() == 0, "current again", seconds=10)
+
+
 async def test_stalenessseconds_below_what_the_watches_support_is_refused(env: Env) -> None:
     """A bound smaller than a quiet watch's longest silence (timeout 5 s + 5 s here) cannot be kept: refused."""
     await env.fk.update("configmaps", live.config_map({"mode": "enforce", "stalenessSeconds": "9"}),
@@ -358,15 +376,16 @@ async def test_after_410_at_the_start_of_a_watch_data_is_current_only_when_the_r
     await env.consistent()
 
 
+@pytest.mark.parametrize("away", ["refuse", "503"])
 async def test_reconnect_probes_every_few_seconds_while_the_api_server_is_away(
-        moto: live.Moto, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A doubling backoff would wait up to 30 s (+20%) after the API server is back; connection failures are
-    probed at most PROBE_DELAY apart, so a server that is back is noticed within seconds."""
+        moto: live.Moto, tmp_path: Path, caplog: pytest.LogCaptureFixture, away: PauseMode) -> None:
+    """A doubling backoff would wait up to 30 s (+20%) after the API server is back; a refused connection or a
+    503 is probed at most PROBE_DELAY apart, so a server that is back is noticed within seconds."""
     async with running_env(moto, tmp_path, fast_retry=False) as env:
         pods = env.service.reflectors["pods"]
         pods.backoff.initial = 0.05  # the doubling reaches the probe cap sooner
         caplog.set_level(logging.INFO, logger="ipguard.kube")
-        await env.fk.pause("refuse")
+        await env.fk.pause(away)
         await until(lambda: pods.errors >= 7, "seven failed attempts", seconds=20)
         delays = [float(r.args[2]) for r in caplog.records  # type: ignore[index]
                   if r.msg == "%s: watch failed (%s); retrying in %.1fs" and r.args and r.args[0] == "pods"]  # type: ignore[index]

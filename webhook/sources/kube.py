@@ -3,15 +3,15 @@
 One Reflector per resource: a paginated list (a consistent snapshot), then a watch from its resourceVersion
 with bookmarks and a server-side timeout, re-watched from the last resourceVersion seen. On 410 Gone (in the
 HTTP status or as an in-stream ERROR event) it relists and reconciles; on any other failure it backs off and
-re-watches, relisting if the server has moved on.
+re-watches, relisting if the server has moved on. A missing CRD (404) is not an error: that feature stands
+aside, said once in the log, and is looked for again now and then.
 
 Staleness is measured by the connection, not by the time since the last event: a watch that has shown it is
 good (an event or bookmark, or its first WATCH_CONFIRM seconds without the ERROR a refused resourceVersion
 starts with) keeps the data current while it stays open, for at most `max_silence` (the watch's own timeout plus
 WATCH_GRACE: the server ends it by then) without a byte; a silent connection is dropped at that point. Once the
 watch fails, the data ages from the moment it was last known current; after a 410 it is current again only
-when the relist has finished. A missing CRD (404) is not an error: that feature stands
-aside, said once in the log, and is looked for again now and then.
+when the relist has finished.
 
 Responses are read raw (`_preload_content=False`) and parsed with orjson: the generated model classes cost
 milliseconds per pod, and only a few fields of each object are kept.
@@ -46,6 +46,9 @@ WATCH_TIMEOUT = 55  # seconds the server keeps a watch open (timeoutSeconds)
 WATCH_GRACE = 5.0  # past its timeout, how long a watch may take to end before its silence means a dead connection
 WATCH_CONFIRM = 1.0  # a watch with no ERROR within this long of opening is good (the API server sends it at once)
 PROBE_DELAY = 2.0  # the longest wait between attempts while the API server cannot be reached
+# Answers of a server that is away (restarting, or a load balancer with no server behind it), not overloaded:
+# probed like a refused connection. 429 and other errors back off in full.
+AWAY_STATUSES = frozenset({502, 503, 504})
 
 
 class Gone(Exception):
@@ -89,8 +92,9 @@ class Reflector:
     # (plus WATCH_GRACE), which bounds how soon a dead one can be told from a quiet one (see max_silence).
     watch_timeout: int = WATCH_TIMEOUT
     missing_retry: float = 60.0
-    # Connection failures (refused, reset, timed out) cost the API server nothing: retried at least this often,
-    # so a server that is back is noticed within seconds. Error answers (429, 5xx) back off up to the maximum.
+    # Connection failures (refused, reset, timed out) and a server that is away (AWAY_STATUSES) cost the API
+    # server little: retried at least this often, so a server that is back is noticed within seconds. Other error
+    # answers (429 above all) back off up to the maximum.
     probe_max: float = PROBE_DELAY
     clock: Callable[[], float] = time.monotonic
     # state, read by readiness, staleness and metrics
@@ -165,8 +169,9 @@ class Reflector:
             except Exception as exc:
                 self.connected = False
                 self.errors += 1
-                unreachable = isinstance(exc, (aiohttp.ClientConnectionError, TimeoutError, OSError))
-                delay = self.backoff.next(self.probe_max if unreachable else None)
+                away = isinstance(exc, (aiohttp.ClientConnectionError, TimeoutError, OSError)) or (
+                    isinstance(exc, ApiError) and exc.status in AWAY_STATUSES)
+                delay = self.backoff.next(self.probe_max if away else None)
                 log.warning("%s: watch failed (%s); retrying in %.1fs", self.kind, exc, delay,
                             extra={"fields": {"resource": self.kind, "error": str(exc)}})
                 await asyncio.sleep(delay)
@@ -174,7 +179,6 @@ class Reflector:
     async def _request(self, **kwargs: Any) -> Any:
         response = await self.call(_preload_content=False, **kwargs)
         if response.status == 200:
-            self.backoff.reset()  # the server answers again: the next failure starts from a short wait
             return response
         body = await response.read()
         response.release()
@@ -209,6 +213,7 @@ class Reflector:
         self.lists += 1
         self.synced = True
         self.listed.set()
+        self.backoff.reset()  # the server answers again: the next failure starts from a short wait
         self.missing = False
         self.last_current = self.clock()  # current once the list (a relist after 410 too) has finished
         log.info("%s: listed at resourceVersion %s", self.kind, resource_version)
@@ -264,7 +269,9 @@ class Reflector:
         return resource_version
 
     def _heard(self) -> None:
-        self.live = True
+        if not self.live:
+            self.live = True
+            self.backoff.reset()  # a good watch again: the next failure starts from a short wait
         self.last_heard = self.last_current = self.clock()
 
     def _event(self, line: bytes, resource_version: str | None) -> str | None:

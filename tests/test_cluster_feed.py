@@ -132,6 +132,14 @@ def test_configmap_refused_before_any_valid_settings_means_dry_run_not_the_defau
     h.end_resync()
     h.upsert(live.config_map({"mode": "bogus"}))
     assert applied_absent == [] and "last good settings stay in force" in str(absent.config_problem())
+    h.delete(live.config_map({}))
+    assert absent.config_problem() is None  # nothing refused is left; the defaults stay in force
+
+    f, applied = feed()
+    h = f.handlers()["configmaps"]
+    h.upsert(live.config_map({"mode": "bogus"}))
+    h.delete(live.config_map({}))
+    assert applied == [NO_VALID_SETTINGS] and "dry-run" in str(f.config_problem())  # still no valid settings
 
 
 def test_eniconfig_lookup_follows_the_cni_order() -> None:

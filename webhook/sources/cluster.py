@@ -430,3 +430,5 @@ class ConfigMapHandler(_KeyedStore):
             # Keep what is in force: a deleted ConfigMap must not switch a cluster from warn to enforce.
             log.warning("ConfigMap %s deleted: the settings in force stay until it is back", key)
             self.feed.settings_seen = False
+            if self.feed.settings_valid_seen:
+                self.feed.config_last_error = None  # nothing refused is left (without valid settings, dry-run stays)

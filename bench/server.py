@@ -76,7 +76,7 @@ from webhook.server import WebhookServer, start_server
 from webhook.tls import CertReloader, write_cert_bundle
 
 REPO = Path(__file__).resolve().parent.parent
-FIXTURES = REPO.parent / "shared" / "fixtures" / "apiserver"
+FIXTURES = REPO / "tests" / "fixtures" / "apiserver"
 SERVICE, NAMESPACE = "ipguard", "ipguard"
 SERVER_NAME = f"{SERVICE}.{NAMESPACE}.svc"  # the name the apiserver dials and checks
 HOST = "127.0.0.1"
@@ -119,11 +119,8 @@ def _marked(review: dict[str, Any], base_name: str | None) -> bytes:
     return orjson.dumps(review)
 
 
-def _fixture(name: str) -> dict[str, Any] | None:
-    path = FIXTURES / f"{name}.json"
-    if not path.is_file():
-        return None
-    document: dict[str, Any] = json.loads(path.read_bytes())
+def _fixture(name: str) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads((FIXTURES / f"{name}.json").read_bytes())
     return document
 
 
@@ -158,26 +155,17 @@ def build_payloads() -> tuple[list[Template], list[Template]]:
     shapes: list[tuple[int, list[Template]]] = []
     generate = _fixture("pod-create-generatename.validate")
     generate_mutate = _fixture("pod-create-generatename.mutate")
-    if generate is not None and generate_mutate is not None:
-        name = generate["request"]["object"]["metadata"]["generateName"]
-        shapes.append((4, [
-            Template("no affinity (fixture generatename)", "/mutate?timeout=5s", _marked(generate_mutate, None)),
-            Template("no affinity (fixture generatename)", "/validate?timeout=5s", _marked(generate, name)),
-        ]))
-    else:
-        shapes.append((4, _pair("no affinity (built)", deployment_pod("api", "payments", "7d9c8b6f5d", None),
-                                "payments")))
+    name = generate["request"]["object"]["metadata"]["generateName"]
+    shapes.append((4, [
+        Template("no affinity (fixture generatename)", "/mutate?timeout=5s", _marked(generate_mutate, None)),
+        Template("no affinity (fixture generatename)", "/validate?timeout=5s", _marked(generate, name)),
+    ]))
     affinity = _fixture("pod-create-affinity.validate")
     affinity_mutate = _fixture("pod-create-affinity.mutate")
-    if affinity is not None and affinity_mutate is not None:
-        base = affinity["request"]["name"] + "-"
-        label = "zone In [1a,1c] + preferred (fixture affinity)"
-        shapes.append((2, [Template(label, "/mutate?timeout=5s", _marked(affinity_mutate, base)),
-                           Template(label, "/validate?timeout=5s", _marked(affinity, base))]))
-    else:
-        pod = _with_zone_affinity(deployment_pod("zones", "payments", "6c4d9f7b8", None), "In",
-                                  ["us-east-1a", "us-east-1c"])
-        shapes.append((2, _pair("zone In [1a,1c] (built)", pod, "payments")))
+    base = affinity["request"]["name"] + "-"
+    label = "zone In [1a,1c] + preferred (fixture affinity)"
+    shapes.append((2, [Template(label, "/mutate?timeout=5s", _marked(affinity_mutate, base)),
+                       Template(label, "/validate?timeout=5s", _marked(affinity, base))]))
     web_pod = _with_zone_affinity(deployment_pod("web", "shop", "5f7c9d8b6", None), "In", ["us-east-1b", "us-east-1d"])
     shapes.append((3, _pair("zone In [1b,1d] (built, demo)", web_pod, "shop")))
     pinned = deployment_pod("cache", "shop", "7b8c6d5f4", {ZONE_LABEL: "us-east-1a"})

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from tests import live
-from webhook.model.config import Settings
+from webhook.model.config import NO_VALID_SETTINGS, Mode, Settings
 from webhook.model.index import CapacityIndex, PodUse
 from webhook.model.pods import STEERED_ANNOTATION
 from webhook.sources.cluster import ClusterFeed
@@ -111,6 +111,35 @@ def test_configmap_bad_refused_good_applied_delete_keeps() -> None:
     other["metadata"]["name"] = "someone-else"
     h.upsert(other)
     assert len(applied) == 1
+
+
+def test_configmap_refused_before_any_valid_settings_means_dry_run_not_the_defaults() -> None:
+    """An invalid ConfigMap at start-up: no last good settings, so never deny or steer (dry-run) until a valid one;
+    a ConfigMap absent at the first list leaves the documented defaults as the good settings."""
+    f, applied = feed()
+    h = f.handlers()["configmaps"]
+    h.begin_resync()
+    h.upsert(live.config_map({"mode": "warn", "maxSteerdNodes": "5"}))
+    h.end_resync()
+    assert applied == [NO_VALID_SETTINGS] and NO_VALID_SETTINGS.mode is Mode.DRY_RUN
+    assert "dry-run" in str(f.config_problem()) and "maxSteerdNodes" in str(f.config_problem())
+    h.upsert(live.config_map({"mode": "warn"}))
+    assert applied[-1].mode is Mode.WARN and f.config_problem() is None
+
+    absent, applied_absent = feed()
+    h = absent.handlers()["configmaps"]
+    h.begin_resync()
+    h.end_resync()
+    h.upsert(live.config_map({"mode": "bogus"}))
+    assert applied_absent == [] and "last good settings stay in force" in str(absent.config_problem())
+    h.delete(live.config_map({}))
+    assert absent.config_problem() is None  # nothing refused is left; the defaults stay in force
+
+    f, applied = feed()
+    h = f.handlers()["configmaps"]
+    h.upsert(live.config_map({"mode": "bogus"}))
+    h.delete(live.config_map({}))
+    assert applied == [NO_VALID_SETTINGS] and "dry-run" in str(f.config_problem())  # still no valid settings
 
 
 def test_eniconfig_lookup_follows_the_cni_order() -> None:

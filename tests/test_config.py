@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from webhook.model.config import KNOWN_KEYS, ConfigError, Mode, Settings
+from webhook.service import ServeOptions, min_staleness
 
 
 def test_defaults() -> None:
@@ -151,3 +152,12 @@ def test_unknown_keys_rejected(keys: list[str]) -> None:
     for key in keys:
         if key not in KNOWN_KEYS:
             assert key in str(info.value)
+
+
+def test_staleness_below_what_the_sources_support_is_refused_and_the_serve_minimum_is_60() -> None:
+    """A bound smaller than a quiet watch's longest silence would fail decisions open on healthy data."""
+    with pytest.raises(ConfigError, match="stalenessSeconds='10' is below 60"):
+        Settings.from_configmap({"stalenessSeconds": "10"}, min_staleness=60)
+    assert Settings.from_configmap({"stalenessSeconds": "60"}, min_staleness=60).staleness_bound == 60
+    assert min_staleness(ServeOptions()) == 60  # as README and config.py say
+    assert min_staleness(ServeOptions(ec2_period=120)) == 130

@@ -1,4 +1,4 @@
-"""Admission decisions on pods exactly as a real kube-apiserver sent them (../shared/fixtures/apiserver), against
+"""Admission decisions on pods exactly as a real kube-apiserver sent them (tests/fixtures/apiserver), against
 an index of the fixture cluster; and the snapshot loader.
 
 Fixture cluster (fixtures README): namespace payments,

@@ -1,5 +1,5 @@
 """Tests for tests.fakekube: the real kubernetes_asyncio client against the fake API server, and the wire format
-compared with the kube-apiserver captures in ../shared/fixtures/apiserver."""
+compared with the kube-apiserver captures in tests/fixtures/apiserver."""
 
 from __future__ import annotations
 

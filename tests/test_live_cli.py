@@ -12,6 +12,7 @@ from tests import live
 from tests.fakekube import FakeKube
 from tests.live import aws_env  # noqa: F401  (autouse fixture)
 from webhook.cli import main
+from webhook.model.index import HEADROOM_RULE
 from webhook.sources.kube import api_client
 
 
@@ -23,10 +24,17 @@ def test_report_live_reads_the_cluster_and_ec2(moto: live.Moto, capsys: pytest.C
         fk.call(live.load_kube(fk, ec2c))
         code = main(["report", "--live", "--kube-host", url, "--ec2-endpoint-url", moto.url, "--region",
                      live.REGION, "--timeout", "20", "--json"])
+        captured = capsys.readouterr()
+        text_code = main(["report", "--live", "--kube-host", url, "--ec2-endpoint-url", moto.url, "--region",
+                          live.REGION, "--timeout", "20"])
+        text = capsys.readouterr()
     finally:
         fk.stop_in_thread()
-    assert code == 0
-    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and text_code == 0
+    assert "TLS" not in captured.err + text.err  # a report serves nothing: no certificate to look for
+    # the footnote states the rule the code follows, from the one place it is written
+    assert text.out.rstrip().endswith(f"per zone, {HEADROOM_RULE}")
+    report = json.loads(captured.out)
     zones = {z["zone"]: z for z in report["zones"]}
     # node A's 18 IPs all used on its 2 ENIs, 7 addresses left in its /27: a third ENI needs 10 (its primary and
     # 9 secondaries, asked for at once), so none of the 7 becomes a pod IP; node B: 9 held, 5 used

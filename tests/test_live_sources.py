@@ -7,6 +7,10 @@ open.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -17,11 +21,13 @@ import pytest
 
 from tests import live
 from tests.fakekube import FakeKube
+from tests.fakekube.server import PauseMode
 from tests.live import aws_env  # noqa: F401  (autouse fixture)
+from webhook.model.config import Mode
 from webhook.model.index import PodUse
 from webhook.service import ServeOptions, Service
 from webhook.sources.aws import Call
-from webhook.sources.kube import api_client
+from webhook.sources.kube import PROBE_DELAY, WATCH_GRACE, api_client
 
 A, B = "us-east-1a", "us-east-1b"
 NODE_A, NODE_B = "ip-10-0-1-10.ec2.internal", "ip-10-0-2-20.ec2.internal"
@@ -74,17 +80,23 @@ def serve_options(paths: live.CertPaths, moto: live.Moto, **extra: Any) -> Serve
                         region=live.REGION, ec2_endpoint_url=moto.url, ec2_period=0.5, ec2_tick=0.2, **extra)
 
 
-@pytest.fixture
-async def env(moto: live.Moto, tmp_path: Path) -> AsyncIterator[Env]:
-    fk, url, ec2c = await live.start_cluster(moto, bookmark_interval=0.5)
+@contextlib.asynccontextmanager
+async def running_env(moto: live.Moto, tmp_path: Path, config: dict[str, str] | None = None, *,
+                      bookmarks: float = 0.5, watch_timeout: int = 5, fast_retry: bool = True) -> AsyncIterator[Env]:
+    """The live cluster with ipguard's Service ready on it; `config` replaces the ConfigMap before the start."""
+    fk, url, ec2c = await live.start_cluster(moto, bookmark_interval=bookmarks)
+    if config is not None:
+        await fk.update("configmaps", live.config_map(config), namespace="ipguard")
     paths = live.certs(tmp_path)
     clock = Clock()
-    service = Service(await api_client(host=url), serve_options(paths, moto, watch_timeout=5), clock=clock)
+    service = Service(await api_client(host=url), serve_options(paths, moto, watch_timeout=watch_timeout),
+                      clock=clock)
     assert service.poller is not None
     service.poller.backoff_base = 0.2  # retry soon after a fault: the test waits for recovery
     service.poller.backoff_max = 0.5
     for reflector in service.reflectors.values():
-        reflector.backoff.maximum = 0.5
+        if fast_retry:
+            reflector.backoff.maximum = 0.5
     running = await service.start()
     client = live.Client(running.url, paths.ca_cert)
     try:
@@ -94,6 +106,12 @@ async def env(moto: live.Moto, tmp_path: Path) -> AsyncIterator[Env]:
         await client.close()
         await service.stop()
         await fk.stop()
+
+
+@pytest.fixture
+async def env(moto: live.Moto, tmp_path: Path) -> AsyncIterator[Env]:
+    async with running_env(moto, tmp_path) as ready:
+        yield ready
 
 
 async def _ready(client: live.Client) -> bool:
@@ -235,6 +253,173 @@ async def test_configmap_hot_reload_refuses_bad_settings(env: Env) -> None:
     await until(lambda: env.service.state.settings.mode.value == "warn", "warn mode applied")
     answer = await env.validate("web-2", A)
     assert answer["allowed"] is True and answer["warnings"]
+
+
+def gauge(text: str, name: str) -> float | None:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else None
+
+
+async def test_invalid_configmap_at_start_runs_dry_run_until_a_valid_one_arrives(
+        moto: live.Moto, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """With no last good settings, a refused ConfigMap must not mean `enforce` with the defaults: ipguard never
+    denies or steers until a valid ConfigMap arrives, and says so in the log, /readyz and ipguard_config_valid."""
+    caplog.set_level(logging.INFO)
+    typo = {"mode": "warn", "zoneReserve": "3", "maxSteerdNodes": "5"}
+    async with running_env(moto, tmp_path, config=typo) as env:
+        live.consume(env.moto.ec2(), env.ec2.subnet_a, 5)
+        await until(lambda: env.service.index.zone_headroom(A) <= 3, "zone A exhausted")
+        assert env.service.state.settings.mode is Mode.DRY_RUN
+        answer = await env.validate("web-1", A)  # enforce would deny this pod; warn would warn
+        assert answer["allowed"] is True and not answer.get("warnings")
+        assert "patch" not in await env.mutate("web-2", None)  # never steered either
+        status, text = await env.client.get("/readyz")
+        assert status == 200 and "maxSteerdNodes" in text and "dry-run" in text and "until a valid" in text
+        assert gauge((await env.client.get("/metrics"))[1], "ipguard_config_valid") == 0
+        refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert refused and "dry-run" in refused[0] and "last good settings" not in refused[0]
+
+        # corrected: its settings apply, and the log says the refusal is over
+        await env.fk.update("configmaps", live.config_map({"mode": "warn", "zoneReserve": "3"}), namespace="ipguard")
+        await until(lambda: env.service.state.settings.mode is Mode.WARN, "warn mode applied")
+        answer = await env.validate("web-3", A)
+        assert answer["allowed"] is True and answer["warnings"]
+        assert (await env.client.get("/readyz")) == (200, "ok\n")
+        assert gauge((await env.client.get("/metrics"))[1], "ipguard_config_valid") == 1
+        assert any("valid again" in r.getMessage() for r in caplog.records)
+
+
+async def test_invalid_configmap_later_keeps_the_last_good_settings_and_is_logged_when_fixed_back(
+        env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """A refused change keeps the settings in force (now there were some) but still shows in /readyz and
+    ipguard_config_valid; fixing it back to exactly the settings in force is logged too."""
+    caplog.set_level(logging.INFO)
+    good = {"mode": "enforce", "zoneReserve": "3", "stalenessSeconds": "60"}
+    await env.fk.update("configmaps", live.config_map({**good, "zoneReserve": "-1"}), namespace="ipguard")
+    await until(lambda: env.service.feed.config_errors == 1, "bad ConfigMap refused")
+    assert env.service.state.settings.mode is Mode.ENFORCE and env.service.state.settings.zone_reserve == 3
+    status, text = await env.client.get("/readyz")
+    assert status == 200 and "zoneReserve" in text and "last good settings stay in force" in text
+    assert gauge((await env.client.get("/metrics"))[1], "ipguard_config_valid") == 0
+
+    await env.fk.update("configmaps", live.config_map(good), namespace="ipguard")
+    await until(lambda: any("valid again" in r.getMessage() for r in caplog.records), "correction logged")
+    assert (await env.client.get("/readyz")) == (200, "ok\n")
+    assert gauge((await env.client.get("/metrics"))[1], "ipguard_config_valid") == 1
+
+
+async def test_a_quiet_watch_is_current_and_a_failed_one_ages_from_its_failure(
+        moto: live.Moto, tmp_path: Path) -> None:
+    """Staleness is measured by the connection: a good watch with nothing to report (no events, no bookmarks)
+    keeps the data current; once the connection fails, the data ages from then, and is current again soon after
+    the API server is back."""
+    async with running_env(moto, tmp_path, bookmarks=0, watch_timeout=30) as env:
+        nodes = env.service.reflectors["nodes"]
+        await until(lambda: nodes.connected, "node watch open")
+        await asyncio.sleep(3)  # a quiet cluster: nothing changes, the server sends nothing
+        assert nodes.age() == 0 and env.service.stale_reason() is None
+        _, text = await env.client.get("/metrics")
+        assert 'ipguard_index_age_seconds{source="nodes"} 0' in text
+
+        await env.fk.pause("refuse")
+        await until(lambda: not nodes.connected, "node watch down")
+        await asyncio.sleep(1)
+        assert (nodes.age() or 0) >= 0.9  # no connection: ageing
+        await env.fk.resume()
+        await until(lambda: nodes.age() == 0, "current again once the API server is back", seconds=5)
+
+
+async def test_a_silent_connection_is_current_only_for_as_long_as_a_good_watch_can_be_silent(
+        moto: live.Moto, tmp_path: Path) -> None:
+    """A half-open watch (the network gone, the connection still open) is not current: after the watch's own
+    timeout plus WATCH_GRACE without a byte the data ages, and the connection is dropped."""
+    async with running_env(moto, tmp_path, bookmarks=0, watch_timeout=2) as env:
+        nodes = env.service.reflectors["nodes"]
+        assert nodes.max_silence == 2 + WATCH_GRACE
+        await until(lambda: nodes.live, "node watch confirmed")
+        await env.fk.pause("stall")
+        stalled = time.monotonic()
+        await until(lambda: (nodes.age() or 0) > 0, "ageing once silent for too long", seconds=15)
+        assert time.monotonic() - stalled >= 2  # not before a good watch would have ended
+        await until(lambda: not nodes.connected, "silent connection dropped", seconds=5)
+        await env.fk.resume()
+        await until(lambda: nodes.age() == 0, "current again", seconds=10)
+
+
+async def test_stalenessseconds_below_what_the_watches_support_is_refused(env: Env) -> None:
+    """A bound smaller than a quiet watch's longest silence (timeout 5 s + 5 s here) cannot be kept: refused."""
+    await env.fk.update("configmaps", live.config_map({"mode": "enforce", "stalenessSeconds": "9"}),
+                        namespace="ipguard")
+    await until(lambda: env.service.feed.config_errors == 1, "too small a bound refused")
+    assert env.service.feed.min_staleness == 10
+    assert "stalenessSeconds='9' is below 10" in str(env.service.feed.config_last_error)
+    assert env.service.state.settings.staleness_bound == 60  # the last good settings
+
+
+async def test_after_410_at_the_start_of_a_watch_data_is_current_only_when_the_relist_finished(env: Env) -> None:
+    """The stream's first event is the 410 that starts a relist: the 200 before it does not make the data
+    current, so a half-rebuilt index is never taken as current."""
+    pods = env.service.reflectors["pods"]
+    pods.page_size = 1  # a relist of many pages: the test looks at the source between them
+    await env.fk.pause("503")  # watches end; every request fails while the server is away
+    await until(lambda: not pods.connected, "pod watch ended")
+    await env.fk.create("pods", live.pod("shop", "b-late", NODE_B), namespace="shop")
+    await env.fk.compact()  # the watch's resourceVersion is gone: its next watch starts with 410
+    env.clock.offset += 120  # away for longer than the bound (60 s)
+    relists, lists = pods.relists_410, pods.lists
+    await env.fk.resume()
+    seen: list[float | None] = []
+    deadline = time.monotonic() + 15
+    while pods.lists == lists and time.monotonic() < deadline:
+        if pods.relists_410 > relists:
+            seen.append(pods.age())
+        await asyncio.sleep(0)
+    assert pods.lists == lists + 1 and seen, "relisted after 410"
+    assert all(age is not None and age > 60 for age in seen), seen[:5]
+    assert env.service.stale_reason() is None or "pods" not in str(env.service.stale_reason())
+    await env.consistent()
+
+
+@pytest.mark.parametrize("away", ["refuse", "503"])
+async def test_reconnect_probes_every_few_seconds_while_the_api_server_is_away(
+        moto: live.Moto, tmp_path: Path, caplog: pytest.LogCaptureFixture, away: PauseMode) -> None:
+    """A doubling backoff would wait up to 30 s (+20%) after the API server is back; a refused connection or a
+    503 is probed at most PROBE_DELAY apart, so a server that is back is noticed within seconds."""
+    async with running_env(moto, tmp_path, fast_retry=False) as env:
+        pods = env.service.reflectors["pods"]
+        pods.backoff.initial = 0.05  # the doubling reaches the probe cap sooner
+        caplog.set_level(logging.INFO, logger="ipguard.kube")
+        await env.fk.pause(away)
+        await until(lambda: pods.errors >= 7, "seven failed attempts", seconds=20)
+        delays = [float(r.args[2]) for r in caplog.records  # type: ignore[index]
+                  if r.msg == "%s: watch failed (%s); retrying in %.1fs" and r.args and r.args[0] == "pods"]  # type: ignore[index]
+        assert len(delays) >= 7 and max(delays) <= PROBE_DELAY * 1.2, delays
+        back = time.monotonic()
+        await env.fk.resume()
+        await until(lambda: pods.live, "watching again", seconds=10)
+        assert time.monotonic() - back <= PROBE_DELAY * 1.2 + 1.5  # one probe, then the watch's first second
+        await env.consistent()
+
+
+async def test_ready_without_waiting_a_tick_for_ec2(moto: live.Moto, tmp_path: Path) -> None:
+    """The first EC2 refresh starts as soon as the nodes (and where their pods' subnets come from) are listed,
+    not one ec2_tick later: with the default 5 s tick, ready well within it."""
+    fk, url, _ = await live.start_cluster(moto, bookmark_interval=0.5)
+    paths = live.certs(tmp_path)
+    options = ServeOptions(host="127.0.0.1", port=0, tls_cert=paths.tls_cert, tls_key=paths.tls_key,
+                           region=live.REGION, ec2_endpoint_url=moto.url)
+    assert options.ec2_tick == 5.0
+    service = Service(await api_client(host=url), options)
+    started = time.monotonic()
+    await service.start()
+    try:
+        await until(service.loaded, "ready", seconds=20)
+        seconds = time.monotonic() - started
+        print(f"time to ready: {seconds:.2f} s (ec2_tick {options.ec2_tick:.0f} s)")
+        assert seconds < options.ec2_tick - 1
+    finally:
+        await service.stop()
+        await fk.stop()
 
 
 async def test_cni_settings_follow_the_aws_node_daemonset(env: Env) -> None:

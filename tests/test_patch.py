@@ -1,7 +1,7 @@
 """The steering patch applied for real (python `jsonpatch`, RFC 6902) to real pod specs.
 
 Pods: the `request.object` of every pod AdmissionReview a real kube-apiserver sent
-(../shared/fixtures/apiserver), and hypothesis-built pods with every shape of node affinity a user can
+(tests/fixtures/apiserver), and hypothesis-built pods with every shape of node affinity a user can
 write. Properties: the result is a valid Pod (Kubernetes OpenAPI schema, strict, plus the apiserver's own
 checks on node affinity that the schema does not carry), the patch is idempotent (reinvocation), the user's
 own affinity is kept, every ORed term carries ipguard's exclusions, un-steering restores the pod, a new

@@ -60,7 +60,10 @@ async def test_serve_process_end_to_end(moto: live.Moto, tmp_path: Path) -> None
 
     try:
         await live.eventually(ready, "/readyz 200")
-        assert metric(await metrics(), "ipguard_index_pods") == 23
+        text = await metrics()
+        assert metric(text, "ipguard_index_pods") == 23
+        # the help says what is counted: every pod not finished, bound or not (23 here: all are bound)
+        assert "# HELP ipguard_index_pods Pods in the capacity index: every pod not Succeeded or Failed" in text
         assert await allowed("web-1")
 
         # EC2 changes reach decisions within a couple of refresh periods
@@ -94,6 +97,7 @@ async def test_serve_process_end_to_end(moto: live.Moto, tmp_path: Path) -> None
     assert process.returncode == 0, output.decode(errors="replace")[-3000:]
     log = output.decode(errors="replace")
     assert '"msg":"serving"' in log and '"msg":"stopping"' in log
+    assert log.rstrip().splitlines()[-1].find('"msg":"stopped"') > 0  # the last line says it is done
     assert "ConfigMap ipguard/ipguard refused" in log
 
 

@@ -103,7 +103,9 @@ def _report_live(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         api = await api_client(args.kubeconfig, args.context, args.kube_host)
-        service = Service(api, _serve_options(args))
+        options = _serve_options(args)
+        options.tls = False  # a report serves nothing
+        service = Service(api, options)
         try:
             if not await service.wait_loaded(args.timeout):
                 print(f"ipguard: the cluster's data did not load within {args.timeout:.0f}s", file=sys.stderr)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from webhook.model.config import Settings
-from webhook.model.index import IndexSnapshot
+from webhook.model.index import HEADROOM_RULE, IndexSnapshot
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -53,7 +53,7 @@ def report_text(snapshot: IndexSnapshot, settings: Settings) -> str:
         format_table(["SUBNET", "ZONE", "CIDR", "FREE-IPS", "FREE-/28", "USABLE", "NODES"], subnet_rows),
         "",
         f"{snapshot.nodes} nodes, {snapshot.pods} pods, {snapshot.reservations} reservations; "
-        f"headroom = min(node room, warm free + subnet free) - reserved",
+        f"per zone, {HEADROOM_RULE}",
     ]
     if snapshot.waiting_nodes:
         out += ["", "Nodes with pods waiting for an IP (FailedCreatePodSandBox while ipamd cannot get them one)",

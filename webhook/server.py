@@ -69,8 +69,9 @@ def _index_gauges(state: AdmissionState, registry: Registry) -> None:
     registry.add(Gauge("ipguard_zone_pods_waiting_for_ip",
                        "Pods on a zone's nodes beyond the IPs their nodes hold: waiting for ipamd to get them an "
                        "address (FailedCreatePodSandBox while it cannot).", ("zone",), waiting))
-    registry.add(Gauge("ipguard_index_pods", "Pods in the capacity index (running, or pending and steered).", (),
-                       lambda: [((), float(len(state.index.pods)))]))
+    pods_help = ("Pods in the capacity index: every pod not Succeeded or Failed, bound to a node or not (steered "
+                 "or not), those that take no pod IP (host network, Fargate, Windows) included.")
+    registry.add(Gauge("ipguard_index_pods", pods_help, (), lambda: [((), float(len(state.index.pods)))]))
     registry.add(Gauge("ipguard_index_nodes", "Nodes in the capacity index.", (),
                        lambda: [((), float(sum(1 for n in state.index.nodes.values() if n.known)))]))
     registry.add(Gauge("ipguard_reservations", "Admitted pods holding an IP until the watch shows them.", (),
@@ -83,6 +84,7 @@ class WebhookServer:
     reloader: CertReloader | None = None
     index_loaded: Callable[[], bool] = lambda: True
     source_ages: Callable[[], dict[str, float]] = dict  # source -> seconds since it was last current
+    notes: Callable[[], list[str]] = list  # what an admin should know while ready (shown by /readyz)
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     log_allows: bool = False
     draining: bool = False  # shutting down: not ready, still answering
@@ -110,7 +112,7 @@ class WebhookServer:
             return False, "capacity index not loaded yet"
         if self.reloader is not None and not self.reloader.ready:
             return False, "serving certificate not loaded"
-        return True, "ok"
+        return True, "; ".join(["ok", *self.notes()])
 
     def app(self) -> web.Application:
         # The body limit is enforced by hand (with a clear reason); aiohttp's own check is a backstop.

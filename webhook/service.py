@@ -26,13 +26,16 @@ from webhook.model.index import CapacityIndex
 from webhook.server import RunningServer, WebhookServer, start_server
 from webhook.sources.aws import Call, Ec2Poller
 from webhook.sources.cluster import ClusterFeed
-from webhook.sources.kube import Reflector, watched_resources
+from webhook.sources.kube import WATCH_GRACE, WATCH_TIMEOUT, Reflector, watched_resources
 from webhook.tls import CertReloader
 
 log = logging.getLogger("ipguard.service")
 
 # Data older than the staleness bound from these fails decisions open.
 ESSENTIAL = ("nodes", "pods")
+# What the EC2 refresh needs listed first: the nodes' instances, and the ENIConfigs and CNI settings that say
+# which subnets their pods use.
+EC2_INPUTS = ("nodes", "eniconfigs", "daemonsets")
 
 
 @dataclass(slots=True)
@@ -49,8 +52,17 @@ class ServeOptions:
     ec2_endpoint_url: str | None = None
     ec2_period: float = 30.0
     ec2_tick: float = 5.0  # how often the poller is asked; it only calls EC2 for what is due
-    watch_timeout: int = 60
+    watch_timeout: int = WATCH_TIMEOUT
     shutdown_delay: float = 5.0  # not ready, still serving, before the listener closes
+    tls: bool = True  # False: the index only (`report --live`), no serving certificate looked for
+
+
+def min_staleness(options: ServeOptions) -> float:
+    """The least `stalenessSeconds` the sources can keep: a good watch may be silent for its timeout (plus a
+    grace) before a dead connection can be told from a quiet one, and EC2 data is up to a period plus a tick (plus
+    the calls' own time) old between refreshes. A smaller bound would fail decisions open on healthy data."""
+    watch = options.watch_timeout + WATCH_GRACE
+    return max(watch, options.ec2_period + options.ec2_tick + WATCH_GRACE) if options.ec2 else watch
 
 
 @dataclass(slots=True)
@@ -77,7 +89,7 @@ class Service:
                                    clock=self.clock)
         self.state = AdmissionState(self.index, settings, self.stale_reason)
         self.feed = ClusterFeed(self.index, self.apply_settings, self.options.config_name,
-                                self.options.config_namespace)
+                                self.options.config_namespace, min_staleness=min_staleness(self.options))
         handlers = self.feed.handlers()
         self.reflectors = {
             w.kind: Reflector(w.kind, w.call, handlers[w.kind], optional=w.optional,
@@ -90,8 +102,8 @@ class Service:
                       subnet_period=o.ec2_period, clock=self.clock)
             if o.ec2 else None
         )
-        reloader = CertReloader(o.tls_cert, o.tls_key, allow_missing=True)
-        self.server = WebhookServer(self.state, reloader, self.loaded, self.source_ages)
+        reloader = CertReloader(o.tls_cert, o.tls_key, allow_missing=True) if o.tls else None
+        self.server = WebhookServer(self.state, reloader, self.loaded, self.source_ages, self.notes)
         self._add_metrics()
 
     # ---- settings ---------------------------------------------------------------------------------------
@@ -109,6 +121,10 @@ class Service:
                                                         "zoneReserve": settings.zone_reserve}})
 
     # ---- readiness and staleness ------------------------------------------------------------------------
+
+    def notes(self) -> list[str]:
+        problem = self.feed.config_problem()
+        return [problem] if problem else []
 
     def loaded(self) -> bool:
         """Every watched resource listed once (an absent CRD counts as listed; a forbidden one does not: the CNI
@@ -185,6 +201,9 @@ class Service:
             self.ec2_ready = True
 
     async def _ec2_loop(self) -> None:
+        # The first refresh as soon as EC2 can be asked the right things (the nodes, and where custom networking
+        # puts their pods), not a tick later: it is what readiness waits for.
+        await asyncio.gather(*(self.reflectors[kind].listed.wait() for kind in EC2_INPUTS))
         while True:
             try:
                 await self.refresh_ec2()
@@ -245,6 +264,9 @@ class Service:
                            reflector_values("relists_410")))
         registry.add(Gauge("ipguard_config_errors_total", "ConfigMap versions refused as invalid.", (),
                            lambda: [((), float(self.feed.config_errors))]))
+        registry.add(Gauge("ipguard_config_valid",
+                           "1 while ipguard's ConfigMap is valid (or absent); 0 while it is refused.", (),
+                           lambda: [((), 0.0 if self.feed.config_problem() else 1.0)]))
         registry.add(Gauge("ipguard_stale", "1 while decisions fail open on stale data.", (),
                            lambda: [((), 1.0 if self.stale_reason() else 0.0)]))
 
@@ -293,3 +315,4 @@ async def serve(api: k8s.ApiClient, options: ServeOptions) -> None:
         await asyncio.sleep(options.shutdown_delay)
     finally:
         await service.stop()
+        log.info("stopped")

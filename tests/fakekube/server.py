@@ -3,7 +3,7 @@
 Serves list (paginated, served "as of" a resourceVersion), watch (ADDED/MODIFIED/DELETED, BOOKMARK, ERROR 410,
 timeoutSeconds) and simple writes for core/v1 nodes, pods, namespaces, configmaps, apps/v1 daemonsets and the EKS
 CRDs (ENIConfig, SecurityGroupPolicy, CNINode), reproducing the wire format captured from kube-apiserver v1.36 in
-../shared/fixtures/apiserver (see the README there, "List/watch facts").
+tests/fixtures/apiserver (see the README there, "List/watch facts").
 
 Typical use::
 
@@ -62,7 +62,7 @@ from .store import (
 
 T = TypeVar("T")
 
-PauseMode = Literal["refuse", "503"]
+PauseMode = Literal["refuse", "503", "stall"]
 
 _WRITE_BATCH = 256 * 1024
 _STATUS_VERBS = ["get", "patch", "update"]
@@ -343,7 +343,8 @@ class FakeKube:
     async def pause(self, mode: PauseMode = "refuse") -> None:
         """Make the API server "gone". ``"refuse"``: stop listening and drop every open connection (watches
         included), so clients get connection refused/reset. ``"503"``: keep listening but answer every request
-        with 503 ServiceUnavailable; open watches are ended cleanly."""
+        with 503 ServiceUnavailable; open watches are ended cleanly. ``"stall"``: a network partition: stop
+        listening, and open watches stay open but send nothing (no event, no bookmark, no end) until resumed."""
 
         async def run() -> None:
             self._paused = mode
@@ -355,6 +356,10 @@ class FakeKube:
                 if self._runner is not None and self._runner.server is not None:
                     for conn in self._runner.server.connections:
                         conn.force_close()
+            elif mode == "stall":
+                if self._site is not None:
+                    await self._site.stop()
+                    self._site = None
             else:
                 self._end_watches(None, abort=False)
 
@@ -364,7 +369,7 @@ class FakeKube:
         """Undo ``pause``: listen again on the same port."""
 
         async def run() -> None:
-            if self._paused == "refuse" and self._site is None and self._runner is not None:
+            if self._paused in ("refuse", "stall") and self._site is None and self._runner is not None:
                 await self._listen()
             self._paused = None
 
@@ -713,6 +718,9 @@ class FakeKube:
         if bookmarks and self.bookmark_interval > 0:
             next_bookmark = loop.time() + self.bookmark_interval
         while True:
+            if self._paused == "stall":
+                await asyncio.sleep(0.05)  # silent, past any deadline, until resumed
+                continue
             now = loop.time()
             if deadline is not None and now >= deadline:
                 return True

@@ -1,6 +1,6 @@
 """In-memory object store for the fake Kubernetes API server.
 
-Modelled on what kube-apiserver + etcd do (see ../shared/fixtures/apiserver/README.md, "List/watch facts"):
+Modelled on what kube-apiserver + etcd do (see tests/fixtures/apiserver/README.md, "List/watch facts"):
 
 * one global, monotonically increasing resourceVersion shared by every resource (etcd's revision);
 * objects are kept serialized (``Entry.raw``, the bytes of a list item) so lists are a ``b",".join`` of

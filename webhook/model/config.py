@@ -7,7 +7,9 @@ Keys and defaults (documented in README.md):
   nodeReserve              free pod IPs a node keeps back                (default 0)
   exemptNamespaces         comma-separated namespaces never judged        (default kube-system)
   reservationTTLSeconds    how long an admitted pod holds its IP          (default 30)
-  stalenessSeconds         data older than this fails open               (default 120)
+  stalenessSeconds         data older than this fails open               (default 120; at least 60 with
+                           `serve`'s defaults: the watch timeout, 55 s, plus 5 s, and at least the EC2
+                           period + 10 s; smaller values are refused, see service.min_staleness)
   maxSteeredNodes          most node names a steering patch lists        (default 20)
 """
 
@@ -60,7 +62,8 @@ class Settings:
         return self.zone_reserves.get(zone, self.zone_reserve)
 
     @classmethod
-    def from_configmap(cls, data: Mapping[str, str] | None) -> Settings:
+    def from_configmap(cls, data: Mapping[str, str] | None, *, min_staleness: float = 0.0) -> Settings:
+        """`min_staleness`: the least stalenessSeconds the data sources can keep (smaller is an error)."""
         data = data or {}
         unknown = sorted(set(data) - KNOWN_KEYS)
         if unknown:
@@ -73,6 +76,12 @@ class Settings:
             mode = Mode(mode_text)
         except ValueError:
             raise ConfigError(f"mode={mode_text!r}: expected one of enforce, warn, dry-run") from None
+        staleness_bound = _seconds(data, "stalenessSeconds", defaults.staleness_bound)
+        if "stalenessSeconds" in data and staleness_bound < min_staleness:
+            raise ConfigError(
+                f"stalenessSeconds={data['stalenessSeconds']!r} is below {min_staleness:g}, the least the data "
+                "sources can keep: a quiet watch may be silent, and EC2 data that old, between refreshes"
+            )
         return cls(
             mode=mode,
             zone_reserve=_count(data, "zoneReserve", defaults.zone_reserve),
@@ -80,9 +89,15 @@ class Settings:
             node_reserve=_count(data, "nodeReserve", defaults.node_reserve),
             exempt_namespaces=_namespaces(data.get("exemptNamespaces"), defaults.exempt_namespaces),
             reservation_ttl=_seconds(data, "reservationTTLSeconds", defaults.reservation_ttl),
-            staleness_bound=_seconds(data, "stalenessSeconds", defaults.staleness_bound),
+            staleness_bound=staleness_bound,
             max_steered_nodes=_count(data, "maxSteeredNodes", defaults.max_steered_nodes),
         )
+
+
+# In force while ipguard's ConfigMap is refused and no valid settings were ever in force (an invalid ConfigMap at
+# start-up): the built-in defaults would enforce, which the admin may never have meant (a typo in a ConfigMap
+# that says `mode: warn`). dry-run never denies or steers; a valid ConfigMap replaces it at once.
+NO_VALID_SETTINGS = Settings(mode=Mode.DRY_RUN)
 
 
 def _count(data: Mapping[str, str], key: str, default: int) -> int:

@@ -40,10 +40,12 @@ from webhook.model.ipamd import HeldAddresses
 from webhook.model.limits import PREFIX_SIZE, InstanceLimits, LimitsTable, UnknownInstanceType, pod_ip_capacity
 from webhook.model.supply import Demand, UnitKind, Yield, add_demand, new_node_ips, subnet_yield
 
+# The zone headroom rule as `zone_headroom` computes it, in words: `ipguard report` prints it and README states it
+# (a test keeps README's text equal to this one). Change it together with the computation.
 HEADROOM_RULE = (
-    "headroom = sum over nodes of min(room, warm IPs) + what the zone's pod subnets can still fund for the "
-    "nodes' growth (free ENI slots one address each, a new ENI its primary plus its whole request; pods "
-    "already waiting for an IP first) - reservations not yet on a node - pending steered pods"
+    "headroom = sum of min(room, warm free) + what the pod subnets can still fund of the nodes' growth (a free "
+    "ENI slot one address, a new ENI its primary and its whole request at once; pods waiting for an IP first), "
+    "less reservations not yet on a node and pending pods steered there"
 )
 
 Clock = Callable[[], float]

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from webhook.model import pods as podlib
 from webhook.model.cni import DEFAULT_ENI_CONFIG_NAME, CniSettings, CniSettingsError
-from webhook.model.config import ConfigError, Settings
+from webhook.model.config import NO_VALID_SETTINGS, ConfigError, Settings
 from webhook.model.index import CapacityIndex, pod_key
 
 log = logging.getLogger("ipguard.sources")
@@ -122,6 +122,7 @@ class ClusterFeed:
     apply_settings: Callable[[Settings], None]
     config_name: str = "ipguard"
     config_namespace: str = "ipguard"
+    min_staleness: float = 0.0  # the least stalenessSeconds the sources support (smaller is refused)
     nodes: dict[str, NodeInfo] = field(default_factory=dict)
     ec2_node_subnets: dict[str, str] = field(default_factory=dict)  # node -> subnet of its primary ENI
     eni_configs: dict[str, str] = field(default_factory=dict)  # ENIConfig name -> subnet
@@ -130,8 +131,24 @@ class ClusterFeed:
     cni_nodes: set[str] = field(default_factory=set)
     cni_env_seen: bool = False
     config_errors: int = 0
-    config_last_error: str | None = None
+    config_last_error: str | None = None  # why the ConfigMap as it is now is refused; None while it is valid
     settings_seen: bool = False
+    # Valid settings have been in force: from a valid ConfigMap, or the defaults when the first list found none.
+    # Until then a refused ConfigMap means NO_VALID_SETTINGS, not the defaults.
+    settings_valid_seen: bool = False
+
+    @property
+    def config_key(self) -> str:
+        return f"{self.config_namespace}/{self.config_name}"
+
+    def config_problem(self) -> str | None:
+        """What a refused ConfigMap means for the settings in force (for the log and /readyz), or None."""
+        if self.config_last_error is None:
+            return None
+        if not self.settings_valid_seen:
+            return (f"ConfigMap {self.config_key} refused ({self.config_last_error}); no valid settings yet, so "
+                    "ipguard runs as dry-run (never denies or steers) until a valid ConfigMap arrives")
+        return f"ConfigMap {self.config_key} refused ({self.config_last_error}); the last good settings stay in force"
 
     # -- node subnet: custom networking uses the ENIConfig's subnet; otherwise the node's own (from EC2)
 
@@ -389,29 +406,45 @@ class AwsNodeHandler(_KeyedStore):
 
 
 class ConfigMapHandler(_KeyedStore):
-    """ipguard's own ConfigMap: a valid change applies at once; an invalid one is refused and counted."""
+    """ipguard's own ConfigMap: a valid change applies at once; an invalid one is refused and counted, and the
+    last good settings stay in force (NO_VALID_SETTINGS when there were none)."""
 
     def keys(self) -> set[str]:
-        return {f"{self.feed.config_namespace}/{self.feed.config_name}"} if self.feed.settings_seen else set()
+        return {self.feed.config_key} if self.feed.settings_seen else set()
 
     def put(self, key: str, obj: Mapping[str, Any]) -> None:
-        if key != f"{self.feed.config_namespace}/{self.feed.config_name}":
+        feed = self.feed
+        if key != feed.config_key:
             return
         data = obj.get("data") or {}
         try:
-            settings = Settings.from_configmap({str(k): str(v) for k, v in data.items()})
+            settings = Settings.from_configmap({str(k): str(v) for k, v in data.items()},
+                                               min_staleness=feed.min_staleness)
         except ConfigError as exc:
-            self.feed.config_errors += 1
-            self.feed.config_last_error = str(exc)
-            log.error("ConfigMap %s refused; the last good settings stay in force", key,
-                      extra={"fields": {"error": str(exc)}})
+            feed.config_errors += 1
+            feed.config_last_error = str(exc)
+            log.error(str(feed.config_problem()), extra={"fields": {"error": str(exc)}})
+            if not feed.settings_valid_seen:
+                feed.apply_settings(NO_VALID_SETTINGS)
             return
-        self.feed.settings_seen = True
-        self.feed.config_last_error = None
-        self.feed.apply_settings(settings)
+        if feed.config_last_error is not None:
+            # Said even when the corrected ConfigMap equals the settings in force: the refusal is over.
+            log.info("ConfigMap %s valid again; its settings are in force", key,
+                     extra={"fields": {"mode": settings.mode.value, "refused": feed.config_last_error}})
+        feed.settings_seen = True
+        feed.settings_valid_seen = True
+        feed.config_last_error = None
+        feed.apply_settings(settings)
+
+    def end_resync(self) -> None:
+        super().end_resync()
+        if self.feed.config_last_error is None:
+            self.feed.settings_valid_seen = True  # listed with no ConfigMap: the documented defaults hold
 
     def drop(self, key: str) -> None:
-        if key == f"{self.feed.config_namespace}/{self.feed.config_name}":
+        if key == self.feed.config_key:
             # Keep what is in force: a deleted ConfigMap must not switch a cluster from warn to enforce.
             log.warning("ConfigMap %s deleted: the settings in force stay until it is back", key)
             self.feed.settings_seen = False
+            if self.feed.settings_valid_seen:
+                self.feed.config_last_error = None  # nothing refused is left (without valid settings, dry-run stays)

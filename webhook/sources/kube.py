@@ -6,6 +6,13 @@ HTTP status or as an in-stream ERROR event) it relists and reconciles; on any ot
 re-watches, relisting if the server has moved on. A missing CRD (404) is not an error: that feature stands
 aside, said once in the log, and is looked for again now and then.
 
+Staleness is measured by the connection, not by the time since the last event: a watch that has shown it is
+good (an event or bookmark, or its first WATCH_CONFIRM seconds without the ERROR a refused resourceVersion
+starts with) keeps the data current while it stays open, for at most `max_silence` (the watch's own timeout plus
+WATCH_GRACE: the server ends it by then) without a byte; a silent connection is dropped at that point. Once the
+watch fails, the data ages from the moment it was last known current; after a 410 it is current again only
+when the relist has finished.
+
 Responses are read raw (`_preload_content=False`) and parsed with orjson: the generated model classes cost
 milliseconds per pod, and only a few fields of each object are kept.
 """
@@ -35,6 +42,13 @@ log = logging.getLogger("ipguard.kube")
 
 ListCall = Callable[..., Awaitable[Any]]
 LIST_TIMEOUT = aiohttp.ClientTimeout(total=300, sock_connect=10, sock_read=60)
+WATCH_TIMEOUT = 55  # seconds the server keeps a watch open (timeoutSeconds)
+WATCH_GRACE = 5.0  # past its timeout, how long a watch may take to end before its silence means a dead connection
+WATCH_CONFIRM = 1.0  # a watch with no ERROR within this long of opening is good (the API server sends it at once)
+PROBE_DELAY = 2.0  # the longest wait between attempts while the API server cannot be reached
+# Answers of a server that is away (restarting, or a load balancer with no server behind it), not overloaded:
+# probed like a refused connection. 429 and other errors back off in full.
+AWAY_STATUSES = frozenset({502, 503, 504})
 
 
 class Gone(Exception):
@@ -57,8 +71,10 @@ class Backoff:
     maximum: float = 30.0
     current: float = 0.0
 
-    def next(self) -> float:
-        self.current = self.initial if self.current == 0 else min(self.current * 2, self.maximum)
+    def next(self, cap: float | None = None) -> float:
+        """The next delay: doubling up to `maximum`, or up to `cap` when given (a cheap probe)."""
+        limit = self.maximum if cap is None else min(cap, self.maximum)
+        self.current = self.initial if self.current == 0 else min(self.current * 2, limit)
         return self.current * random.uniform(0.8, 1.2)  # jitter, so replicas do not retry in step
 
     def reset(self) -> None:
@@ -72,28 +88,45 @@ class Reflector:
     handler: Handler
     optional: bool = False  # a CRD: missing is not an error
     page_size: int = 500
-    # The server ends each watch after this long; with bookmarks in between, a healthy watch shows progress at
-    # least this often, so age() stays far below any sensible staleness bound.
-    watch_timeout: int = 60
+    # The server ends each watch after this long: a healthy connection is never silent for longer than that
+    # (plus WATCH_GRACE), which bounds how soon a dead one can be told from a quiet one (see max_silence).
+    watch_timeout: int = WATCH_TIMEOUT
     missing_retry: float = 60.0
+    # Connection failures (refused, reset, timed out) and a server that is away (AWAY_STATUSES) cost the API
+    # server little: retried at least this often, so a server that is back is noticed within seconds. Other error
+    # answers (429 above all) back off up to the maximum.
+    probe_max: float = PROBE_DELAY
     clock: Callable[[], float] = time.monotonic
     # state, read by readiness, staleness and metrics
     synced: bool = False
-    connected: bool = False
+    connected: bool = False  # a watch stream is open
+    live: bool = False  # ... and has shown it is good: the data stays current while it is open
     missing: bool = False
-    last_current: float | None = None
+    last_current: float | None = None  # the last moment the data was known current
+    last_heard: float = 0.0  # the last bytes of the live watch
     resource_version: str | None = None
     lists: int = 0
     relists_410: int = 0
     events: int = 0
     errors: int = 0
     backoff: Backoff = field(default_factory=Backoff)
+    listed: asyncio.Event = field(default_factory=asyncio.Event)  # set once synced
     _task: asyncio.Task[None] | None = None
 
+    @property
+    def max_silence(self) -> float:
+        """The longest a good watch connection stays silent: the server ends it at its timeout."""
+        return self.watch_timeout + WATCH_GRACE
+
     def age(self) -> float | None:
-        """Seconds since this resource last showed progress (a list, a watch opened or ended, an event or a
-        bookmark). An open watch that went silent ages too: a half-open connection is not a current one."""
-        return None if self.last_current is None else self.clock() - self.last_current
+        """Seconds since the data was last known current: 0 while a good watch is open, however quiet the
+        resource; a connection silent for longer than max_silence ages from then (half-open is not current)."""
+        if self.last_current is None:
+            return None
+        now = self.clock()
+        if self.live:
+            return max(0.0, now - self.last_heard - self.max_silence)
+        return now - self.last_current
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name=f"reflector-{self.kind}")
@@ -129,12 +162,16 @@ class Reflector:
                                 self.kind)
                 self.missing = True
                 self.synced = self.optional  # an optional resource that is absent is as synced as it gets
+                if self.synced:
+                    self.listed.set()
                 need_list = True
                 await asyncio.sleep(self.missing_retry)
             except Exception as exc:
                 self.connected = False
                 self.errors += 1
-                delay = self.backoff.next()
+                away = isinstance(exc, (aiohttp.ClientConnectionError, TimeoutError, OSError)) or (
+                    isinstance(exc, ApiError) and exc.status in AWAY_STATUSES)
+                delay = self.backoff.next(self.probe_max if away else None)
                 log.warning("%s: watch failed (%s); retrying in %.1fs", self.kind, exc, delay,
                             extra={"fields": {"resource": self.kind, "error": str(exc)}})
                 await asyncio.sleep(delay)
@@ -175,8 +212,10 @@ class Reflector:
         self.handler.end_resync()
         self.lists += 1
         self.synced = True
+        self.listed.set()
+        self.backoff.reset()  # the server answers again: the next failure starts from a short wait
         self.missing = False
-        self.last_current = self.clock()
+        self.last_current = self.clock()  # current once the list (a relist after 410 too) has finished
         log.info("%s: listed at resourceVersion %s", self.kind, resource_version)
         return resource_version
 
@@ -186,16 +225,27 @@ class Reflector:
             resource_version=resource_version,
             allow_watch_bookmarks=True,
             timeout_seconds=self.watch_timeout,
-            # sock_read: a half-open connection (no bytes, not even a bookmark) is dropped, not waited on.
+            # sock_read: a connection silent for longer than a good one can be is dropped, not waited on.
             _request_timeout=aiohttp.ClientTimeout(total=self.watch_timeout + 60, sock_connect=10,
-                                                   sock_read=self.watch_timeout + 30),
+                                                   sock_read=self.max_silence),
         )
+        # Open is not yet current: a resourceVersion the server no longer has gets 200 and then a 410 ERROR.
         self.connected = True
-        self.last_current = self.clock()
+        reader = response.content
         buffer = b""
         try:
-            # Read chunks, not lines: one object can be larger than a stream reader's line limit.
-            async for chunk in response.content.iter_any():
+            while True:
+                if self.live:
+                    chunk = await reader.readany()
+                else:
+                    try:
+                        chunk = await asyncio.wait_for(reader.readany(), WATCH_CONFIRM)
+                    except TimeoutError:
+                        self._heard()  # no ERROR at its start: a good watch on a quiet resource
+                        continue
+                if not chunk:
+                    break
+                # Read chunks, not lines: one object can be larger than a stream reader's line limit.
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
@@ -203,13 +253,26 @@ class Reflector:
                         resource_version = self._event(line, resource_version)
                         # Kept as it goes: a stream cut mid-way resumes from here, not from its start.
                         self.resource_version = resource_version
+                if lines or self.live:
+                    self._heard()
             if buffer.strip():
                 resource_version = self._event(buffer, resource_version)
-            self.last_current = self.clock()  # ended normally: current up to now (a failed one is not)
+            self.last_current = self.clock()  # ended normally: current up to now
+        except BaseException:
+            if self.live:  # current until it failed, or until its silence stopped proving anything
+                self.last_current = min(self.clock(), self.last_heard + self.max_silence)
+            raise
         finally:
             response.release()
             self.connected = False
+            self.live = False
         return resource_version
+
+    def _heard(self) -> None:
+        if not self.live:
+            self.live = True
+            self.backoff.reset()  # a good watch again: the next failure starts from a short wait
+        self.last_heard = self.last_current = self.clock()
 
     def _event(self, line: bytes, resource_version: str | None) -> str | None:
         event = orjson.loads(line)
@@ -221,7 +284,6 @@ class Reflector:
                 raise Gone(str(obj.get("message")))
             raise ApiError(int(code or 500), str(obj.get("message")))
         self.events += 1
-        self.last_current = self.clock()
         if kind in ("ADDED", "MODIFIED"):
             self.handler.upsert(obj)
         elif kind == "DELETED":

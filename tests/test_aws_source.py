@@ -1,4 +1,4 @@
-"""The EC2 edge (webhook/sources/aws.py): pure helpers by hand-worked figures, the poller against moto.
+"""The EC2 edge (webhook/sources/ec2/): pure helpers by hand-worked figures, the poller against moto.
 
 Unit-level functions run against moto in process (`mock_aws`); the poller runs end to end against a
 `ThreadedMotoServer` through `endpoint_url`, the way the real process talks to EC2. moto 5.2.5 facts these
@@ -35,21 +35,17 @@ from webhook.model.cni import CniSettings
 from webhook.model.index import CapacityIndex
 from webhook.model.instance_types import INSTANCE_TYPES
 from webhook.model.limits import InstanceLimits, LimitsTable
-from webhook.sources.aws import (
-    Call,
-    Ec2Poller,
-    Eni,
-    classify_error,
-    free_prefix_blocks,
+from webhook.sources.ec2.client import Call, Ec2, classify_error
+from webhook.sources.ec2.enis import Eni, EniProvider, parse_eni, subnet_usage, summarize_instances
+from webhook.sources.ec2.instance_types import instance_limits_from_ec2
+from webhook.sources.ec2.instances import (
     instance_id_from_provider_id,
-    instance_limits_from_ec2,
     node_instances_from_provider_ids,
-    parse_eni,
     region_from_provider_id,
     region_from_zone,
-    subnet_usage,
-    summarize_instances,
 )
+from webhook.sources.ec2.poller import Ec2Poller
+from webhook.sources.ec2.subnets import free_prefix_blocks
 
 REGION = "us-east-1"
 AMI = "ami-12c6146b"  # any id: moto does not check it
@@ -694,8 +690,9 @@ async def test_prefix_delegation_free_blocks(moto_server: Server) -> None:
 
 def test_enis_are_read_across_pages() -> None:
     """moto answers in one page, so a Stubber serves two and checks MaxResults and NextToken go out."""
-    poller = Ec2Poller(region=REGION, vpc_id="vpc-1", page_size=5)
-    stubber = Stubber(poller.client)
+    ec2 = Ec2(region=REGION, page_size=5)
+    provider = EniProvider(ec2, period=30.0)
+    stubber = Stubber(ec2.client)
     vpc_filter = {"Name": "vpc-id", "Values": ["vpc-1"]}
     described = [vpc_filter, {"Name": "description", "Values": ["aws-K8S-*", "aws-k8s-branch-eni"]}]
     page1 = [raw_eni(f"eni-{i}", description="aws-K8S-i-1", instance="i-1", device=i + 1, ips=2) for i in range(5)]
@@ -721,10 +718,10 @@ def test_enis_are_read_across_pages() -> None:
     )
     try:
         with stubber:
-            enis = poller.fetch_instance_enis(["i-1"])
+            enis = provider.fetch_instance_enis(["i-1"], "vpc-1")
         stubber.assert_no_pending_responses()
     finally:
-        poller.close()
+        ec2.close()
     assert len(enis) == 7
     usage = summarize_instances(enis, ["i-1"])["i-1"]
     assert (usage.enis, usage.secondary_ips) == (7, 6 * 2 + 1)

@@ -24,8 +24,9 @@ from webhook.metrics import Gauge, LabelValues
 from webhook.model.config import Settings
 from webhook.model.index import CapacityIndex
 from webhook.server import RunningServer, WebhookServer, start_server
-from webhook.sources.aws import Call, Ec2Poller
 from webhook.sources.cluster import ClusterFeed
+from webhook.sources.ec2.client import Call
+from webhook.sources.ec2.poller import Ec2Poller
 from webhook.sources.kube import Reflector, watched_resources
 from webhook.tls import CertReloader
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from moto import mock_aws
 
 from tests.live import Moto as Server
 from tests.live import start_moto
+from tests.paths import REPO
 from webhook.model.cni import CniSettings
 from webhook.model.index import CapacityIndex
 from webhook.model.instance_types import INSTANCE_TYPES
@@ -44,7 +46,7 @@ from webhook.sources.ec2.instances import (
     region_from_provider_id,
     region_from_zone,
 )
-from webhook.sources.ec2.poller import Ec2Poller
+from webhook.sources.ec2.poller import Ec2Poller, RefreshResult
 from webhook.sources.ec2.subnets import free_prefix_blocks
 
 REGION = "us-east-1"
@@ -100,6 +102,24 @@ def make_poller(url: str, clock: Callable[[], float], **kwargs: Any) -> Ec2Polle
     return Ec2Poller(**settings)
 
 
+def record_filters(poller: Ec2Poller, operation: str) -> list[list[str]]:
+    """The filter names of every `operation` call the poller makes from now on, call by call."""
+    filters: list[list[str]] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        filters.append(sorted(f["Name"] for f in params.get("Filters", [])))
+
+    poller.client.meta.events.register(f"provide-client-params.ec2.{operation}", record)
+    return filters
+
+
+async def refresh_once(poller: Ec2Poller, index: CapacityIndex, node_instances: dict[str, str]) -> RefreshResult:
+    try:
+        return await poller.refresh(index, node_instances)
+    finally:
+        poller.close()
+
+
 @dataclass
 class Cluster:
     vpc: str
@@ -147,18 +167,25 @@ def live_free(ec2: Any, subnet: str) -> int:
     return int(ec2.describe_subnets(SubnetIds=[subnet])["Subnets"][0]["AvailableIpAddressCount"])
 
 
-def throttle(**_: Any) -> AWSResponse:
-    """A `before-send` hook: EC2's throttling answer, without sending anything."""
+def ec2_error(code: str, status: int) -> Callable[..., AWSResponse]:
+    """A `before-send` hook: EC2's error answer with this code, without sending anything."""
     body = (
-        b'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>RequestLimitExceeded</Code>'
-        b"<Message>Request limit exceeded.</Message></Error></Errors><RequestID>test</RequestID></Response>"
-    )
+        f'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>{code}</Code>'
+        f"<Message>{code}</Message></Error></Errors><RequestID>test</RequestID></Response>"
+    ).encode()
 
     class Raw:
         def stream(self, **_: Any) -> Iterator[bytes]:
             yield body
 
-    return AWSResponse("https://ec2.amazonaws.com/", 503, {}, Raw())
+    def answer(**_: Any) -> AWSResponse:
+        return AWSResponse("https://ec2.amazonaws.com/", status, {}, Raw())
+
+    return answer
+
+
+throttle = ec2_error("RequestLimitExceeded", 503)
+denied = ec2_error("UnauthorizedOperation", 403)  # a call the IAM policy does not allow
 
 
 # ---- provider IDs -------------------------------------------------------------------------------------
@@ -765,14 +792,9 @@ async def test_node_churn_does_not_multiply_eni_refreshes(moto_server: Server) -
     index = build_index(cluster)
     clock = FakeClock()
     poller = make_poller(moto_server.url, clock)
-    filters: list[list[str]] = []
-
-    def record(params: dict[str, Any], **_: Any) -> None:
-        filters.append(sorted(f["Name"] for f in params.get("Filters", [])))
-
     try:
         assert (await poller.refresh(index, cluster.node_instances)).ok
-        poller.client.meta.events.register("provide-client-params.ec2.DescribeNetworkInterfaces", record)
+        filters = record_filters(poller, "DescribeNetworkInterfaces")
         # a new node (its instance in zone a's subnet) joins 5 s later
         run = ec2.run_instances(ImageId=AMI, MinCount=1, MaxCount=1, InstanceType="m5.large",
                                 SubnetId=cluster.subnets[0])
@@ -796,3 +818,149 @@ async def test_node_churn_does_not_multiply_eni_refreshes(moto_server: Server) -
         assert ["description", "vpc-id"] in filters[1:]
     finally:
         poller.close()
+
+
+# ---- enhanced subnet discovery ------------------------------------------------------------------------
+
+
+def tagged_subnet(ec2: Any, vpc: str, cidr: str, zone: str, value: str | None) -> str:
+    subnet: str = ec2.create_subnet(VpcId=vpc, CidrBlock=cidr, AvailabilityZone=zone)["Subnet"]["SubnetId"]
+    if value is not None:
+        ec2.create_tags(Resources=[subnet], Tags=[{"Key": "kubernetes.io/role/cni", "Value": value}])
+    return subnet
+
+
+async def test_subnets_tagged_for_discovery_reach_the_index_with_their_tags(moto_server: Server) -> None:
+    """VPC CNI 1.18+ (ENABLE_SUBNET_DISCOVERY) creates ENIs in subnets of the node's VPC and zone tagged
+    kubernetes.io/role/cni, but not in those tagged `0`: the tagged ones are fetched with the node subnets
+    (DescribeSubnets by tag-key in the VPC) and reach the index with their tags, where a node can use them."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    extra = tagged_subnet(ec2, cluster.vpc, "10.0.64.0/24", ZONES[0], "1")
+    opted_out = tagged_subnet(ec2, cluster.vpc, "10.0.65.0/24", ZONES[0], "0")
+    untagged = tagged_subnet(ec2, cluster.vpc, "10.0.66.0/24", ZONES[0], None)
+    nodeless = tagged_subnet(ec2, cluster.vpc, "10.0.67.0/24", "us-east-1d", "1")  # no node in that zone
+    elsewhere = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
+    foreign = tagged_subnet(ec2, elsewhere, "10.1.0.0/24", ZONES[0], "1")  # another VPC
+    index = build_index(cluster)
+    clock = FakeClock()
+    poller = make_poller(moto_server.url, clock)
+    try:
+        result = await poller.refresh(index, cluster.node_instances)
+        assert result.ok and Call.SUBNETS in result.fetched
+        assert index.subnets[extra].free_ips == 256 - 5
+        assert index.subnets[extra].tags == {"kubernetes.io/role/cni": "1"}
+        assert index.subnets[extra].zone == ZONES[0]
+        assert extra in result.subnets and not result.subnets_missing
+        for absent in (opted_out, untagged, nodeless, foreign):
+            assert absent not in index.subnets
+        assert index.subnets[cluster.subnets[0]].tags == {}  # the node subnets carry theirs (none here)
+        assert index.zones[ZONES[0]].addresses == live_free(ec2, cluster.subnets[0]) + 256 - 5
+
+        # The tag set to 0 (the subnet opted out): dropped from the index at the next subnet refresh.
+        ec2.create_tags(Resources=[extra], Tags=[{"Key": "kubernetes.io/role/cni", "Value": "0"}])
+        clock.advance(31)
+        assert (await poller.refresh(index, cluster.node_instances)).ok
+        assert extra not in index.subnets
+        assert index.zones[ZONES[0]].addresses == live_free(ec2, cluster.subnets[0])
+    finally:
+        poller.close()
+
+
+async def test_custom_networking_ignores_the_discovery_tag(moto_server: Server) -> None:
+    """Custom networking takes precedence over subnet discovery: pod IPs come from the ENIConfig subnets only,
+    so tagged subnets are not even asked for."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    extra = tagged_subnet(ec2, cluster.vpc, "10.0.64.0/24", ZONES[0], "1")
+    index = build_index(cluster, cni=CniSettings(custom_networking=True))
+    poller = make_poller(moto_server.url, FakeClock())
+    filters = record_filters(poller, "DescribeSubnets")
+    result = await refresh_once(poller, index, cluster.node_instances)
+    assert result.ok and Call.SUBNETS in result.fetched
+    assert extra not in index.subnets
+    assert filters == [["subnet-id"]]
+
+
+# ---- subnet CIDR reservations -------------------------------------------------------------------------
+
+
+async def test_explicit_cidr_reservations_are_not_free_blocks(moto_server: Server) -> None:
+    """EC2 never picks a prefix inside an explicit subnet CIDR reservation (only when asked by address), so
+    free /28 blocks leave those ranges out; a `prefix` reservation is where EC2 takes prefixes from, so its
+    blocks stay free. A /24 offers 14 free blocks when empty (first and last hold AWS's reserved addresses)."""
+    ec2 = ec2_client(moto_server.url)
+    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.0.1.0/24", AvailabilityZone=ZONES[0])["Subnet"]["SubnetId"]
+    run = ec2.run_instances(ImageId=AMI, MinCount=1, MaxCount=1, InstanceType="m5.large", SubnetId=subnet)
+    instance = run["Instances"][0]["InstanceId"]  # its primary address .4 sits in block 0, reserved anyway
+    ec2.create_subnet_cidr_reservation(SubnetId=subnet, Cidr="10.0.1.64/27", ReservationType="explicit")  # 4, 5
+    ec2.create_subnet_cidr_reservation(SubnetId=subnet, Cidr="10.0.1.200/29", ReservationType="explicit")  # 12
+    ec2.create_subnet_cidr_reservation(SubnetId=subnet, Cidr="10.0.1.128/28", ReservationType="prefix")
+    index = CapacityIndex(cni=CniSettings(prefix_delegation=True))
+    index.upsert_node("node-0", zone=ZONES[0], instance_type="m5.large", pod_subnet=subnet, allocatable_pods=110)
+    clock = FakeClock()
+    poller = make_poller(moto_server.url, clock)
+    try:
+        result = await poller.refresh(index, {"node-0": instance})
+        assert result.ok and Call.SUBNET_ENIS in result.fetched
+        assert poller.stats[Call.CIDR_RESERVATIONS].last_success is not None
+        assert index.subnets[subnet].free_blocks == 14 - 3
+        # Reservations change rarely: asked once per TTL, not every period.
+        attempts = poller.stats[Call.CIDR_RESERVATIONS].attempts
+        clock.advance(31)
+        assert (await poller.refresh(index, {"node-0": instance})).ok
+        assert poller.stats[Call.CIDR_RESERVATIONS].attempts == attempts
+        assert index.subnets[subnet].free_blocks == 11
+    finally:
+        poller.close()
+
+
+async def test_reservations_denied_leave_the_figures_standing(moto_server: Server) -> None:
+    """A policy without ec2:GetSubnetCidrReservations (deployed before it was needed) costs only the
+    reservations: the error is counted, the free /28 count is made without them and the refresh is ok."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    ec2.create_subnet_cidr_reservation(SubnetId=cluster.subnets[0], Cidr="10.0.1.64/27", ReservationType="explicit")
+    index = build_index(cluster, cni=CniSettings(prefix_delegation=True))
+    poller = make_poller(moto_server.url, FakeClock())
+    poller.client.meta.events.register("before-send.ec2.GetSubnetCidrReservations", denied)
+    result = await refresh_once(poller, index, cluster.node_instances)
+    assert result.ok and Call.SUBNETS in result.fetched
+    assert poller.stats[Call.CIDR_RESERVATIONS].errors_by_reason == {"denied": 1}
+    assert index.subnets[cluster.subnets[0]].free_blocks is not None
+
+
+async def test_the_iam_policy_allows_every_call_the_poller_makes(moto_server: Server) -> None:
+    """manifests/iam-policy.json is the role ipguard runs with: every EC2 operation a refresh (prefix
+    delegation, subnet discovery, reservations) and a security-group lookup make is in it."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    tagged_subnet(ec2, cluster.vpc, "10.0.64.0/24", ZONES[0], "1")
+    sg = ec2.create_security_group(GroupName="pods", Description="pods", VpcId=cluster.vpc)["GroupId"]
+    pl = ec2.create_managed_prefix_list(PrefixListName="corp", MaxEntries=7, AddressFamily="IPv4")
+    pl_id = pl["PrefixList"]["PrefixListId"]
+    ec2.authorize_security_group_egress(
+        GroupId=sg, IpPermissions=[{"IpProtocol": "-1", "PrefixListIds": [{"PrefixListId": pl_id}]}]
+    )
+    index = build_index(cluster, cni=CniSettings(prefix_delegation=True), limits=LimitsTable(bundled={}))
+    poller = make_poller(moto_server.url, FakeClock())
+    operations: set[str] = set()
+
+    def record(event_name: str, **_: Any) -> None:
+        operations.add(event_name.rsplit(".", 1)[-1])
+
+    poller.client.meta.events.register("before-call.ec2", record)
+    try:
+        assert (await poller.refresh(index, cluster.node_instances)).ok
+        await poller.security_groups([sg])
+    finally:
+        poller.close()
+    policy = json.loads((REPO / "manifests" / "iam-policy.json").read_text())
+    allowed = {action for statement in policy["Statement"] for action in statement["Action"]}
+    assert operations == {
+        "DescribeInstances", "DescribeInstanceTypes", "DescribeNetworkInterfaces", "DescribeSubnets",
+        "GetSubnetCidrReservations", "DescribeSecurityGroups", "DescribeSecurityGroupRules",
+        "DescribeManagedPrefixLists",
+    }  # fmt: skip
+    assert {f"ec2:{op}" for op in operations} <= allowed

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +87,7 @@ class Subnet:
     nodes: int = 0
     supply: int = 0  # derived: pod IPs it can still hand out to its schedulable nodes
     addresses: int = 0  # derived: the same with or without nodes on it (what new nodes could draw on)
+    tags: Mapping[str, str] = field(default_factory=dict)  # its EC2 tags, as last fetched
 
 
 @dataclass(slots=True)
@@ -403,7 +404,14 @@ class CapacityIndex:
     # ---- subnets --------------------------------------------------------------------------------------
 
     def upsert_subnet(
-        self, subnet_id: str, *, zone: str, cidr: str = "", free_ips: int, free_blocks: int | None = None
+        self,
+        subnet_id: str,
+        *,
+        zone: str,
+        cidr: str = "",
+        free_ips: int,
+        free_blocks: int | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> None:
         """A fresh DescribeSubnets figure: what its nodes held until now is already outside `free_ips`."""
         subnet = self.subnets.get(subnet_id)
@@ -423,6 +431,8 @@ class CapacityIndex:
         subnet.cidr = cidr or subnet.cidr
         subnet.free_ips = max(0, free_ips)
         subnet.free_blocks = None if free_blocks is None else max(0, free_blocks)
+        if tags is not None:
+            subnet.tags = dict(tags)
         for node in users:
             self._attach(node)
         self._set_subnet_supply(subnet, subnet.demand)

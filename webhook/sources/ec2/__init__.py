@@ -3,7 +3,8 @@
   client.py           the shared boto3 client, thread pool, retries, backoff and error classification
   instances.py        nodes as EC2 instances (providerIDs, region) and the cluster's VPC
   enis.py             the IPs and prefixes each node holds (DescribeNetworkInterfaces)
-  subnets.py          subnet figures: free addresses, zone, CIDR, free /28 blocks (DescribeSubnets)
+  subnets.py          subnet figures: free addresses, zone, CIDR, tags, free /28 blocks; the subnets tagged
+                      for enhanced subnet discovery; CIDR reservations (DescribeSubnets, GetSubnetCidr...)
   instance_types.py   live instance-type limits (DescribeInstanceTypes)
   security_groups.py  security-group rule counts (DescribeSecurityGroups/Rules, prefix lists)
   poller.py           the refresh order and applying the answers to the capacity index

@@ -66,7 +66,8 @@ class Call(enum.StrEnum):
     VPC = "vpc"  # DescribeInstances, to find the cluster's VPC
     ENIS = "enis"  # DescribeNetworkInterfaces of the nodes
     SUBNET_ENIS = "subnet_enis"  # DescribeNetworkInterfaces of the pod subnets (prefix delegation)
-    SUBNETS = "subnets"
+    SUBNETS = "subnets"  # DescribeSubnets: the pod subnets by id, and those tagged for subnet discovery
+    CIDR_RESERVATIONS = "cidr_reservations"  # GetSubnetCidrReservations of the pod subnets (prefix delegation)
     INSTANCE_TYPES = "instance_types"
     SECURITY_GROUPS = "security_groups"
 

@@ -108,6 +108,7 @@ class Ec2Poller:
         self.subnets: dict[str, SubnetInfo] = {}
         self._held_nodes: set[str] = set()  # nodes whose held figure came from here
         self._applied_subnets: set[str] = set()
+        self._discovered: set[str] = set()  # subnets in the index by their discovery tag alone
 
     # ---- the shared connection, as callers and tests see it -------------------------------------------
 
@@ -227,23 +228,32 @@ class Ec2Poller:
             except CallFailed as exc:
                 failed[Call.ENIS] = exc.reason
 
-        subnet_used: dict[str, list[str]] | None = None
         subnets: list[SubnetInfo] | None = None
+        counted: list[SubnetInfo] = []
         # Without fresh ENIs a subnet figure would pair with stale held figures (growth debited twice): wait.
         if subnets_due and Call.ENIS not in failed:
-            if prefix_mode:
-                try:
-                    subnet_used = await self.enis.subnet_usage(subnet_ids)
-                    fetched.add(Call.SUBNET_ENIS)
-                except CallFailed as exc:
-                    failed[Call.SUBNET_ENIS] = exc.reason
+            # Custom networking takes precedence over subnet discovery: ENIConfig subnets only.
+            discover = not index.cni.custom_networking
             try:
-                subnets = await self.subnet_provider.subnets(subnet_ids, vpc_id)
+                subnets = await self.subnet_provider.subnets(subnet_ids, vpc_id, discover=discover)
                 fetched.add(Call.SUBNETS)
             except CallFailed as exc:
                 failed[Call.SUBNETS] = exc.reason
         elif subnet_ids:
             cached.add(Call.SUBNETS)
+        if subnets is not None:
+            subnets = [s for s in subnets if s.subnet_id in subnet_ids or self._kept(index, s)]
+            pod_subnets = frozenset(s.subnet_id for s in subnets)
+            used: dict[str, list[str]] | None = None
+            reserved: Mapping[str, tuple[str, ...]] | None = None
+            if prefix_mode:
+                try:
+                    used = await self.enis.subnet_usage(pod_subnets)
+                    fetched.add(Call.SUBNET_ENIS)
+                except CallFailed as exc:
+                    failed[Call.SUBNET_ENIS] = exc.reason
+                reserved = await self.subnet_provider.reservations(pod_subnets)
+            counted = self.subnet_provider.with_free_blocks(subnets, pod_subnets, prefix_mode, used, reserved)
 
         # Apply everything in one synchronous step: the request path never sees half a refresh.
         self._apply_limits(index, changed_limits)
@@ -254,7 +264,6 @@ class Ec2Poller:
         missing: frozenset[str] = frozenset()
         infos: dict[str, SubnetInfo] = {}
         if subnets is not None:
-            counted = self.subnet_provider.with_free_blocks(subnets, subnet_ids, prefix_mode, subnet_used)
             infos, missing = self._apply_subnets(index, subnet_ids, counted)
             self.subnet_provider.remember(subnet_key, infos)
 
@@ -324,6 +333,15 @@ class Ec2Poller:
         self._held_nodes = held_now
         return updated
 
+    def _kept(self, index: CapacityIndex, info: SubnetInfo) -> bool:
+        """Whether a subnet not asked for by id feeds the index: every one with `all_vpc_subnets`; one found by
+        its discovery tag when ipamd may use it: tagged other than `0`, and in a zone with nodes (ipamd picks
+        discovered subnets in the node's own zone; in a zone without nodes they give nothing until one joins,
+        and counting them would make that zone look like a launch target)."""
+        zone = index.zones.get(info.zone)
+        discoverable = info.cni_discoverable and zone is not None and zone.nodes > 0
+        return discoverable or self.subnet_provider.all_vpc_subnets
+
     def _apply_subnets(
         self, index: CapacityIndex, wanted: frozenset[str], subnets: Iterable[SubnetInfo]
     ) -> tuple[dict[str, SubnetInfo], frozenset[str]]:
@@ -331,19 +349,29 @@ class Ec2Poller:
         for info in subnets:
             infos[info.subnet_id] = info
             index.upsert_subnet(
-                info.subnet_id, zone=info.zone, cidr=info.cidr, free_ips=info.free_ips, free_blocks=info.free_blocks
-            )
+                info.subnet_id, zone=info.zone, cidr=info.cidr, free_ips=info.free_ips, free_blocks=info.free_blocks,
+                tags=info.tags,
+            )  # fmt: skip
         missing = frozenset(wanted - set(infos))
+        discovered = frozenset(set(infos) - wanted)
         for subnet_id in missing & self._applied_subnets:
             log.warning("EC2 has no subnet %s any more: dropping it from the index", subnet_id)
-            index.remove_subnet(subnet_id)
-            self._applied_subnets.discard(subnet_id)
-            self.subnet_provider.forget(subnet_id)
+            self._drop_subnet(index, subnet_id)
+        for subnet_id in self._discovered - discovered - wanted:
+            log.info("subnet %s no longer counts for subnet discovery: dropping it from the index", subnet_id)
+            self._drop_subnet(index, subnet_id)
+        self._discovered = set(discovered)
         self._applied_subnets |= set(infos)
         self.subnets.update(infos)
         for subnet_id in missing:
             self.subnets.pop(subnet_id, None)
         return infos, missing
+
+    def _drop_subnet(self, index: CapacityIndex, subnet_id: str) -> None:
+        index.remove_subnet(subnet_id)
+        self._applied_subnets.discard(subnet_id)
+        self.subnets.pop(subnet_id, None)
+        self.subnet_provider.forget(subnet_id)
 
     # ---- the loop -------------------------------------------------------------------------------------
 

@@ -1,21 +1,30 @@
-"""Where subnet figures come from: DescribeSubnets (free addresses, zone, CIDR) and, under prefix delegation,
-the aligned /28 blocks still entirely free, counted from every address and prefix in use in the subnet."""
+"""Where subnet figures come from: DescribeSubnets (free addresses, zone, CIDR, tags) and, under prefix
+delegation, the aligned /28 blocks still entirely free, counted from every address and prefix in use in the
+subnet and its explicit CIDR reservations (GetSubnetCidrReservations).
+
+Besides the subnets asked for by id, the subnets of the cluster's VPC tagged `kubernetes.io/role/cni` are
+fetched in the same round: with enhanced subnet discovery (VPC CNI 1.18+, on by default) ipamd creates
+secondary ENIs in them for nodes of the same zone (`DescribeSubnets` filtered by tag-key in the VPC).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from cachetools import TTLCache
 
 from webhook.model.limits import PREFIX_SIZE
-from webhook.sources.ec2.client import Call, Ec2, chunks, vpc_filter
+from webhook.sources.ec2.client import Call, CallFailed, Ec2, chunks, vpc_filter
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2.type_defs import FilterTypeDef, PaginatorConfigTypeDef, SubnetTypeDef
 
+CNI_SUBNET_TAG = "kubernetes.io/role/cni"  # enhanced subnet discovery; the value "0" opts a subnet out
+EXPLICIT_RESERVATION = "explicit"  # EC2 hands these addresses out only when asked for them by address
 # First four addresses (network, VPC router, DNS, future use) and the last one of every subnet.
 AWS_RESERVED_HEAD = 4
 
@@ -71,6 +80,13 @@ class SubnetInfo:
     free_ips: int  # AvailableIpAddressCount
     vpc_id: str = ""
     free_blocks: int | None = None  # free aligned /28s, when computed (prefix delegation)
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def cni_discoverable(self) -> bool:
+        """Tagged for enhanced subnet discovery, and not opted out with the value `0`."""
+        value = self.tags.get(CNI_SUBNET_TAG)
+        return value is not None and value != "0"
 
 
 def parse_subnet(raw: SubnetTypeDef) -> SubnetInfo:
@@ -80,18 +96,25 @@ def parse_subnet(raw: SubnetTypeDef) -> SubnetInfo:
         cidr=raw.get("CidrBlock", ""),
         free_ips=raw.get("AvailableIpAddressCount", 0),
         vpc_id=raw.get("VpcId", ""),
+        tags={t["Key"]: t.get("Value", "") for t in raw.get("Tags", []) if "Key" in t},
     )
 
 
 class SubnetProvider:
     """Subnet figures, cached for one period per question asked (which subnets, in which VPC, in which mode).
-    Free /28 counts keep their last good value when the subnet's ENIs could not be read."""
+    Free /28 counts keep their last good value when the subnet's ENIs could not be read, and reservations
+    theirs when they could not be read (a missing permission, for one)."""
 
-    def __init__(self, ec2: Ec2, period: float, *, all_vpc_subnets: bool = False) -> None:
+    def __init__(
+        self, ec2: Ec2, period: float, *, all_vpc_subnets: bool = False, reservation_ttl: float = 300.0
+    ) -> None:
         self.ec2 = ec2
         self.all_vpc_subnets = all_vpc_subnets
         self._cache: TTLCache[tuple[object, ...], dict[str, SubnetInfo]] = TTLCache(8, period, ec2.clock)
         self._free_blocks: dict[str, int] = {}
+        self._reserved: dict[str, tuple[str, ...]] = {}  # subnet id -> explicitly reserved CIDRs, last good
+        # Reservations change rarely and the call takes one subnet at a time: asked once per TTL per subnet.
+        self._reservations_fresh: TTLCache[str, tuple[str, ...]] = TTLCache(4096, reservation_ttl, ec2.clock)
 
     def key(self, vpc_id: str | None, subnet_ids: frozenset[str], prefix_mode: bool) -> tuple[object, ...]:
         return (vpc_id, subnet_ids, self.all_vpc_subnets, prefix_mode)
@@ -102,9 +125,12 @@ class SubnetProvider:
     def remember(self, key: tuple[object, ...], infos: dict[str, SubnetInfo]) -> None:
         self._cache[key] = infos
 
-    def fetch_subnets(self, subnet_ids: Iterable[str], vpc_id: str | None = None) -> list[SubnetInfo]:
+    def fetch_subnets(
+        self, subnet_ids: Iterable[str], vpc_id: str | None = None, *, discover: bool = False
+    ) -> list[SubnetInfo]:
         """By subnet-id filter (an unknown id is simply absent, where SubnetIds would fail the whole call), or
-        every subnet of the VPC with `all_vpc_subnets` (blocking: thread pool only)."""
+        every subnet of the VPC with `all_vpc_subnets`; with `discover` (and a known VPC) also the VPC's
+        subnets tagged for enhanced subnet discovery, whatever the tag's value (blocking: thread pool only)."""
         paginator = self.ec2.client.get_paginator("describe_subnets")
         config: PaginatorConfigTypeDef = {"PageSize": self.ec2.size(5, 1000)}
         batches: list[list[FilterTypeDef]]
@@ -112,15 +138,56 @@ class SubnetProvider:
             batches = [vpc_filter(vpc_id)]
         else:
             batches = [[{"Name": "subnet-id", "Values": chunk}] for chunk in chunks(subnet_ids)]
-        out: list[SubnetInfo] = []
+            if discover and vpc_id:
+                batches.append([*vpc_filter(vpc_id), {"Name": "tag-key", "Values": [CNI_SUBNET_TAG]}])
+        out: dict[str, SubnetInfo] = {}
         for filters in batches:
             for page in paginator.paginate(Filters=filters, PaginationConfig=config):
-                out.extend(parse_subnet(raw) for raw in page.get("Subnets", []))
+                for raw in page.get("Subnets", []):
+                    info = parse_subnet(raw)
+                    out[info.subnet_id] = info
+        return list(out.values())
+
+    async def subnets(
+        self, subnet_ids: frozenset[str], vpc_id: str | None, *, discover: bool = False
+    ) -> list[SubnetInfo]:
+        """Raises CallFailed."""
+        return await self.ec2.call(Call.SUBNETS, lambda: self.fetch_subnets(subnet_ids, vpc_id, discover=discover))
+
+    def fetch_reservations(self, subnet_ids: Iterable[str]) -> dict[str, tuple[str, ...]]:
+        """Subnet id -> its explicit IPv4 CIDR reservations (blocking: thread pool only). `prefix` reservations
+        are left in: EC2 assigns /28 prefixes from them, which is what the free blocks are counted for."""
+        out: dict[str, tuple[str, ...]] = {}
+        for subnet_id in sorted(set(subnet_ids)):  # the operation takes one subnet per call
+            reserved: list[str] = []
+            token: str | None = None
+            while True:
+                answer = (
+                    self.ec2.client.get_subnet_cidr_reservations(SubnetId=subnet_id, NextToken=token)
+                    if token
+                    else self.ec2.client.get_subnet_cidr_reservations(SubnetId=subnet_id)
+                )
+                reserved.extend(
+                    r["Cidr"]
+                    for r in answer.get("SubnetIpv4CidrReservations", [])
+                    if r.get("Cidr") and r.get("ReservationType") == EXPLICIT_RESERVATION
+                )
+                token = answer.get("NextToken")
+                if not token:
+                    break
+            out[subnet_id] = tuple(reserved)
         return out
 
-    async def subnets(self, subnet_ids: frozenset[str], vpc_id: str | None) -> list[SubnetInfo]:
-        """Raises CallFailed."""
-        return await self.ec2.call(Call.SUBNETS, lambda: self.fetch_subnets(subnet_ids, vpc_id))
+    async def reservations(self, subnet_ids: frozenset[str]) -> Mapping[str, tuple[str, ...]]:
+        """Explicit reservations per subnet, fresh or (on errors, counted under their own call kind) the last
+        good ones. Never raises: free /28 counts stand without them."""
+        due = frozenset(s for s in subnet_ids if s not in self._reservations_fresh)
+        if due:
+            with contextlib.suppress(CallFailed):
+                fresh = await self.ec2.call(Call.CIDR_RESERVATIONS, lambda: self.fetch_reservations(due))
+                self._reservations_fresh.update(fresh)
+                self._reserved.update(fresh)
+        return self._reserved
 
     def with_free_blocks(
         self,
@@ -128,15 +195,18 @@ class SubnetProvider:
         wanted: frozenset[str],
         prefix_mode: bool,
         used: Mapping[str, list[str]] | None,
+        reserved: Mapping[str, tuple[str, ...]] | None = None,
     ) -> list[SubnetInfo]:
         """The subnets with their free /28 counts under prefix delegation: from `used` (every address and
-        prefix in use per subnet) when it was read, else the last good count."""
+        prefix in use per subnet) and `reserved` (explicit CIDR reservations: EC2 never picks a prefix there)
+        when the usage was read, else the last good count."""
         out: list[SubnetInfo] = []
         for info in subnets:
             blocks: int | None = None
             if prefix_mode and info.cidr:
                 if used is not None and info.subnet_id in wanted:
-                    blocks = free_prefix_blocks(info.cidr, used.get(info.subnet_id, ()))
+                    taken = [*used.get(info.subnet_id, ()), *(reserved or {}).get(info.subnet_id, ())]
+                    blocks = free_prefix_blocks(info.cidr, taken)
                     self._free_blocks[info.subnet_id] = blocks
                 else:
                     blocks = self._free_blocks.get(info.subnet_id)
@@ -145,3 +215,4 @@ class SubnetProvider:
 
     def forget(self, subnet_id: str) -> None:
         self._free_blocks.pop(subnet_id, None)
+        self._reserved.pop(subnet_id, None)

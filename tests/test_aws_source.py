@@ -41,6 +41,7 @@ from webhook.sources.ec2.client import Call, Ec2, classify_error
 from webhook.sources.ec2.enis import Eni, EniProvider, parse_eni, subnet_usage, summarize_instances
 from webhook.sources.ec2.instance_types import instance_limits_from_ec2
 from webhook.sources.ec2.instances import (
+    cluster_name_from_tags,
     instance_id_from_provider_id,
     node_instances_from_provider_ids,
     region_from_provider_id,
@@ -555,7 +556,7 @@ async def test_extra_subnets_and_missing_subnets(moto_server: Server) -> None:
     spare_id = spare["Subnet"]["SubnetId"]
     index = build_index(cluster)
     clock = FakeClock()
-    poller = make_poller(moto_server.url, clock, vpc_id=cluster.vpc)
+    poller = make_poller(moto_server.url, clock, vpc_id=cluster.vpc, cluster_name="prod")
     try:
         result = await poller.refresh(index, cluster.node_instances, {spare_id, "subnet-0000000000000dead"})
         assert result.ok
@@ -964,3 +965,98 @@ async def test_the_iam_policy_allows_every_call_the_poller_makes(moto_server: Se
         "DescribeManagedPrefixLists",
     }  # fmt: skip
     assert {f"ec2:{op}" for op in operations} <= allowed
+
+
+# ---- the EKS control plane's ENIs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tags", "name"),
+    [
+        ({"eks:cluster-name": "prod", "kubernetes.io/cluster/prod": "owned"}, "prod"),  # managed node group
+        ({"aws:eks:cluster-name": "prod"}, "prod"),
+        ({"eks:eks-cluster-name": "prod", "karpenter.sh/nodepool": "default"}, "prod"),  # Karpenter
+        ({"kubernetes.io/cluster/prod": "owned", "Name": "prod-node"}, "prod"),  # self-managed, eksctl
+        ({"kubernetes.io/cluster/a": "shared", "kubernetes.io/cluster/b": "shared"}, None),  # not ours to pick
+        ({"Name": "bastion"}, None),
+    ],
+)
+def test_cluster_name_from_instance_tags(tags: dict[str, str], name: str | None) -> None:
+    assert cluster_name_from_tags([{"Key": k, "Value": v} for k, v in tags.items()]) == name
+
+
+def control_plane_eni(ec2: Any, subnet: str, cluster: str) -> tuple[str, str]:
+    eni = ec2.create_network_interface(SubnetId=subnet, Description=f"Amazon EKS {cluster}")["NetworkInterface"]
+    return eni["NetworkInterfaceId"], eni["PrivateIpAddress"]
+
+
+async def test_control_plane_enis_by_cluster_name(moto_server: Server) -> None:
+    """EKS places its control plane's cross-account ENIs in the cluster subnets, described `Amazon EKS <cluster
+    name>`: their addresses (where webhook calls come from) and their subnets' free addresses (a version update
+    needs up to 5 there) come from DescribeNetworkInterfaces and DescribeSubnets; another cluster's are not
+    ours, and none of it enters the capacity index."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    ours = [control_plane_eni(ec2, subnet, "prod") for subnet in cluster.subnets[:2]]
+    control_plane_eni(ec2, cluster.subnets[2], "staging")  # another cluster in the same VPC
+    elsewhere = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
+    other_subnet = ec2.create_subnet(VpcId=elsewhere, CidrBlock="10.1.0.0/24", AvailabilityZone=ZONES[0])
+    control_plane_eni(ec2, other_subnet["Subnet"]["SubnetId"], "prod")  # same name, another VPC
+    index = build_index(cluster)
+    clock = FakeClock()
+    poller = make_poller(moto_server.url, clock, cluster_name="prod")
+    try:
+        result = await poller.refresh(index, cluster.node_instances)
+        assert result.ok and Call.CONTROL_PLANE in result.fetched
+        view = poller.control_plane
+        assert view is not None and view == result.control_plane and view.cluster_name == "prod"
+        assert view.addresses == {address for _, address in ours}
+        assert view.subnet_ids == set(cluster.subnets[:2])
+        assert {s: info.free_ips for s, info in view.subnets.items()} == {
+            s: live_free(ec2, s) for s in cluster.subnets[:2]
+        }
+        # Within the period: not asked again.
+        result = await poller.refresh(index, cluster.node_instances)
+        assert Call.CONTROL_PLANE not in result.fetched and poller.control_plane == view
+        # A version update: EKS adds an ENI; the next period sees it.
+        added = control_plane_eni(ec2, cluster.subnets[2], "prod")
+        clock.advance(31)
+        result = await poller.refresh(index, cluster.node_instances)
+        assert poller.control_plane is not None and added[1] in poller.control_plane.addresses
+        assert poller.control_plane.subnet_ids == set(cluster.subnets)
+    finally:
+        poller.close()
+
+
+async def test_cluster_name_detected_from_the_nodes_instances(moto_server: Server) -> None:
+    """Without a name given, the tags EKS and its node launchers put on instances name the cluster; until one
+    does, no control-plane call is made, and each instance is asked about once."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    (_, address) = control_plane_eni(ec2, cluster.subnets[0], "prod")
+    index = build_index(cluster)
+    clock = FakeClock()
+    poller = make_poller(moto_server.url, clock)
+    try:
+        result = await poller.refresh(index, cluster.node_instances)
+        assert result.ok and Call.VPC in result.fetched and Call.CONTROL_PLANE not in result.fetched
+        assert poller.cluster_name is None and poller.control_plane is None
+        clock.advance(31)
+        result = await poller.refresh(index, cluster.node_instances)
+        assert Call.VPC not in result.fetched  # the same instances: not asked again
+
+        # A node joins from a launcher that tags its instance.
+        run = ec2.run_instances(
+            ImageId=AMI, MinCount=1, MaxCount=1, InstanceType="m5.large", SubnetId=cluster.subnets[0],
+            TagSpecifications=[{"ResourceType": "instance",
+                                "Tags": [{"Key": "kubernetes.io/cluster/prod", "Value": "owned"}]}],
+        )  # fmt: skip
+        index.upsert_node("node-new", zone=ZONES[0], instance_type="m5.large", pod_subnet=cluster.subnets[0],
+                          allocatable_pods=29)  # fmt: skip
+        instances = {**cluster.node_instances, "node-new": run["Instances"][0]["InstanceId"]}
+        result = await poller.refresh(index, instances)
+        assert {Call.VPC, Call.CONTROL_PLANE} <= result.fetched
+        assert poller.cluster_name == "prod"
+        assert poller.control_plane is not None and poller.control_plane.addresses == {address}
+    finally:
+        poller.close()

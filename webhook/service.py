@@ -47,6 +47,7 @@ class ServeOptions:
     ec2: bool = True
     region: str | None = None
     vpc_id: str | None = None
+    cluster_name: str | None = None  # the EKS cluster (default: from the nodes' instances' tags)
     ec2_endpoint_url: str | None = None
     ec2_period: float = 30.0
     ec2_tick: float = 5.0  # how often the poller is asked; it only calls EC2 for what is due
@@ -87,8 +88,8 @@ class Service:
         }
         o = self.options
         self.poller = (
-            Ec2Poller(region=o.region, vpc_id=o.vpc_id, endpoint_url=o.ec2_endpoint_url, eni_period=o.ec2_period,
-                      subnet_period=o.ec2_period, clock=self.clock)
+            Ec2Poller(region=o.region, vpc_id=o.vpc_id, cluster_name=o.cluster_name, endpoint_url=o.ec2_endpoint_url,
+                      eni_period=o.ec2_period, subnet_period=o.ec2_period, clock=self.clock)
             if o.ec2 else None
         )
         reloader = CertReloader(o.tls_cert, o.tls_key, allow_missing=True)

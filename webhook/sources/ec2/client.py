@@ -70,6 +70,7 @@ class Call(enum.StrEnum):
     CIDR_RESERVATIONS = "cidr_reservations"  # GetSubnetCidrReservations of the pod subnets (prefix delegation)
     INSTANCE_TYPES = "instance_types"
     SECURITY_GROUPS = "security_groups"
+    CONTROL_PLANE = "control_plane"  # DescribeNetworkInterfaces `Amazon EKS <cluster>`, and their subnets
 
 
 @dataclass(slots=True)

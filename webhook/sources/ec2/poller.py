@@ -23,6 +23,7 @@ import boto3
 from webhook.model.index import CapacityIndex
 from webhook.model.limits import InstanceLimits, UnknownInstanceType
 from webhook.sources.ec2.client import Call, CallFailed, CallStats, Clock, Ec2, RetryMode
+from webhook.sources.ec2.control_plane import ControlPlane, ControlPlaneProvider
 from webhook.sources.ec2.enis import EniProvider, InstanceEnis
 from webhook.sources.ec2.instance_types import InstanceTypeProvider
 from webhook.sources.ec2.instances import VpcProvider, region_from_zone
@@ -46,6 +47,7 @@ class RefreshResult:
     subnets_missing: frozenset[str] = frozenset()  # asked for, but EC2 has no such subnet
     instances: Mapping[str, InstanceEnis] = field(default_factory=dict)  # this refresh's fresh ENI view
     subnets: Mapping[str, SubnetInfo] = field(default_factory=dict)
+    control_plane: ControlPlane | None = None  # fetched by this refresh (best effort: never in `failed`)
 
     @property
     def ok(self) -> bool:
@@ -60,6 +62,7 @@ class Ec2Poller:
         *,
         region: str | None = None,
         vpc_id: str | None = None,
+        cluster_name: str | None = None,
         endpoint_url: str | None = None,
         eni_period: float = 30.0,
         subnet_period: float = 30.0,
@@ -94,11 +97,12 @@ class Ec2Poller:
             clock=clock,
             session=session,
         )
-        self.vpc = VpcProvider(self.ec2, vpc_id)
+        self.vpc = VpcProvider(self.ec2, vpc_id, cluster_name)
         self.instance_types = InstanceTypeProvider(self.ec2, instance_type_ttl)
         self.enis = EniProvider(self.ec2, eni_period)
         self.subnet_provider = SubnetProvider(self.ec2, subnet_period, all_vpc_subnets=all_vpc_subnets)
         self.security_group_provider = SecurityGroupProvider(self.ec2, security_group_ttl)
+        self.control_plane_provider = ControlPlaneProvider(self.ec2, self.enis, self.subnet_provider, eni_period)
         self.clock = clock
         self._refresh_lock = asyncio.Lock()
         self._stop = asyncio.Event()
@@ -127,6 +131,17 @@ class Ec2Poller:
     @property
     def vpc_id(self) -> str | None:
         return self.vpc.vpc_id
+
+    @property
+    def cluster_name(self) -> str | None:
+        """The EKS cluster's name: given, or read off the nodes' instances' tags."""
+        return self.vpc.cluster_name
+
+    @property
+    def control_plane(self) -> ControlPlane | None:
+        """The control plane's ENIs, addresses and subnets as last fetched (None until the cluster name is
+        known and they were fetched once)."""
+        return self.control_plane_provider.current
 
     @property
     def backoff_base(self) -> float:
@@ -195,8 +210,8 @@ class Ec2Poller:
         try:
             if await self.vpc.resolve(instance_ids):
                 fetched.add(Call.VPC)
-                if self.vpc.vpc_id:
-                    log.info("EC2 VPC %s (from the nodes' instances)", self.vpc.vpc_id)
+                log.info("EC2 VPC %s, EKS cluster %s (from the nodes' instances)", self.vpc.vpc_id,
+                         self.vpc.cluster_name or "not named by their tags")  # fmt: skip
         except CallFailed as exc:
             failed[Call.VPC] = exc.reason
 
@@ -255,6 +270,16 @@ class Ec2Poller:
                 reserved = await self.subnet_provider.reservations(pod_subnets)
             counted = self.subnet_provider.with_free_blocks(subnets, pod_subnets, prefix_mode, used, reserved)
 
+        # The control plane's ENIs feed no capacity figure: best effort, counted in the stats only.
+        control_plane: ControlPlane | None = None
+        if self.vpc.cluster_name:
+            try:
+                control_plane = await self.control_plane_provider.control_plane(self.vpc.cluster_name, vpc_id)
+                if control_plane is not None:
+                    fetched.add(Call.CONTROL_PLANE)
+            except CallFailed:
+                pass
+
         # Apply everything in one synchronous step: the request path never sees half a refresh.
         self._apply_limits(index, changed_limits)
         nodes_updated = 0
@@ -278,6 +303,7 @@ class Ec2Poller:
             subnets_missing=missing,
             instances=instances or {},
             subnets=infos,
+            control_plane=control_plane,
         )
 
     @staticmethod

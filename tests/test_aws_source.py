@@ -335,7 +335,8 @@ def test_parse_eni_takes_primary_from_the_address_list() -> None:
 
 def test_instance_limits_match_the_bundled_table() -> None:
     """DescribeInstanceTypes (moto's real data) read as the generator reads it, for a spread of shapes."""
-    names = ["m5.large", "t3.micro", "m4.large", "c5.metal", "p4d.24xlarge", "c6in.32xlarge", "m1.small"]
+    names = ["m5.large", "t3.micro", "m4.large", "c5.metal", "p4d.24xlarge", "c6in.32xlarge", "m1.small",
+             "i7ie.48xlarge", "i8ge.metal-48xl"]  # these two: ipamd's own ENI figure, not the default card's
     with mock_aws():
         ec2 = boto3.client("ec2", region_name=REGION)
         infos = ec2.describe_instance_types(InstanceTypes=names)["InstanceTypes"]
@@ -420,6 +421,25 @@ async def test_instance_types_reach_the_index() -> None:
             assert result.fetched == frozenset()
         finally:
             poller.close()
+
+
+async def test_live_instance_type_figures_win_over_the_bundled_table() -> None:
+    """`serve` sizes nodes by DescribeInstanceTypes for the types it has seen, so a new type or a changed limit
+    needs no release; a type EC2 does not describe keeps its bundled row."""
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name=REGION)
+        cluster = create_cluster(ec2)
+        stale = {"m5.large": (2, 6, True, 2, 9), "zz9.plural": (4, 10, True, 4, 0)}
+        index = build_index(cluster, limits=LimitsTable(bundled=stale))
+        index.upsert_node("odd", zone=ZONES[0], instance_type="zz9.plural", pod_subnet=None, allocatable_pods=40)
+        assert index.nodes["node-0"].capacity == 2 * (6 - 1)
+        poller = Ec2Poller(region=REGION, clock=FakeClock())
+        result = await refresh_once(poller, index, cluster.node_instances)
+    assert Call.INSTANCE_TYPES in result.fetched
+    assert index.limits.get("m5.large") == InstanceLimits("m5.large", 3, 10, True, 2, 9)
+    assert index.nodes["node-0"].capacity == 3 * (10 - 1)
+    assert index.limits.get("zz9.plural") == InstanceLimits("zz9.plural", 4, 10, True, 4, 0)
+    assert index.nodes["odd"].capacity == 4 * (10 - 1)
 
 
 async def test_security_group_rule_counts() -> None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from cachetools import TTLCache
 
-from webhook.model.instance_types import INSTANCE_TYPES
+from webhook.model.instance_types import INSTANCE_TYPES, IPAMD_ENI_LIMITS
 from webhook.model.limits import InstanceLimits
 from webhook.sources.ec2.client import Call, Ec2, chunks
 
@@ -16,7 +16,12 @@ if TYPE_CHECKING:
     from mypy_boto3_ec2.type_defs import InstanceTypeInfoTypeDef
 
 
-def _default_card_enis(info: InstanceTypeInfoTypeDef) -> int | None:
+def _max_enis(info: InstanceTypeInfoTypeDef) -> int | None:
+    """Max ENIs as ipamd counts them: its own table's figure for the types it lists with another one
+    (`IPAMD_ENI_LIMITS`; ipamd never asks EC2 about those), else the default network card's."""
+    listed = IPAMD_ENI_LIMITS.get(info.get("InstanceType", ""))
+    if listed is not None:
+        return listed
     network = info.get("NetworkInfo")
     if network is None:
         return None
@@ -38,7 +43,7 @@ def instance_limits_from_ec2(info: InstanceTypeInfoTypeDef, branch_enis: int = 0
     from the VPC resource controller's table), so the caller passes them.
     """
     name = info.get("InstanceType")
-    enis = _default_card_enis(info)
+    enis = _max_enis(info)
     ipv4 = info.get("NetworkInfo", {}).get("Ipv4AddressesPerInterface")
     vcpus = info.get("VCpuInfo", {}).get("DefaultVCpus")
     if not name or not enis or not ipv4 or not vcpus or enis <= 0 or ipv4 <= 0 or vcpus <= 0:

@@ -1080,3 +1080,36 @@ async def test_cluster_name_detected_from_the_nodes_instances(moto_server: Serve
         assert poller.control_plane is not None and poller.control_plane.addresses == {address}
     finally:
         poller.close()
+
+
+
+# ---- subnets new nodes can launch into ----------------------------------------------------------------
+
+
+async def test_launch_subnets_reach_the_index_as_launchable(moto_server: Server) -> None:
+    """Subnets an autoscaler launches into (Karpenter's EC2NodeClass status) are fetched with the others and
+    handed to the index as launchable, also in a zone with no node; one that leaves every class is dropped,
+    unless a node still uses it."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    spare = tagged_subnet(ec2, cluster.vpc, "10.0.70.0/24", "us-east-1d", None)  # no node in us-east-1d
+    index = build_index(cluster)
+    clock = FakeClock()
+    poller = make_poller(moto_server.url, clock)
+    try:
+        launch = {spare, cluster.subnets[0]}
+        result = await poller.refresh(index, cluster.node_instances, launch_subnets=launch)
+        assert result.ok
+        assert index.subnets[spare].launchable and index.subnets[spare].free_ips == 256 - 5
+        assert index.subnets[spare].zone == "us-east-1d"
+        assert index.subnets[cluster.subnets[0]].launchable
+        assert not index.subnets[cluster.subnets[1]].launchable
+
+        # The classes change: the spare subnet is no longer a launch target, the node subnet stays (its node
+        # uses it) but is no longer launchable. New targets are fetched at once, not a period later.
+        result = await poller.refresh(index, cluster.node_instances, launch_subnets=set())
+        assert Call.SUBNETS in result.fetched
+        assert spare not in index.subnets
+        assert not index.subnets[cluster.subnets[0]].launchable
+    finally:
+        poller.close()

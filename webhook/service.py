@@ -171,7 +171,8 @@ class Service:
                 self.ec2_ready = True
             return
         self.ec2_idle_at = None
-        result = await self.poller.refresh(self.index, node_instances, set(self.feed.eni_configs.values()))
+        result = await self.poller.refresh(self.index, node_instances, set(self.feed.eni_configs.values()),
+                                           self.feed.launch_subnets())
         if result.instances:
             by_instance = {iid: inst.primary_subnet for iid, inst in result.instances.items() if inst.primary_subnet}
             subnets = {node: by_instance[iid] for node, iid in node_instances.items() if iid in by_instance}
@@ -179,7 +180,8 @@ class Service:
             self.feed.set_ec2_node_subnets(subnets)
             if set(subnets.values()) - before:
                 # Nodes named subnets not fetched yet: fetch them now rather than a period later.
-                result = await self.poller.refresh(self.index, node_instances, set(self.feed.eni_configs.values()))
+                result = await self.poller.refresh(self.index, node_instances, set(self.feed.eni_configs.values()),
+                                                   self.feed.launch_subnets())
         stats = self.poller.stats
         if result.ok and stats[Call.ENIS].last_success is not None and (
             stats[Call.SUBNETS].last_success is not None or not self.feed.subnets_in_use()

@@ -88,6 +88,7 @@ class Subnet:
     supply: int = 0  # derived: pod IPs it can still hand out to its schedulable nodes
     addresses: int = 0  # derived: the same with or without nodes on it (what new nodes could draw on)
     tags: Mapping[str, str] = field(default_factory=dict)  # its EC2 tags, as last fetched
+    launchable: bool = False  # an autoscaler (Karpenter's EC2NodeClass) can launch new nodes into it
 
 
 @dataclass(slots=True)
@@ -412,6 +413,7 @@ class CapacityIndex:
         free_ips: int,
         free_blocks: int | None = None,
         tags: Mapping[str, str] | None = None,
+        launchable: bool | None = None,
     ) -> None:
         """A fresh DescribeSubnets figure: what its nodes held until now is already outside `free_ips`."""
         subnet = self.subnets.get(subnet_id)
@@ -433,6 +435,8 @@ class CapacityIndex:
         subnet.free_blocks = None if free_blocks is None else max(0, free_blocks)
         if tags is not None:
             subnet.tags = dict(tags)
+        if launchable is not None:
+            subnet.launchable = launchable
         for node in users:
             self._attach(node)
         self._set_subnet_supply(subnet, subnet.demand)

@@ -113,6 +113,7 @@ class Ec2Poller:
         self._held_nodes: set[str] = set()  # nodes whose held figure came from here
         self._applied_subnets: set[str] = set()
         self._discovered: set[str] = set()  # subnets in the index by their discovery tag alone
+        self._launch_targets: set[str] = set()  # subnets in the index as an autoscaler's launch targets
 
     # ---- the shared connection, as callers and tests see it -------------------------------------------
 
@@ -185,15 +186,21 @@ class Ec2Poller:
         index: CapacityIndex,
         node_instances: Mapping[str, str],
         extra_subnets: AbstractSet[str] = frozenset(),
+        launch_subnets: AbstractSet[str] = frozenset(),
     ) -> RefreshResult:
         """Fetch what is due and apply it to the index. Never raises for EC2 errors: they are counted, and the
         index keeps the last good figures. `node_instances`: node name -> instance id (from providerIDs);
-        `extra_subnets`: ENIConfig subnets and others to watch besides the nodes' pod subnets."""
+        `extra_subnets`: ENIConfig subnets and others to watch besides the nodes' pod subnets;
+        `launch_subnets`: subnets an autoscaler can launch new nodes into (Karpenter's EC2NodeClasses)."""
         async with self._refresh_lock:
-            return await self._refresh(index, node_instances, extra_subnets)
+            return await self._refresh(index, node_instances, extra_subnets, frozenset(launch_subnets))
 
     async def _refresh(
-        self, index: CapacityIndex, node_instances: Mapping[str, str], extra_subnets: AbstractSet[str]
+        self,
+        index: CapacityIndex,
+        node_instances: Mapping[str, str],
+        extra_subnets: AbstractSet[str],
+        launch_subnets: frozenset[str],
     ) -> RefreshResult:
         self._resolve_region(index)
         fetched: set[Call] = set()
@@ -202,7 +209,9 @@ class Ec2Poller:
 
         instance_ids = frozenset(node_instances.values())
         subnet_ids = frozenset(
-            {n.pod_subnet for n in index.nodes.values() if n.known and n.pod_subnet} | set(extra_subnets)
+            {n.pod_subnet for n in index.nodes.values() if n.known and n.pod_subnet}
+            | set(extra_subnets)
+            | launch_subnets
         )
         prefix_mode = index.cni.prefix_delegation
 
@@ -231,7 +240,7 @@ class Ec2Poller:
         # ENIs before subnets: an IP assigned between the two calls is then debited twice (safe) rather than
         # credited twice.
         vpc_id = self.vpc.vpc_id
-        subnet_key = self.subnet_provider.key(vpc_id, subnet_ids, prefix_mode)
+        subnet_key = (*self.subnet_provider.key(vpc_id, subnet_ids, prefix_mode), launch_subnets)
         # New limits make the index recompute every node and re-baseline every subnet on its last figure:
         # give it fresh figures in the same step.
         subnets_due = bool(subnet_ids) and (not self.subnet_provider.fresh(subnet_key) or bool(changed_limits))
@@ -289,7 +298,7 @@ class Ec2Poller:
         missing: frozenset[str] = frozenset()
         infos: dict[str, SubnetInfo] = {}
         if subnets is not None:
-            infos, missing = self._apply_subnets(index, subnet_ids, counted)
+            infos, missing = self._apply_subnets(index, subnet_ids, counted, launch_subnets)
             self.subnet_provider.remember(subnet_key, infos)
 
         skipped = frozenset(k for k, reason in failed.items() if reason == "backoff")
@@ -369,14 +378,18 @@ class Ec2Poller:
         return discoverable or self.subnet_provider.all_vpc_subnets
 
     def _apply_subnets(
-        self, index: CapacityIndex, wanted: frozenset[str], subnets: Iterable[SubnetInfo]
+        self,
+        index: CapacityIndex,
+        wanted: frozenset[str],
+        subnets: Iterable[SubnetInfo],
+        launch_subnets: frozenset[str] = frozenset(),
     ) -> tuple[dict[str, SubnetInfo], frozenset[str]]:
         infos: dict[str, SubnetInfo] = {}
         for info in subnets:
             infos[info.subnet_id] = info
             index.upsert_subnet(
                 info.subnet_id, zone=info.zone, cidr=info.cidr, free_ips=info.free_ips, free_blocks=info.free_blocks,
-                tags=info.tags,
+                tags=info.tags, launchable=info.subnet_id in launch_subnets,
             )  # fmt: skip
         missing = frozenset(wanted - set(infos))
         discovered = frozenset(set(infos) - wanted)
@@ -387,6 +400,10 @@ class Ec2Poller:
             log.info("subnet %s no longer counts for subnet discovery: dropping it from the index", subnet_id)
             self._drop_subnet(index, subnet_id)
         self._discovered = set(discovered)
+        for subnet_id in self._launch_targets - wanted:
+            log.info("subnet %s is no longer a launch target: dropping it from the index", subnet_id)
+            self._drop_subnet(index, subnet_id)
+        self._launch_targets = set(launch_subnets)
         self._applied_subnets |= set(infos)
         self.subnets.update(infos)
         for subnet_id in missing:

@@ -5,11 +5,14 @@ Input: DescribeInstanceTypes-shaped JSON (optionally gzipped) in one of three sh
   * raw `aws ec2 describe-instance-types --output json` output: {"InstanceTypes": [ {...}, ... ]}
   * a JSON list of InstanceType objects: [ {...}, ... ]
   * moto's bundled moto/ec2/resources/instance_types.json.gz: {"m5.large": {...}, ...} (the default input)
-plus the branch-ENI table scripts/data/branch_enis.json (security groups for pods / ENI trunking).
+plus the branch-ENI table scripts/data/branch_enis.json (security groups for pods / ENI trunking) and
+scripts/data/ipamd_eni_limits.json (the types whose max ENIs ipamd takes from its own table, where that is
+not the default network card's figure in the current EC2 data).
 
 Per instance type the table holds, as the VPC CNI reads them:
   * max ENIs on the default network card (the NetworkCards entry whose NetworkCardIndex equals
-    DefaultNetworkCardIndex; NetworkInfo.MaximumNetworkInterfaces when NetworkCards is absent)
+    DefaultNetworkCardIndex; NetworkInfo.MaximumNetworkInterfaces when NetworkCards is absent), unless
+    ipamd's own table gives the type another figure (ipamd_eni_limits.json): then ipamd's
   * IPv4 addresses per ENI
   * prefix delegation supported: Hypervisor == "nitro" or BareMetal (aws/amazon-vpc-cni-k8s,
     EC2InstanceMetadataCache.IsPrefixDelegationSupported)
@@ -43,6 +46,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = REPO_ROOT / "webhook" / "model" / "instance_types.py"
 DEFAULT_BRANCH_DATA = REPO_ROOT / "scripts" / "data" / "branch_enis.json"
+DEFAULT_IPAMD_DATA = REPO_ROOT / "scripts" / "data" / "ipamd_eni_limits.json"
 MOTO_RESOURCE = "moto/ec2/resources/instance_types.json.gz"
 COMMAND = "python scripts/gen_instance_limits.py"
 
@@ -61,7 +65,9 @@ class Source:
 
 
 @dataclass(frozen=True)
-class BranchData:
+class LimitsData:
+    """Per-type figures from a table outside DescribeInstanceTypes, with where they come from."""
+
     source: str
     limits: dict[str, int]
     label: str
@@ -241,7 +247,7 @@ def parse_entry(where: str, entry: Mapping[str, object]) -> tuple[str, Row | str
     return name, (enis, ipv4, prefix_delegation, vcpus, 0)
 
 
-def build_table(doc: object, branch: Mapping[str, int]) -> Table:
+def build_table(doc: object, branch: Mapping[str, int], ipamd_enis: Mapping[str, int] | None = None) -> Table:
     rows: dict[str, Row] = {}
     skipped: dict[str, str] = {}
     for where, entry in instance_type_entries(doc):
@@ -250,6 +256,8 @@ def build_table(doc: object, branch: Mapping[str, int]) -> Table:
             skipped[name] = parsed
             continue
         enis, ipv4, prefix_delegation, vcpus, _ = parsed
+        # ipamd sizes a node by its own table when the type is in it (pkg/vpc GetENILimit), not by EC2's cards.
+        enis = (ipamd_enis or {}).get(name, enis)
         row: Row = (enis, ipv4, prefix_delegation, vcpus, branch.get(name, 0))
         if name in rows and rows[name] != row:
             raise InputError(f"{name} appears twice with different limits: {rows[name]} and {row}")
@@ -261,11 +269,12 @@ def build_table(doc: object, branch: Mapping[str, int]) -> Table:
     return Table(rows=dict(sorted(rows.items())), skipped=dict(sorted(skipped.items())))
 
 
-def load_branch_data(path: Path) -> BranchData:
+def load_limits_data(path: Path, what: str = "branch ENI count") -> LimitsData:
+    """A `{"source": "...", "limits": {"type": N, ...}}` file (branch ENIs, ipamd's ENI limits)."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise InputError(f"cannot read branch-ENI data {path}: {exc.strerror}") from exc
+        raise InputError(f"cannot read {what} data {path}: {exc.strerror}") from exc
     doc = decode_json(raw, str(path.name))
     if not isinstance(doc, dict) or not isinstance(doc.get("source"), str) or not isinstance(doc.get("limits"), dict):
         raise InputError(f'{path.name}: expected {{"source": "...", "limits": {{"m5.large": 9, ...}}}}')
@@ -273,20 +282,20 @@ def load_branch_data(path: Path) -> BranchData:
     limits_doc = doc["limits"]
     assert isinstance(limits_doc, dict)
     for name, value in limits_doc.items():
-        limits[str(name)] = positive_int(value, f"{path.name}: limits[{name!r}]", "branch ENI count")
+        limits[str(name)] = positive_int(value, f"{path.name}: limits[{name!r}]", what)
     source = doc["source"]
     assert isinstance(source, str)
     try:
         label = str(path.resolve().relative_to(REPO_ROOT))
     except ValueError:
         label = path.name
-    return BranchData(source=source, limits=limits, label=label)
+    return LimitsData(source=source, limits=dict(sorted(limits.items())), label=label)
 
 
 # --------------------------------------------------------------------------- output
 
 
-def render(table: Table, source: Source, branch: BranchData) -> str:
+def render(table: Table, source: Source, branch: LimitsData, ipamd: LimitsData) -> str:
     command = " ".join((COMMAND, *source.argv))
     trunking = sum(1 for row in table.rows.values() if row[4] > 0)
     missing_branch = sorted(set(branch.limits) - set(table.rows))
@@ -299,8 +308,10 @@ def render(table: Table, source: Source, branch: BranchData) -> str:
         f"Branch ENIs: {branch.label} ({trunking} trunking-capable types here, "
         f"{len(missing_branch)} of its types absent from the source)",
         f"  from {branch.source}",
-        "Max ENIs count the default network card only, as the VPC CNI does; prefix delegation is",
-        'supported where Hypervisor == "nitro" or BareMetal (the VPC CNI\'s own test).',
+        "Max ENIs count the default network card only, as the VPC CNI does, except for the types whose",
+        f"max ENIs ipamd takes from its own table with another figure: {ipamd.label}",
+        f"  from {ipamd.source}",
+        'Prefix delegation is supported where Hypervisor == "nitro" or BareMetal (the VPC CNI\'s own test).',
         "See scripts/data/README.md for provenance and how to regenerate from a real account.",
         '"""',
         "",
@@ -312,13 +323,24 @@ def render(table: Table, source: Source, branch: BranchData) -> str:
     ]
     lines += [f"    {json.dumps(name)}: ({e}, {i}, {pd}, {v}, {b})," for name, (e, i, pd, v, b) in table.rows.items()]
     lines.append("}")
+    lines += [
+        "",
+        "# Max ENIs ipamd uses for these types (its own table) where EC2's default card now says otherwise:",
+        "# DescribeInstanceTypes figures for them are read with these (webhook/sources/ec2/instance_types.py).",
+        "IPAMD_ENI_LIMITS: dict[str, int] = {",
+    ]
+    lines += [f"    {json.dumps(name)}: {enis}," for name, enis in ipamd.limits.items()]
+    lines.append("}")
     return "\n".join(lines) + "\n"
 
 
-def generate(source: Source, branch_path: Path = DEFAULT_BRANCH_DATA) -> tuple[str, Table]:
-    branch = load_branch_data(branch_path)
-    table = build_table(decode_json(source.data, source.label), branch.limits)
-    return render(table, source, branch), table
+def generate(
+    source: Source, branch_path: Path = DEFAULT_BRANCH_DATA, ipamd_path: Path = DEFAULT_IPAMD_DATA
+) -> tuple[str, Table]:
+    branch = load_limits_data(branch_path)
+    ipamd = load_limits_data(ipamd_path, "ipamd ENI limit")
+    table = build_table(decode_json(source.data, source.label), branch.limits, ipamd.limits)
+    return render(table, source, branch, ipamd), table
 
 
 # --------------------------------------------------------------------------- cross-check
@@ -349,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", nargs="?", type=Path, help="DescribeInstanceTypes JSON (default: moto's bundled data)")
     parser.add_argument("--branch-data", type=Path, default=DEFAULT_BRANCH_DATA, help="branch-ENI JSON")
+    parser.add_argument("--ipamd-data", type=Path, default=DEFAULT_IPAMD_DATA, help="ipamd's own ENI limits JSON")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="module to write")
     parser.add_argument("--check", action="store_true", help="exit 1 if --output differs from what would be written")
     parser.add_argument("--compare-eni-max-pods", type=Path, metavar="FILE", help="print a cross-check and exit")
@@ -356,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         source = file_source(args.input) if args.input is not None else moto_source()
-        text, table = generate(source, args.branch_data)
+        text, table = generate(source, args.branch_data, args.ipamd_data)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

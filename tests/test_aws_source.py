@@ -1,4 +1,4 @@
-"""The EC2 edge (webhook/sources/aws.py): pure helpers by hand-worked figures, the poller against moto.
+"""The EC2 edge (webhook/sources/ec2/): pure helpers by hand-worked figures, the poller against moto.
 
 Unit-level functions run against moto in process (`mock_aws`); the poller runs end to end against a
 `ThreadedMotoServer` through `endpoint_url`, the way the real process talks to EC2. moto 5.2.5 facts these
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,25 +32,23 @@ from moto import mock_aws
 
 from tests.live import Moto as Server
 from tests.live import start_moto
+from tests.paths import REPO
 from webhook.model.cni import CniSettings
 from webhook.model.index import CapacityIndex
 from webhook.model.instance_types import INSTANCE_TYPES
 from webhook.model.limits import InstanceLimits, LimitsTable
-from webhook.sources.aws import (
-    Call,
-    Ec2Poller,
-    Eni,
-    classify_error,
-    free_prefix_blocks,
+from webhook.sources.ec2.client import Call, Ec2, classify_error
+from webhook.sources.ec2.enis import Eni, EniProvider, parse_eni, subnet_usage, summarize_instances
+from webhook.sources.ec2.instance_types import instance_limits_from_ec2
+from webhook.sources.ec2.instances import (
+    cluster_name_from_tags,
     instance_id_from_provider_id,
-    instance_limits_from_ec2,
     node_instances_from_provider_ids,
-    parse_eni,
     region_from_provider_id,
     region_from_zone,
-    subnet_usage,
-    summarize_instances,
 )
+from webhook.sources.ec2.poller import Ec2Poller, RefreshResult
+from webhook.sources.ec2.subnets import free_prefix_blocks
 
 REGION = "us-east-1"
 AMI = "ami-12c6146b"  # any id: moto does not check it
@@ -104,6 +103,24 @@ def make_poller(url: str, clock: Callable[[], float], **kwargs: Any) -> Ec2Polle
     return Ec2Poller(**settings)
 
 
+def record_filters(poller: Ec2Poller, operation: str) -> list[list[str]]:
+    """The filter names of every `operation` call the poller makes from now on, call by call."""
+    filters: list[list[str]] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        filters.append(sorted(f["Name"] for f in params.get("Filters", [])))
+
+    poller.client.meta.events.register(f"provide-client-params.ec2.{operation}", record)
+    return filters
+
+
+async def refresh_once(poller: Ec2Poller, index: CapacityIndex, node_instances: dict[str, str]) -> RefreshResult:
+    try:
+        return await poller.refresh(index, node_instances)
+    finally:
+        poller.close()
+
+
 @dataclass
 class Cluster:
     vpc: str
@@ -151,18 +168,25 @@ def live_free(ec2: Any, subnet: str) -> int:
     return int(ec2.describe_subnets(SubnetIds=[subnet])["Subnets"][0]["AvailableIpAddressCount"])
 
 
-def throttle(**_: Any) -> AWSResponse:
-    """A `before-send` hook: EC2's throttling answer, without sending anything."""
+def ec2_error(code: str, status: int) -> Callable[..., AWSResponse]:
+    """A `before-send` hook: EC2's error answer with this code, without sending anything."""
     body = (
-        b'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>RequestLimitExceeded</Code>'
-        b"<Message>Request limit exceeded.</Message></Error></Errors><RequestID>test</RequestID></Response>"
-    )
+        f'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>{code}</Code>'
+        f"<Message>{code}</Message></Error></Errors><RequestID>test</RequestID></Response>"
+    ).encode()
 
     class Raw:
         def stream(self, **_: Any) -> Iterator[bytes]:
             yield body
 
-    return AWSResponse("https://ec2.amazonaws.com/", 503, {}, Raw())
+    def answer(**_: Any) -> AWSResponse:
+        return AWSResponse("https://ec2.amazonaws.com/", status, {}, Raw())
+
+    return answer
+
+
+throttle = ec2_error("RequestLimitExceeded", 503)
+denied = ec2_error("UnauthorizedOperation", 403)  # a call the IAM policy does not allow
 
 
 # ---- provider IDs -------------------------------------------------------------------------------------
@@ -311,7 +335,8 @@ def test_parse_eni_takes_primary_from_the_address_list() -> None:
 
 def test_instance_limits_match_the_bundled_table() -> None:
     """DescribeInstanceTypes (moto's real data) read as the generator reads it, for a spread of shapes."""
-    names = ["m5.large", "t3.micro", "m4.large", "c5.metal", "p4d.24xlarge", "c6in.32xlarge", "m1.small"]
+    names = ["m5.large", "t3.micro", "m4.large", "c5.metal", "p4d.24xlarge", "c6in.32xlarge", "m1.small",
+             "i7ie.48xlarge", "i8ge.metal-48xl"]  # these two: ipamd's own ENI figure, not the default card's
     with mock_aws():
         ec2 = boto3.client("ec2", region_name=REGION)
         infos = ec2.describe_instance_types(InstanceTypes=names)["InstanceTypes"]
@@ -396,6 +421,25 @@ async def test_instance_types_reach_the_index() -> None:
             assert result.fetched == frozenset()
         finally:
             poller.close()
+
+
+async def test_live_instance_type_figures_win_over_the_bundled_table() -> None:
+    """`serve` sizes nodes by DescribeInstanceTypes for the types it has seen, so a new type or a changed limit
+    needs no release; a type EC2 does not describe keeps its bundled row."""
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name=REGION)
+        cluster = create_cluster(ec2)
+        stale = {"m5.large": (2, 6, True, 2, 9), "zz9.plural": (4, 10, True, 4, 0)}
+        index = build_index(cluster, limits=LimitsTable(bundled=stale))
+        index.upsert_node("odd", zone=ZONES[0], instance_type="zz9.plural", pod_subnet=None, allocatable_pods=40)
+        assert index.nodes["node-0"].capacity == 2 * (6 - 1)
+        poller = Ec2Poller(region=REGION, clock=FakeClock())
+        result = await refresh_once(poller, index, cluster.node_instances)
+    assert Call.INSTANCE_TYPES in result.fetched
+    assert index.limits.get("m5.large") == InstanceLimits("m5.large", 3, 10, True, 2, 9)
+    assert index.nodes["node-0"].capacity == 3 * (10 - 1)
+    assert index.limits.get("zz9.plural") == InstanceLimits("zz9.plural", 4, 10, True, 4, 0)
+    assert index.nodes["odd"].capacity == 4 * (10 - 1)
 
 
 async def test_security_group_rule_counts() -> None:
@@ -532,7 +576,7 @@ async def test_extra_subnets_and_missing_subnets(moto_server: Server) -> None:
     spare_id = spare["Subnet"]["SubnetId"]
     index = build_index(cluster)
     clock = FakeClock()
-    poller = make_poller(moto_server.url, clock, vpc_id=cluster.vpc)
+    poller = make_poller(moto_server.url, clock, vpc_id=cluster.vpc, cluster_name="prod")
     try:
         result = await poller.refresh(index, cluster.node_instances, {spare_id, "subnet-0000000000000dead"})
         assert result.ok
@@ -694,8 +738,9 @@ async def test_prefix_delegation_free_blocks(moto_server: Server) -> None:
 
 def test_enis_are_read_across_pages() -> None:
     """moto answers in one page, so a Stubber serves two and checks MaxResults and NextToken go out."""
-    poller = Ec2Poller(region=REGION, vpc_id="vpc-1", page_size=5)
-    stubber = Stubber(poller.client)
+    ec2 = Ec2(region=REGION, page_size=5)
+    provider = EniProvider(ec2, period=30.0)
+    stubber = Stubber(ec2.client)
     vpc_filter = {"Name": "vpc-id", "Values": ["vpc-1"]}
     described = [vpc_filter, {"Name": "description", "Values": ["aws-K8S-*", "aws-k8s-branch-eni"]}]
     page1 = [raw_eni(f"eni-{i}", description="aws-K8S-i-1", instance="i-1", device=i + 1, ips=2) for i in range(5)]
@@ -721,10 +766,10 @@ def test_enis_are_read_across_pages() -> None:
     )
     try:
         with stubber:
-            enis = poller.fetch_instance_enis(["i-1"])
+            enis = provider.fetch_instance_enis(["i-1"], "vpc-1")
         stubber.assert_no_pending_responses()
     finally:
-        poller.close()
+        ec2.close()
     assert len(enis) == 7
     usage = summarize_instances(enis, ["i-1"])["i-1"]
     assert (usage.enis, usage.secondary_ips) == (7, 6 * 2 + 1)
@@ -768,14 +813,9 @@ async def test_node_churn_does_not_multiply_eni_refreshes(moto_server: Server) -
     index = build_index(cluster)
     clock = FakeClock()
     poller = make_poller(moto_server.url, clock)
-    filters: list[list[str]] = []
-
-    def record(params: dict[str, Any], **_: Any) -> None:
-        filters.append(sorted(f["Name"] for f in params.get("Filters", [])))
-
     try:
         assert (await poller.refresh(index, cluster.node_instances)).ok
-        poller.client.meta.events.register("provide-client-params.ec2.DescribeNetworkInterfaces", record)
+        filters = record_filters(poller, "DescribeNetworkInterfaces")
         # a new node (its instance in zone a's subnet) joins 5 s later
         run = ec2.run_instances(ImageId=AMI, MinCount=1, MaxCount=1, InstanceType="m5.large",
                                 SubnetId=cluster.subnets[0])
@@ -797,5 +837,279 @@ async def test_node_churn_does_not_multiply_eni_refreshes(moto_server: Server) -
         clock.advance(30)
         assert (await poller.refresh(index, instances)).ok
         assert ["description", "vpc-id"] in filters[1:]
+    finally:
+        poller.close()
+
+
+# ---- enhanced subnet discovery ------------------------------------------------------------------------
+
+
+def tagged_subnet(ec2: Any, vpc: str, cidr: str, zone: str, value: str | None) -> str:
+    subnet: str = ec2.create_subnet(VpcId=vpc, CidrBlock=cidr, AvailabilityZone=zone)["Subnet"]["SubnetId"]
+    if value is not None:
+        ec2.create_tags(Resources=[subnet], Tags=[{"Key": "kubernetes.io/role/cni", "Value": value}])
+    return subnet
+
+
+async def test_subnets_tagged_for_discovery_reach_the_index_with_their_tags(moto_server: Server) -> None:
+    """VPC CNI 1.18+ (ENABLE_SUBNET_DISCOVERY) creates ENIs in subnets of the node's VPC and zone tagged
+    kubernetes.io/role/cni, but not in those tagged `0`: the tagged ones are fetched with the node subnets
+    (DescribeSubnets by tag-key in the VPC) and reach the index with their tags, where a node can use them."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    extra = tagged_subnet(ec2, cluster.vpc, "10.0.64.0/24", ZONES[0], "1")
+    opted_out = tagged_subnet(ec2, cluster.vpc, "10.0.65.0/24", ZONES[0], "0")
+    untagged = tagged_subnet(ec2, cluster.vpc, "10.0.66.0/24", ZONES[0], None)
+    nodeless = tagged_subnet(ec2, cluster.vpc, "10.0.67.0/24", "us-east-1d", "1")  # no node in that zone
+    elsewhere = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
+    foreign = tagged_subnet(ec2, elsewhere, "10.1.0.0/24", ZONES[0], "1")  # another VPC
+    index = build_index(cluster)
+    clock = FakeClock()
+    poller = make_poller(moto_server.url, clock)
+    try:
+        result = await poller.refresh(index, cluster.node_instances)
+        assert result.ok and Call.SUBNETS in result.fetched
+        assert index.subnets[extra].free_ips == 256 - 5
+        assert index.subnets[extra].tags == {"kubernetes.io/role/cni": "1"}
+        assert index.subnets[extra].zone == ZONES[0]
+        assert extra in result.subnets and not result.subnets_missing
+        for absent in (opted_out, untagged, nodeless, foreign):
+            assert absent not in index.subnets
+        assert index.subnets[cluster.subnets[0]].tags == {}  # the node subnets carry theirs (none here)
+        assert index.zones[ZONES[0]].subnet_ids == {cluster.subnets[0], extra}
+
+        # The tag set to 0 (the subnet opted out): dropped from the index at the next subnet refresh.
+        ec2.create_tags(Resources=[extra], Tags=[{"Key": "kubernetes.io/role/cni", "Value": "0"}])
+        clock.advance(31)
+        assert (await poller.refresh(index, cluster.node_instances)).ok
+        assert extra not in index.subnets
+        assert index.zones[ZONES[0]].subnet_ids == {cluster.subnets[0]}
+    finally:
+        poller.close()
+
+
+async def test_custom_networking_ignores_the_discovery_tag(moto_server: Server) -> None:
+    """Custom networking takes precedence over subnet discovery: pod IPs come from the ENIConfig subnets only,
+    so tagged subnets are not even asked for."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    extra = tagged_subnet(ec2, cluster.vpc, "10.0.64.0/24", ZONES[0], "1")
+    index = build_index(cluster, cni=CniSettings(custom_networking=True))
+    poller = make_poller(moto_server.url, FakeClock())
+    filters = record_filters(poller, "DescribeSubnets")
+    result = await refresh_once(poller, index, cluster.node_instances)
+    assert result.ok and Call.SUBNETS in result.fetched
+    assert extra not in index.subnets
+    assert filters == [["subnet-id"]]
+
+
+# ---- subnet CIDR reservations -------------------------------------------------------------------------
+
+
+async def test_explicit_cidr_reservations_are_not_free_blocks(moto_server: Server) -> None:
+    """EC2 never picks a prefix inside an explicit subnet CIDR reservation (only when asked by address), so
+    free /28 blocks leave those ranges out; a `prefix` reservation is where EC2 takes prefixes from, so its
+    blocks stay free. A /24 offers 14 free blocks when empty (first and last hold AWS's reserved addresses)."""
+    ec2 = ec2_client(moto_server.url)
+    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.0.1.0/24", AvailabilityZone=ZONES[0])["Subnet"]["SubnetId"]
+    run = ec2.run_instances(ImageId=AMI, MinCount=1, MaxCount=1, InstanceType="m5.large", SubnetId=subnet)
+    instance = run["Instances"][0]["InstanceId"]  # its primary address .4 sits in block 0, reserved anyway
+    ec2.create_subnet_cidr_reservation(SubnetId=subnet, Cidr="10.0.1.64/27", ReservationType="explicit")  # 4, 5
+    ec2.create_subnet_cidr_reservation(SubnetId=subnet, Cidr="10.0.1.200/29", ReservationType="explicit")  # 12
+    ec2.create_subnet_cidr_reservation(SubnetId=subnet, Cidr="10.0.1.128/28", ReservationType="prefix")
+    index = CapacityIndex(cni=CniSettings(prefix_delegation=True))
+    index.upsert_node("node-0", zone=ZONES[0], instance_type="m5.large", pod_subnet=subnet, allocatable_pods=110)
+    clock = FakeClock()
+    poller = make_poller(moto_server.url, clock)
+    try:
+        result = await poller.refresh(index, {"node-0": instance})
+        assert result.ok and Call.SUBNET_ENIS in result.fetched
+        assert poller.stats[Call.CIDR_RESERVATIONS].last_success is not None
+        assert index.subnets[subnet].free_blocks == 14 - 3
+        # Reservations change rarely: asked once per TTL, not every period.
+        attempts = poller.stats[Call.CIDR_RESERVATIONS].attempts
+        clock.advance(31)
+        assert (await poller.refresh(index, {"node-0": instance})).ok
+        assert poller.stats[Call.CIDR_RESERVATIONS].attempts == attempts
+        assert index.subnets[subnet].free_blocks == 11
+    finally:
+        poller.close()
+
+
+async def test_reservations_denied_leave_the_figures_standing(moto_server: Server) -> None:
+    """A policy without ec2:GetSubnetCidrReservations (deployed before it was needed) costs only the
+    reservations: the error is counted, the free /28 count is made without them and the refresh is ok."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    ec2.create_subnet_cidr_reservation(SubnetId=cluster.subnets[0], Cidr="10.0.1.64/27", ReservationType="explicit")
+    index = build_index(cluster, cni=CniSettings(prefix_delegation=True))
+    poller = make_poller(moto_server.url, FakeClock())
+    poller.client.meta.events.register("before-send.ec2.GetSubnetCidrReservations", denied)
+    result = await refresh_once(poller, index, cluster.node_instances)
+    assert result.ok and Call.SUBNETS in result.fetched
+    assert poller.stats[Call.CIDR_RESERVATIONS].errors_by_reason == {"denied": 1}
+    assert index.subnets[cluster.subnets[0]].free_blocks is not None
+
+
+async def test_the_iam_policy_allows_every_call_the_poller_makes(moto_server: Server) -> None:
+    """manifests/iam-policy.json is the role ipguard runs with: every EC2 operation a refresh (prefix
+    delegation, subnet discovery, reservations) and a security-group lookup make is in it."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    tagged_subnet(ec2, cluster.vpc, "10.0.64.0/24", ZONES[0], "1")
+    sg = ec2.create_security_group(GroupName="pods", Description="pods", VpcId=cluster.vpc)["GroupId"]
+    pl = ec2.create_managed_prefix_list(PrefixListName="corp", MaxEntries=7, AddressFamily="IPv4")
+    pl_id = pl["PrefixList"]["PrefixListId"]
+    ec2.authorize_security_group_egress(
+        GroupId=sg, IpPermissions=[{"IpProtocol": "-1", "PrefixListIds": [{"PrefixListId": pl_id}]}]
+    )
+    index = build_index(cluster, cni=CniSettings(prefix_delegation=True), limits=LimitsTable(bundled={}))
+    poller = make_poller(moto_server.url, FakeClock())
+    operations: set[str] = set()
+
+    def record(event_name: str, **_: Any) -> None:
+        operations.add(event_name.rsplit(".", 1)[-1])
+
+    poller.client.meta.events.register("before-call.ec2", record)
+    try:
+        assert (await poller.refresh(index, cluster.node_instances)).ok
+        await poller.security_groups([sg])
+    finally:
+        poller.close()
+    policy = json.loads((REPO / "manifests" / "iam-policy.json").read_text())
+    allowed = {action for statement in policy["Statement"] for action in statement["Action"]}
+    assert operations == {
+        "DescribeInstances", "DescribeInstanceTypes", "DescribeNetworkInterfaces", "DescribeSubnets",
+        "GetSubnetCidrReservations", "DescribeSecurityGroups", "DescribeSecurityGroupRules",
+        "DescribeManagedPrefixLists",
+    }  # fmt: skip
+    assert {f"ec2:{op}" for op in operations} <= allowed
+
+
+# ---- the EKS control plane's ENIs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tags", "name"),
+    [
+        ({"eks:cluster-name": "prod", "kubernetes.io/cluster/prod": "owned"}, "prod"),  # managed node group
+        ({"aws:eks:cluster-name": "prod"}, "prod"),
+        ({"eks:eks-cluster-name": "prod", "karpenter.sh/nodepool": "default"}, "prod"),  # Karpenter
+        ({"kubernetes.io/cluster/prod": "owned", "Name": "prod-node"}, "prod"),  # self-managed, eksctl
+        ({"kubernetes.io/cluster/a": "shared", "kubernetes.io/cluster/b": "shared"}, None),  # not ours to pick
+        ({"Name": "bastion"}, None),
+    ],
+)
+def test_cluster_name_from_instance_tags(tags: dict[str, str], name: str | None) -> None:
+    assert cluster_name_from_tags([{"Key": k, "Value": v} for k, v in tags.items()]) == name
+
+
+def control_plane_eni(ec2: Any, subnet: str, cluster: str) -> tuple[str, str]:
+    eni = ec2.create_network_interface(SubnetId=subnet, Description=f"Amazon EKS {cluster}")["NetworkInterface"]
+    return eni["NetworkInterfaceId"], eni["PrivateIpAddress"]
+
+
+async def test_control_plane_enis_by_cluster_name(moto_server: Server) -> None:
+    """EKS places its control plane's cross-account ENIs in the cluster subnets, described `Amazon EKS <cluster
+    name>`: their addresses (where webhook calls come from) and their subnets' free addresses (a version update
+    needs up to 5 there) come from DescribeNetworkInterfaces and DescribeSubnets; another cluster's are not
+    ours, and none of it enters the capacity index."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    ours = [control_plane_eni(ec2, subnet, "prod") for subnet in cluster.subnets[:2]]
+    control_plane_eni(ec2, cluster.subnets[2], "staging")  # another cluster in the same VPC
+    elsewhere = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
+    other_subnet = ec2.create_subnet(VpcId=elsewhere, CidrBlock="10.1.0.0/24", AvailabilityZone=ZONES[0])
+    control_plane_eni(ec2, other_subnet["Subnet"]["SubnetId"], "prod")  # same name, another VPC
+    index = build_index(cluster)
+    clock = FakeClock()
+    poller = make_poller(moto_server.url, clock, cluster_name="prod")
+    try:
+        result = await poller.refresh(index, cluster.node_instances)
+        assert result.ok and Call.CONTROL_PLANE in result.fetched
+        view = poller.control_plane
+        assert view is not None and view == result.control_plane and view.cluster_name == "prod"
+        assert view.addresses == {address for _, address in ours}
+        assert view.subnet_ids == set(cluster.subnets[:2])
+        assert {s: info.free_ips for s, info in view.subnets.items()} == {
+            s: live_free(ec2, s) for s in cluster.subnets[:2]
+        }
+        # Within the period: not asked again.
+        result = await poller.refresh(index, cluster.node_instances)
+        assert Call.CONTROL_PLANE not in result.fetched and poller.control_plane == view
+        # A version update: EKS adds an ENI; the next period sees it.
+        added = control_plane_eni(ec2, cluster.subnets[2], "prod")
+        clock.advance(31)
+        result = await poller.refresh(index, cluster.node_instances)
+        assert poller.control_plane is not None and added[1] in poller.control_plane.addresses
+        assert poller.control_plane.subnet_ids == set(cluster.subnets)
+    finally:
+        poller.close()
+
+
+async def test_cluster_name_detected_from_the_nodes_instances(moto_server: Server) -> None:
+    """Without a name given, the tags EKS and its node launchers put on instances name the cluster; until one
+    does, no control-plane call is made, and each instance is asked about once."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    (_, address) = control_plane_eni(ec2, cluster.subnets[0], "prod")
+    index = build_index(cluster)
+    clock = FakeClock()
+    poller = make_poller(moto_server.url, clock)
+    try:
+        result = await poller.refresh(index, cluster.node_instances)
+        assert result.ok and Call.VPC in result.fetched and Call.CONTROL_PLANE not in result.fetched
+        assert poller.cluster_name is None and poller.control_plane is None
+        clock.advance(31)
+        result = await poller.refresh(index, cluster.node_instances)
+        assert Call.VPC not in result.fetched  # the same instances: not asked again
+
+        # A node joins from a launcher that tags its instance.
+        run = ec2.run_instances(
+            ImageId=AMI, MinCount=1, MaxCount=1, InstanceType="m5.large", SubnetId=cluster.subnets[0],
+            TagSpecifications=[{"ResourceType": "instance",
+                                "Tags": [{"Key": "kubernetes.io/cluster/prod", "Value": "owned"}]}],
+        )  # fmt: skip
+        index.upsert_node("node-new", zone=ZONES[0], instance_type="m5.large", pod_subnet=cluster.subnets[0],
+                          allocatable_pods=29)  # fmt: skip
+        instances = {**cluster.node_instances, "node-new": run["Instances"][0]["InstanceId"]}
+        result = await poller.refresh(index, instances)
+        assert {Call.VPC, Call.CONTROL_PLANE} <= result.fetched
+        assert poller.cluster_name == "prod"
+        assert poller.control_plane is not None and poller.control_plane.addresses == {address}
+    finally:
+        poller.close()
+
+
+
+# ---- subnets new nodes can launch into ----------------------------------------------------------------
+
+
+async def test_launch_subnets_reach_the_index_as_launchable(moto_server: Server) -> None:
+    """Subnets an autoscaler launches into (Karpenter's EC2NodeClass status) are fetched with the others and
+    handed to the index as launchable, also in a zone with no node; one that leaves every class is dropped,
+    unless a node still uses it."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    spare = tagged_subnet(ec2, cluster.vpc, "10.0.70.0/24", "us-east-1d", None)  # no node in us-east-1d
+    index = build_index(cluster)
+    clock = FakeClock()
+    poller = make_poller(moto_server.url, clock)
+    try:
+        launch = {spare, cluster.subnets[0]}
+        result = await poller.refresh(index, cluster.node_instances, launch_subnets=launch)
+        assert result.ok
+        assert index.subnets[spare].launchable and index.subnets[spare].free_ips == 256 - 5
+        assert index.subnets[spare].zone == "us-east-1d"
+        assert index.subnets[cluster.subnets[0]].launchable
+        assert not index.subnets[cluster.subnets[1]].launchable
+
+        # The classes change: the spare subnet is no longer a launch target, the node subnet stays (its node
+        # uses it) but is no longer launchable. New targets are fetched at once, not a period later.
+        result = await poller.refresh(index, cluster.node_instances, launch_subnets=set())
+        assert Call.SUBNETS in result.fetched
+        assert spare not in index.subnets
+        assert not index.subnets[cluster.subnets[0]].launchable
     finally:
         poller.close()

@@ -162,3 +162,34 @@ def test_eniconfig_lookup_follows_the_cni_order() -> None:
     node["metadata"]["labels"]["vpc.amazonaws.com/externalEniConfig"] = "ext"
     h["nodes"].upsert(node)
     assert f.index.nodes["n-a"].pod_subnet == "subnet-ext"  # the external label beats both
+
+
+def ec2_node_class(name: str, subnets: list[Any] | None) -> dict[str, Any]:
+    obj: dict[str, Any] = {"apiVersion": "karpenter.k8s.aws/v1", "kind": "EC2NodeClass", "metadata": {"name": name},
+                           "spec": {"subnetSelectorTerms": [{"tags": {"karpenter.sh/discovery": "prod"}}]}}
+    if subnets is not None:
+        obj["status"] = {"subnets": subnets}
+    return obj
+
+
+def test_ec2_node_classes_name_the_subnets_karpenter_launches_into() -> None:
+    """Karpenter launches new nodes into the subnets its controller resolved for each EC2NodeClass
+    (`status.subnets`: id and zone); a class not resolved yet names none, and a relist drops deleted classes."""
+    f, _ = feed()
+    h = f.handlers()
+    h["ec2nodeclasses"].upsert(ec2_node_class("default", [
+        {"id": "subnet-0aaaaaaaaaaaaaaaa", "zone": A, "zoneID": "use1-az1"},
+        {"id": "subnet-0bbbbbbbbbbbbbbbb", "zone": B, "zoneID": "use1-az2"},
+        {"zone": B}, "junk",  # no id: not a subnet
+    ]))
+    h["ec2nodeclasses"].upsert(ec2_node_class("gpu", None))  # status not written yet
+    assert f.launch_subnets() == {"subnet-0aaaaaaaaaaaaaaaa", "subnet-0bbbbbbbbbbbbbbbb"}
+    assert f.node_class_subnets["default"]["subnet-0bbbbbbbbbbbbbbbb"] == B
+    h["ec2nodeclasses"].upsert(ec2_node_class("gpu", [{"id": "subnet-0cccccccccccccccc", "zone": A}]))
+    assert "subnet-0cccccccccccccccc" in f.launch_subnets()
+    h["ec2nodeclasses"].begin_resync()
+    h["ec2nodeclasses"].upsert(ec2_node_class("gpu", [{"id": "subnet-0cccccccccccccccc", "zone": A}]))
+    h["ec2nodeclasses"].end_resync()
+    assert f.launch_subnets() == {"subnet-0cccccccccccccccc"}
+    h["ec2nodeclasses"].delete(ec2_node_class("gpu", None))
+    assert f.launch_subnets() == set()

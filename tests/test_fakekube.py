@@ -679,7 +679,8 @@ async def test_discovery(fk: FakeKube, api: client.ApiClient, http: aiohttp.Clie
     version = await client.VersionApi(api).get_code()
     assert version.git_version == "v1.36.2"
     groups = await client.ApisApi(api).get_api_versions()
-    assert {g.name for g in groups.groups} == {"apps", "crd.k8s.amazonaws.com", "vpcresources.k8s.aws"}
+    assert {g.name for g in groups.groups} == {
+        "apps", "crd.k8s.amazonaws.com", "vpcresources.k8s.aws", "karpenter.k8s.aws"}
     async with http.get("/api/v1") as r:
         names = {res["name"] for res in (await r.json())["resources"]}
     assert {"nodes", "nodes/status", "pods", "pods/status", "namespaces", "configmaps"} <= names

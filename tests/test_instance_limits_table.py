@@ -70,6 +70,11 @@ def test_header_says_generated_by_what_from_what() -> None:
         ("t2.micro", (2, 2, False, 1, 0)),
         ("p5.48xlarge", (2, 50, True, 192, 120)),  # 64 ENIs over 32 cards; the default card has 2
         ("c6in.32xlarge", (8, 50, True, 128, 106)),  # 16 ENIs over 2 cards
+        # EC2 now reports two cards (8 + 7, 12 + 12); ipamd's own table keeps one card of 15 / 24 and ipamd
+        # sizes these nodes by that table, so their max ENIs follow it.
+        ("i7ie.48xlarge", (15, 50, True, 192, 107)),
+        ("i8ge.48xlarge", (24, 50, True, 192, 98)),
+        ("i8ge.metal-48xl", (24, 50, True, 192, 98)),
     ],
 )
 def test_spot_values(instance_type: str, expected: tuple[int, int, bool, int, int]) -> None:
@@ -86,8 +91,22 @@ def test_table_shape() -> None:
         assert isinstance(pd, bool), name
         assert enis >= 1 and ipv4 >= 1 and vcpus >= 1 and branch >= 0, name
         assert not (branch and not pd), f"{name}: trunking without Nitro"
-    lines = [line for line in TABLE.read_text().splitlines() if line.startswith('    "')]
+    body = TABLE.read_text().split("IPAMD_ENI_LIMITS")[0]
+    lines = [line for line in body.splitlines() if line.startswith('    "')]
     assert len(lines) == len(rows)  # one entry per line
+
+
+def test_ipamd_data_file() -> None:
+    """Only types whose ipamd figure is not the default card's are listed, each with ipamd's figure, which
+    in EC2's current data is the instance-wide MaximumNetworkInterfaces (the type had one card then)."""
+    doc = json.loads((REPO / "scripts" / "data" / "ipamd_eni_limits.json").read_text())
+    assert "amazon-vpc-cni-k8s" in doc["source"] and "vpc_ip_resource_limit.go@" in doc["source"]
+    assert doc["limits"] == table.IPAMD_ENI_LIMITS
+    moto = json.loads(gzip.decompress(gen.moto_source().data))
+    for name, enis in doc["limits"].items():
+        network = moto[name]["NetworkInfo"]
+        default = network["NetworkCards"][network["DefaultNetworkCardIndex"]]["MaximumNetworkInterfaces"]
+        assert enis == network["MaximumNetworkInterfaces"] != default, name
 
 
 def test_branch_data_file() -> None:
@@ -237,6 +256,21 @@ def test_check_detects_stale_file(tmp_path: Path, branch_file: Path, capsys: Any
     assert "is stale" in capsys.readouterr().err
     out.unlink()
     assert gen.main([*args, "--check"]) == 1
+
+
+def test_ipamd_figures_win_over_the_default_card(tmp_path: Path, branch_file: Path) -> None:
+    """ipamd takes a type's max ENIs from its own table when the type is there (pkg/vpc GetENILimit) and
+    attaches them all on the default card: the generator follows it for the listed types only."""
+    cards = [{"NetworkCardIndex": i, "MaximumNetworkInterfaces": enis} for i, enis in enumerate((8, 7))]
+    listed = _entry("x9.48xlarge", enis=15, ipv4=50, vcpus=192, cards=cards)
+    unlisted = _entry("y9.48xlarge", enis=15, ipv4=50, vcpus=192, cards=cards)
+    source = _write(tmp_path, "types.json", [listed, unlisted])
+    ipamd = _write(tmp_path, "ipamd.json", {"source": "test data", "limits": {"x9.48xlarge": 15}})
+    rc, rows, text = _run(tmp_path, branch_file, source, "--ipamd-data", str(ipamd))
+    assert rc == 0
+    assert rows == {"x9.48xlarge": (15, 50, True, 192, 0), "y9.48xlarge": (8, 50, True, 192, 0)}
+    assert _load("generated_ipamd", tmp_path / "out.py").IPAMD_ENI_LIMITS == {"x9.48xlarge": 15}
+    assert "ipamd.json" in text and "from test data" in text
 
 
 def test_compare_eni_max_pods(tmp_path: Path, branch_file: Path, capsys: Any) -> None:

@@ -26,7 +26,7 @@ from tests.live import aws_env  # noqa: F401  (autouse fixture)
 from webhook.model.config import Mode
 from webhook.model.index import PodUse
 from webhook.service import ServeOptions, Service
-from webhook.sources.aws import Call
+from webhook.sources.ec2.client import Call
 from webhook.sources.kube import PROBE_DELAY, WATCH_GRACE, api_client
 
 A, B = "us-east-1a", "us-east-1b"
@@ -488,3 +488,49 @@ async def test_pods_waiting_for_an_ip_keep_their_claim_across_ec2_refreshes(env:
     _, text = await env.client.get("/metrics")
     assert 'ipguard_zone_pods_waiting_for_ip{zone="us-east-1a"} 3' in text
     await env.consistent()
+
+
+async def test_karpenter_subnets_from_ec2nodeclasses_reach_the_index(env: Env) -> None:
+    """An EC2NodeClass whose controller resolved subnets (status.subnets, written through the status
+    subresource as Karpenter does) makes ipguard fetch those subnets and mark them launchable; a pod for that
+    zone, where no node runs yet, is admitted."""
+    ec2 = env.moto.ec2()
+    spare = ec2.create_subnet(VpcId=env.ec2.vpc, CidrBlock="10.0.9.0/24", AvailabilityZone="us-east-1c")
+    spare_id = spare["Subnet"]["SubnetId"]
+    await env.fk.create("ec2nodeclasses", {
+        "apiVersion": "karpenter.k8s.aws/v1", "kind": "EC2NodeClass", "metadata": {"name": "default"},
+        "spec": {"role": "KarpenterNodeRole", "amiSelectorTerms": [{"alias": "al2023@latest"}],
+                 "subnetSelectorTerms": [{"tags": {"karpenter.sh/discovery": "prod"}}],
+                 "securityGroupSelectorTerms": [{"tags": {"karpenter.sh/discovery": "prod"}}]}})
+    await env.fk.patch_status("ec2nodeclasses", "default", {
+        "subnets": [{"id": spare_id, "zone": "us-east-1c", "zoneID": "use1-az3"}]})
+    index = env.service.index
+    await until(lambda: spare_id in index.subnets and index.subnets[spare_id].launchable, "launch subnet indexed")
+    assert index.subnets[spare_id].free_ips == 256 - 5
+    assert index.subnets[spare_id].zone == "us-east-1c"
+    await env.consistent()
+    # A zone with no node yet but a Karpenter subnet with addresses: the autoscaler's to fill, never denied.
+    answer = await env.validate("batch-1", "us-east-1c")
+    assert answer["allowed"] is True
+
+
+async def test_without_the_ec2nodeclass_crd_ipguard_stands_aside_quietly(moto: live.Moto, tmp_path: Path) -> None:
+    """No Karpenter (the EC2NodeClass CRD is not served): the watch stands aside, the service is ready and
+    decides as before."""
+    fk, url, _ = await live.start_cluster(moto, bookmark_interval=0.5)
+    await fk.disable_crd("ec2nodeclasses")
+    paths = live.certs(tmp_path)
+    service = Service(await api_client(host=url), serve_options(paths, moto, watch_timeout=5))
+    running = await service.start()
+    client = live.Client(running.url, paths.ca_cert)
+    try:
+        await live.eventually(lambda: _ready(client), "/readyz 200")
+        reflector = service.reflectors["ec2nodeclasses"]
+        assert reflector.missing and reflector.synced and reflector.errors == 0
+        assert service.feed.launch_subnets() == set()
+        answer = await client.post("/validate", live.review(live.zone_pod("web-1", B), name="web-1"))
+        assert answer["allowed"] is True
+    finally:
+        await client.close()
+        await service.stop()
+        await fk.stop()

@@ -88,6 +88,7 @@ def _serve_options(args: argparse.Namespace) -> ServeOptionsT:
         ec2=not args.no_ec2,
         region=args.region,
         vpc_id=args.vpc_id,
+        cluster_name=args.cluster_name,
         ec2_endpoint_url=args.ec2_endpoint_url,
         ec2_period=args.ec2_period,
         shutdown_delay=getattr(args, "shutdown_delay", 5.0),
@@ -150,6 +151,7 @@ def _live_source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ec2", action="store_true", help="no EC2 data (the warm pool is predicted)")
     parser.add_argument("--region", help="AWS region (default: from the nodes' zones, then the boto3 chain)")
     parser.add_argument("--vpc-id", help="VPC (default: the nodes' instances' VPC)")
+    parser.add_argument("--cluster-name", help="EKS cluster name (default: from the nodes' instances' tags)")
     parser.add_argument("--ec2-endpoint-url", help="EC2 endpoint (tests: a moto server)")
     parser.add_argument("--ec2-period", type=float, default=30.0, help="seconds between subnet and ENI refreshes")
 

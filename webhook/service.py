@@ -24,8 +24,9 @@ from webhook.metrics import Gauge, LabelValues
 from webhook.model.config import Settings
 from webhook.model.index import CapacityIndex
 from webhook.server import RunningServer, WebhookServer, start_server
-from webhook.sources.aws import Call, Ec2Poller
 from webhook.sources.cluster import ClusterFeed
+from webhook.sources.ec2.client import Call
+from webhook.sources.ec2.poller import Ec2Poller
 from webhook.sources.kube import WATCH_GRACE, WATCH_TIMEOUT, Reflector, watched_resources
 from webhook.tls import CertReloader
 
@@ -49,6 +50,7 @@ class ServeOptions:
     ec2: bool = True
     region: str | None = None
     vpc_id: str | None = None
+    cluster_name: str | None = None  # the EKS cluster (default: from the nodes' instances' tags)
     ec2_endpoint_url: str | None = None
     ec2_period: float = 30.0
     ec2_tick: float = 5.0  # how often the poller is asked; it only calls EC2 for what is due
@@ -98,8 +100,8 @@ class Service:
         }
         o = self.options
         self.poller = (
-            Ec2Poller(region=o.region, vpc_id=o.vpc_id, endpoint_url=o.ec2_endpoint_url, eni_period=o.ec2_period,
-                      subnet_period=o.ec2_period, clock=self.clock)
+            Ec2Poller(region=o.region, vpc_id=o.vpc_id, cluster_name=o.cluster_name, endpoint_url=o.ec2_endpoint_url,
+                      eni_period=o.ec2_period, subnet_period=o.ec2_period, clock=self.clock)
             if o.ec2 else None
         )
         reloader = CertReloader(o.tls_cert, o.tls_key, allow_missing=True) if o.tls else None
@@ -185,7 +187,8 @@ class Service:
                 self.ec2_ready = True
             return
         self.ec2_idle_at = None
-        result = await self.poller.refresh(self.index, node_instances, set(self.feed.eni_configs.values()))
+        result = await self.poller.refresh(self.index, node_instances, set(self.feed.eni_configs.values()),
+                                           self.feed.launch_subnets())
         if result.instances:
             by_instance = {iid: inst.primary_subnet for iid, inst in result.instances.items() if inst.primary_subnet}
             subnets = {node: by_instance[iid] for node, iid in node_instances.items() if iid in by_instance}
@@ -193,7 +196,8 @@ class Service:
             self.feed.set_ec2_node_subnets(subnets)
             if set(subnets.values()) - before:
                 # Nodes named subnets not fetched yet: fetch them now rather than a period later.
-                result = await self.poller.refresh(self.index, node_instances, set(self.feed.eni_configs.values()))
+                result = await self.poller.refresh(self.index, node_instances, set(self.feed.eni_configs.values()),
+                                                   self.feed.launch_subnets())
         stats = self.poller.stats
         if result.ok and stats[Call.ENIS].last_success is not None and (
             stats[Call.SUBNETS].last_success is not None or not self.feed.subnets_in_use()

@@ -1,9 +1,15 @@
 """A Kubernetes-style API server for tests and benchmarks (plain HTTP, aiohttp).
 
 Serves list (paginated, served "as of" a resourceVersion), watch (ADDED/MODIFIED/DELETED, BOOKMARK, ERROR 410,
+<<<<<<< HEAD
 timeoutSeconds) and simple writes for core/v1 nodes, pods, namespaces, configmaps, apps/v1 daemonsets and the EKS
 CRDs (ENIConfig, SecurityGroupPolicy, CNINode), reproducing the wire format captured from kube-apiserver v1.36 in
 tests/fixtures/apiserver (see the README there, "List/watch facts").
+=======
+timeoutSeconds) and simple writes for core/v1 nodes, pods, namespaces, configmaps, apps/v1 daemonsets, the EKS
+CRDs (ENIConfig, SecurityGroupPolicy, CNINode) and Karpenter's EC2NodeClass, reproducing the wire format
+captured from kube-apiserver v1.36 in ../shared/fixtures/apiserver (see the README there, "List/watch facts").
+>>>>>>> aws
 
 Typical use::
 
@@ -14,8 +20,8 @@ Typical use::
     await fk.stop()
 
 Resource keys are the plural resource names (``"nodes"``, ``"pods"``, ``"namespaces"``, ``"configmaps"``,
-``"daemonsets"``, ``"eniconfigs"``, ``"securitygrouppolicies"``, ``"cninodes"``); the singular, the Kind, the
-short names (``"sgp"``, ``"cnd"``, ...) and ``plural.group`` are accepted as aliases.
+``"daemonsets"``, ``"eniconfigs"``, ``"securitygrouppolicies"``, ``"cninodes"``, ``"ec2nodeclasses"``); the
+singular, the Kind, the short names (``"sgp"``, ``"cnd"``, ...) and ``plural.group`` are accepted as aliases.
 
 Run standalone (e.g. for a benchmark in another process; prints the base URL):
 ``python -c 'from tests.fakekube.server import main; main()' --port 8001``.

@@ -186,6 +186,10 @@ RESOURCE_TYPES: Final[tuple[ResourceType, ...]] = (
         "cninodes", "cninode", "CNINode", "vpcresources.k8s.aws", "v1alpha1", namespaced=False, crd=True,
         short_names=("cnd",), status_subresource=True, has_generation=True,
     ),
+    ResourceType(
+        "ec2nodeclasses", "ec2nodeclass", "EC2NodeClass", "karpenter.k8s.aws", "v1", namespaced=False, crd=True,
+        short_names=("ec2nc", "ec2ncs"), status_subresource=True, has_generation=True,
+    ),
 )
 
 # --------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +110,8 @@ class Subnet:
     demand_blocks: int = 0  # sum of its nodes' /28 prefixes
     nodes: int = 0
     wants: dict[UnitKind, Demand] = field(default_factory=dict)  # its nodes' growth units, summed by kind
+    tags: Mapping[str, str] = field(default_factory=dict)  # its EC2 tags, as last fetched
+    launchable: bool = False  # an autoscaler (Karpenter's EC2NodeClass) can launch new nodes into it
     # derived from the above by `_refresh_supply`
     supply: int = 0  # free addresses now, less what its nodes drew since the refresh (may be negative)
     supply_blocks: int = 0
@@ -500,7 +502,15 @@ class CapacityIndex:
     # ---- subnets --------------------------------------------------------------------------------------
 
     def upsert_subnet(
-        self, subnet_id: str, *, zone: str, cidr: str = "", free_ips: int, free_blocks: int | None = None
+        self,
+        subnet_id: str,
+        *,
+        zone: str,
+        cidr: str = "",
+        free_ips: int,
+        free_blocks: int | None = None,
+        tags: Mapping[str, str] | None = None,
+        launchable: bool | None = None,
     ) -> None:
         """A fresh DescribeSubnets figure: what its nodes held until now is already outside `free_ips`."""
         subnet = self.subnets.get(subnet_id)
@@ -520,6 +530,10 @@ class CapacityIndex:
         subnet.cidr = cidr or subnet.cidr
         subnet.free_ips = max(0, free_ips)
         subnet.free_blocks = None if free_blocks is None else max(0, free_blocks)
+        if tags is not None:
+            subnet.tags = dict(tags)
+        if launchable is not None:
+            subnet.launchable = launchable
         for node in users:
             self._attach(node)
         subnet.demand_at_refresh = subnet.demand

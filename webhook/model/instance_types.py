@@ -5,8 +5,10 @@ Source: moto 5.2.5: moto/ec2/resources/instance_types.json.gz
 Types: 1395 written, 0 skipped for lack of network information.
 Branch ENIs: scripts/data/branch_enis.json (907 trunking-capable types here, 7 of its types absent from the source)
   from github.com/aws/amazon-vpc-resource-controller-k8s pkg/aws/vpc/limits.go@02c28c714bc8393f42fc9db2bc264e421c62aba4 (upstream header: generated at 2025-10-06T18:36:29Z); BranchInterface of every type with IsTrunkingCompatible: true
-Max ENIs count the default network card only, as the VPC CNI does; prefix delegation is
-supported where Hypervisor == "nitro" or BareMetal (the VPC CNI's own test).
+Max ENIs count the default network card only, as the VPC CNI does, except for the types whose
+max ENIs ipamd takes from its own table with another figure: scripts/data/ipamd_eni_limits.json
+  from github.com/aws/amazon-vpc-cni-k8s pkg/vpc/vpc_ip_resource_limit.go@b52188387f2e2f10bf289ace929d6a63b176a4fa (ENILimit of the types where it differs from the default network card's MaximumNetworkInterfaces in moto 5.2.5's DescribeInstanceTypes data)
+Prefix delegation is supported where Hypervisor == "nitro" or BareMetal (the VPC CNI's own test).
 See scripts/data/README.md for provenance and how to regenerate from a real account.
 """
 
@@ -482,11 +484,11 @@ INSTANCE_TYPES: dict[str, tuple[int, int, bool, int, int]] = {
     "i7ie.24xlarge": (15, 50, True, 96, 107),
     "i7ie.2xlarge": (4, 15, True, 8, 27),
     "i7ie.3xlarge": (4, 15, True, 12, 27),
-    "i7ie.48xlarge": (8, 50, True, 192, 107),
+    "i7ie.48xlarge": (15, 50, True, 192, 107),
     "i7ie.6xlarge": (8, 30, True, 24, 54),
     "i7ie.large": (3, 10, True, 2, 19),
     "i7ie.metal-24xl": (15, 50, True, 96, 107),
-    "i7ie.metal-48xl": (8, 50, True, 192, 107),
+    "i7ie.metal-48xl": (15, 50, True, 192, 107),
     "i7ie.xlarge": (4, 15, True, 4, 27),
     "i8g.12xlarge": (8, 30, True, 48, 54),
     "i8g.16xlarge": (15, 50, True, 64, 107),
@@ -504,11 +506,11 @@ INSTANCE_TYPES: dict[str, tuple[int, int, bool, int, int]] = {
     "i8ge.24xlarge": (16, 50, True, 96, 106),
     "i8ge.2xlarge": (4, 15, True, 8, 27),
     "i8ge.3xlarge": (6, 30, True, 12, 25),
-    "i8ge.48xlarge": (12, 50, True, 192, 98),
+    "i8ge.48xlarge": (24, 50, True, 192, 98),
     "i8ge.6xlarge": (10, 30, True, 24, 52),
     "i8ge.large": (3, 10, True, 2, 19),
     "i8ge.metal-24xl": (16, 50, True, 96, 106),
-    "i8ge.metal-48xl": (12, 50, True, 192, 98),
+    "i8ge.metal-48xl": (24, 50, True, 192, 98),
     "i8ge.xlarge": (4, 15, True, 4, 27),
     "im4gn.16xlarge": (15, 50, True, 64, 107),
     "im4gn.2xlarge": (4, 15, True, 8, 38),
@@ -1409,4 +1411,13 @@ INSTANCE_TYPES: dict[str, tuple[int, int, bool, int, int]] = {
     "z1d.large": (3, 10, True, 2, 13),
     "z1d.metal": (15, 50, True, 48, 107),
     "z1d.xlarge": (4, 15, True, 4, 28),
+}
+
+# Max ENIs ipamd uses for these types (its own table) where EC2's default card now says otherwise:
+# DescribeInstanceTypes figures for them are read with these (webhook/sources/ec2/instance_types.py).
+IPAMD_ENI_LIMITS: dict[str, int] = {
+    "i7ie.48xlarge": 15,
+    "i7ie.metal-48xl": 15,
+    "i8ge.48xlarge": 24,
+    "i8ge.metal-48xl": 24,
 }

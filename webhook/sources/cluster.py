@@ -129,6 +129,7 @@ class ClusterFeed:
     namespaces: set[str] = field(default_factory=set)
     security_group_policies: dict[str, dict[str, Any]] = field(default_factory=dict)
     cni_nodes: set[str] = field(default_factory=set)
+    node_class_subnets: dict[str, dict[str, str]] = field(default_factory=dict)  # EC2NodeClass -> subnet -> zone
     cni_env_seen: bool = False
     config_errors: int = 0
     config_last_error: str | None = None  # why the ConfigMap as it is now is refused; None while it is valid
@@ -211,6 +212,10 @@ class ClusterFeed:
             return set(self.eni_configs.values())
         return set(self.ec2_node_subnets.values())
 
+    def launch_subnets(self) -> set[str]:
+        """Subnets Karpenter can launch new nodes into: every EC2NodeClass's resolved `status.subnets`."""
+        return {subnet for subnets in self.node_class_subnets.values() for subnet in subnets}
+
     def handlers(self) -> dict[str, Handler]:
         return {
             "nodes": NodeHandler(self),
@@ -219,6 +224,7 @@ class ClusterFeed:
             "eniconfigs": EniConfigHandler(self),
             "securitygrouppolicies": SgpHandler(self),
             "cninodes": CniNodeHandler(self),
+            "ec2nodeclasses": Ec2NodeClassHandler(self),
             "daemonsets": AwsNodeHandler(self),
             "configmaps": ConfigMapHandler(self),
         }
@@ -366,6 +372,23 @@ class CniNodeHandler(_KeyedStore):
 
     def drop(self, key: str) -> None:
         self.feed.cni_nodes.discard(key)
+
+
+class Ec2NodeClassHandler(_KeyedStore):
+    """Karpenter's EC2NodeClasses (`karpenter.k8s.aws/v1`): the subnets its controller resolved from the
+    subnet selector (`status.subnets`: id and zone) are where Karpenter launches new nodes."""
+
+    def keys(self) -> set[str]:
+        return set(self.feed.node_class_subnets)
+
+    def put(self, key: str, obj: Mapping[str, Any]) -> None:
+        listed = (obj.get("status") or {}).get("subnets") or []
+        self.feed.node_class_subnets[key] = {
+            s["id"]: str(s.get("zone") or "") for s in listed if isinstance(s, dict) and isinstance(s.get("id"), str)
+        }
+
+    def drop(self, key: str) -> None:
+        self.feed.node_class_subnets.pop(key, None)
 
 
 def aws_node_env(daemonset: Mapping[str, Any]) -> dict[str, str]:

@@ -322,6 +322,7 @@ def watched_resources(api: k8s.ApiClient, config_namespace: str, config_name: st
         Watched("eniconfigs", crd("crd.k8s.amazonaws.com", "v1alpha1", "eniconfigs"), True),
         Watched("securitygrouppolicies", crd("vpcresources.k8s.aws", "v1beta1", "securitygrouppolicies"), True),
         Watched("cninodes", crd("vpcresources.k8s.aws", "v1alpha1", "cninodes"), True),
+        Watched("ec2nodeclasses", crd("karpenter.k8s.aws", "v1", "ec2nodeclasses"), True),
         Watched("daemonsets", in_namespace(apps.list_namespaced_daemon_set, "kube-system", "aws-node"), True),
         Watched("configmaps", in_namespace(core.list_namespaced_config_map, config_namespace, config_name), True),
     ]

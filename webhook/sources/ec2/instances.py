@@ -1,0 +1,109 @@
+"""Nodes as EC2 instances: instance id, zone and region from a node's providerID, and the cluster's VPC and
+EKS cluster name (DescribeInstances of the nodes' instances: their VpcId and tags)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from webhook.sources.ec2.client import Call, Ec2
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2.type_defs import TagTypeDef
+
+_PROVIDER_ID = re.compile(r"^aws://(?:/(?P<zone>[^/]*))?/(?P<rest>.+)$")
+_INSTANCE_ID = re.compile(r"^i-[0-9a-f]{8,17}$")
+_REGION = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d+")
+# Tags EKS, its node groups, Karpenter and eksctl put on a cluster's instances, in order of trust.
+CLUSTER_NAME_TAGS = ("eks:cluster-name", "aws:eks:cluster-name", "eks:eks-cluster-name")
+CLUSTER_OWNERSHIP_PREFIX = "kubernetes.io/cluster/"  # kubernetes.io/cluster/<name>: owned | shared
+
+
+def instance_id_from_provider_id(provider_id: str) -> str | None:
+    """`aws:///us-east-1a/i-0123456789abcdef0` -> `i-0123456789abcdef0`; None for anything else (Fargate...)."""
+    match = _PROVIDER_ID.match(provider_id.strip())
+    if match is None:
+        return None
+    last = match.group("rest").rsplit("/", 1)[-1]
+    return last if _INSTANCE_ID.match(last) else None
+
+
+def zone_from_provider_id(provider_id: str) -> str | None:
+    match = _PROVIDER_ID.match(provider_id.strip())
+    return (match.group("zone") or None) if match else None
+
+
+def region_from_zone(zone: str) -> str | None:
+    """`us-east-1a` -> `us-east-1`; local and Wavelength zones (`us-west-2-lax-1a`) -> their parent region."""
+    match = _REGION.match(zone)
+    return match.group(0) if match else None
+
+
+def region_from_provider_id(provider_id: str) -> str | None:
+    zone = zone_from_provider_id(provider_id)
+    return region_from_zone(zone) if zone else None
+
+
+def node_instances_from_provider_ids(provider_ids: Mapping[str, str]) -> dict[str, str]:
+    """Node name -> instance id, for the nodes whose providerID names an EC2 instance."""
+    out: dict[str, str] = {}
+    for node, provider_id in provider_ids.items():
+        instance_id = instance_id_from_provider_id(provider_id)
+        if instance_id is not None:
+            out[node] = instance_id
+    return out
+
+
+def cluster_name_from_tags(tags: Iterable[TagTypeDef]) -> str | None:
+    """The EKS cluster an instance belongs to, by the tags its launcher puts on it; None when none says."""
+    by_key = {t["Key"]: t.get("Value", "") for t in tags if "Key" in t}
+    for key in CLUSTER_NAME_TAGS:
+        if by_key.get(key):
+            return by_key[key]
+    owned = sorted(k.removeprefix(CLUSTER_OWNERSHIP_PREFIX) for k in by_key if k.startswith(CLUSTER_OWNERSHIP_PREFIX))
+    return owned[0] if len(owned) == 1 and owned[0] else None  # several: not ours to pick
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterFacts:
+    vpc_id: str | None
+    cluster_name: str | None
+
+
+class VpcProvider:
+    """The cluster's VPC and EKS cluster name: given, or read off the nodes' instances. While either is unknown,
+    instances are asked about once each (a node that joins later may carry the tags the first ones lack)."""
+
+    def __init__(self, ec2: Ec2, vpc_id: str | None = None, cluster_name: str | None = None) -> None:
+        self.ec2 = ec2
+        self.vpc_id = vpc_id
+        self.cluster_name = cluster_name
+        self._asked: set[str] = set()
+
+    def fetch_cluster_facts(self, instance_ids: Iterable[str]) -> ClusterFacts:
+        """The VPC of the first of the instances EC2 still knows, and the cluster name the first tagged one
+        carries (blocking: thread pool only)."""
+        paginator = self.ec2.client.get_paginator("describe_instances")
+        chunk = sorted(set(instance_ids))[:20]
+        vpc_id: str | None = None
+        name: str | None = None
+        for page in paginator.paginate(Filters=[{"Name": "instance-id", "Values": chunk}]) if chunk else ():
+            for reservation in page.get("Reservations", []):
+                for instance in reservation.get("Instances", []):
+                    vpc_id = vpc_id or instance.get("VpcId")
+                    name = name or cluster_name_from_tags(instance.get("Tags", []))
+        return ClusterFacts(vpc_id, name)
+
+    async def resolve(self, instance_ids: Iterable[str]) -> bool:
+        """Ask EC2 for the VPC and cluster name while either is unknown; True when EC2 was asked. Raises
+        CallFailed."""
+        ids = frozenset(instance_ids) - self._asked
+        if (self.vpc_id is not None and self.cluster_name is not None) or not ids:
+            return False
+        facts = await self.ec2.call(Call.VPC, lambda: self.fetch_cluster_facts(ids))
+        self._asked |= ids
+        self.vpc_id = self.vpc_id or facts.vpc_id
+        self.cluster_name = self.cluster_name or facts.cluster_name
+        return True

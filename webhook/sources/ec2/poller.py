@@ -1,0 +1,459 @@
+"""The EC2 poller: asks each provider for what is due, in the order the figures need, and applies the
+answers to the capacity index in one synchronous step.
+
+Order matters: the VPC first (the ENI and subnet filters use it), then instance types, then the nodes' ENIs,
+then subnets, and subnets only right after fresh ENIs, so each subnet baseline in the index pairs with held
+figures at least as new as it. On errors or throttling the index keeps the last good figures.
+Never called from an admission request: it blocks on the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import boto3
+
+from webhook.model.index import CapacityIndex
+from webhook.model.limits import InstanceLimits, UnknownInstanceType
+from webhook.sources.ec2.client import Call, CallFailed, CallStats, Clock, Ec2, RetryMode
+from webhook.sources.ec2.control_plane import ControlPlane, ControlPlaneProvider
+from webhook.sources.ec2.enis import EniProvider, InstanceEnis
+from webhook.sources.ec2.instance_types import InstanceTypeProvider
+from webhook.sources.ec2.instances import VpcProvider, region_from_zone
+from webhook.sources.ec2.security_groups import SecurityGroupInfo, SecurityGroupProvider
+from webhook.sources.ec2.subnets import SubnetInfo, SubnetProvider
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2 import EC2Client
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshResult:
+    fetched: frozenset[Call] = frozenset()  # asked EC2 and applied
+    cached: frozenset[Call] = frozenset()  # fresh enough: not asked, not re-applied
+    skipped: frozenset[Call] = frozenset()  # backing off after errors: the index keeps the last good data
+    failed: Mapping[Call, str] = field(default_factory=dict)  # kind -> reason (throttled, unreachable, ...)
+    nodes_updated: int = 0
+    subnets_updated: int = 0
+    subnets_missing: frozenset[str] = frozenset()  # asked for, but EC2 has no such subnet
+    instances: Mapping[str, InstanceEnis] = field(default_factory=dict)  # this refresh's fresh ENI view
+    subnets: Mapping[str, SubnetInfo] = field(default_factory=dict)
+    control_plane: ControlPlane | None = None  # fetched by this refresh (best effort: never in `failed`)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+class Ec2Poller:
+    """Polls EC2 into a CapacityIndex through one provider per resource, sharing one `Ec2` connection."""
+
+    def __init__(
+        self,
+        *,
+        region: str | None = None,
+        vpc_id: str | None = None,
+        cluster_name: str | None = None,
+        endpoint_url: str | None = None,
+        eni_period: float = 30.0,
+        subnet_period: float = 30.0,
+        instance_type_ttl: float = 6 * 3600.0,
+        security_group_ttl: float = 300.0,
+        retry_mode: RetryMode = "standard",
+        max_attempts: int = 3,
+        connect_timeout: float = 3.0,
+        read_timeout: float = 15.0,
+        page_size: int = 1000,
+        all_vpc_subnets: bool = False,
+        backoff_base: float | None = None,
+        backoff_max: float = 300.0,
+        max_workers: int = 2,
+        clock: Clock = time.monotonic,
+        session: boto3.session.Session | None = None,
+    ) -> None:
+        self.eni_period = eni_period
+        self.subnet_period = subnet_period
+        self.ec2 = Ec2(
+            region=region,
+            endpoint_url=endpoint_url,
+            retry_mode=retry_mode,
+            max_attempts=max_attempts,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            page_size=page_size,
+            # By default the first retry comes at the next regular refresh, then every 2, 4, ... periods.
+            backoff_base=backoff_base if backoff_base is not None else min(eni_period, subnet_period),
+            backoff_max=backoff_max,
+            max_workers=max_workers,
+            clock=clock,
+            session=session,
+        )
+        self.vpc = VpcProvider(self.ec2, vpc_id, cluster_name)
+        self.instance_types = InstanceTypeProvider(self.ec2, instance_type_ttl)
+        self.enis = EniProvider(self.ec2, eni_period)
+        self.subnet_provider = SubnetProvider(self.ec2, subnet_period, all_vpc_subnets=all_vpc_subnets)
+        self.security_group_provider = SecurityGroupProvider(self.ec2, security_group_ttl)
+        self.control_plane_provider = ControlPlaneProvider(self.ec2, self.enis, self.subnet_provider, eni_period)
+        self.clock = clock
+        self._refresh_lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self.loop_errors = 0  # unexpected errors caught by run()
+        # Last good data, kept across errors (a TTL cache would drop it).
+        self.instances: dict[str, InstanceEnis] = {}
+        self.subnets: dict[str, SubnetInfo] = {}
+        self._held_nodes: set[str] = set()  # nodes whose held figure came from here
+        self._applied_subnets: set[str] = set()
+        self._discovered: set[str] = set()  # subnets in the index by their discovery tag alone
+        self._launch_targets: set[str] = set()  # subnets in the index as an autoscaler's launch targets
+
+    # ---- the shared connection, as callers and tests see it -------------------------------------------
+
+    @property
+    def client(self) -> EC2Client:
+        return self.ec2.client
+
+    @property
+    def stats(self) -> dict[Call, CallStats]:
+        return self.ec2.stats
+
+    @property
+    def region(self) -> str | None:
+        return self.ec2.region
+
+    @property
+    def vpc_id(self) -> str | None:
+        return self.vpc.vpc_id
+
+    @property
+    def cluster_name(self) -> str | None:
+        """The EKS cluster's name: given, or read off the nodes' instances' tags."""
+        return self.vpc.cluster_name
+
+    @property
+    def control_plane(self) -> ControlPlane | None:
+        """The control plane's ENIs, addresses and subnets as last fetched (None until the cluster name is
+        known and they were fetched once)."""
+        return self.control_plane_provider.current
+
+    @property
+    def backoff_base(self) -> float:
+        return self.ec2.backoff_base
+
+    @backoff_base.setter
+    def backoff_base(self, seconds: float) -> None:
+        self.ec2.backoff_base = seconds
+
+    @property
+    def backoff_max(self) -> float:
+        return self.ec2.backoff_max
+
+    @backoff_max.setter
+    def backoff_max(self, seconds: float) -> None:
+        self.ec2.backoff_max = seconds
+
+    @property
+    def security_group_info(self) -> dict[str, SecurityGroupInfo | None]:
+        return self.security_group_provider.info
+
+    async def security_groups(self, group_ids: Iterable[str]) -> dict[str, SecurityGroupInfo | None]:
+        """Rule counts by group id: see `SecurityGroupProvider.security_groups`."""
+        return await self.security_group_provider.security_groups(group_ids)
+
+    # ---- refresh --------------------------------------------------------------------------------------
+
+    def _resolve_region(self, index: CapacityIndex) -> None:
+        if self.ec2.region is not None or self.ec2.connected:
+            return
+        # A node's zone is its providerID's zone; boto3's own chain (AWS_REGION) is the fallback.
+        for node in index.nodes.values():
+            region = region_from_zone(node.zone) if node.zone else None
+            if region:
+                self.ec2.region = region
+                log.info("EC2 region %s (from node %s's zone)", region, node.name)
+                return
+
+    async def refresh(
+        self,
+        index: CapacityIndex,
+        node_instances: Mapping[str, str],
+        extra_subnets: AbstractSet[str] = frozenset(),
+        launch_subnets: AbstractSet[str] = frozenset(),
+    ) -> RefreshResult:
+        """Fetch what is due and apply it to the index. Never raises for EC2 errors: they are counted, and the
+        index keeps the last good figures. `node_instances`: node name -> instance id (from providerIDs);
+        `extra_subnets`: ENIConfig subnets and others to watch besides the nodes' pod subnets;
+        `launch_subnets`: subnets an autoscaler can launch new nodes into (Karpenter's EC2NodeClasses)."""
+        async with self._refresh_lock:
+            return await self._refresh(index, node_instances, extra_subnets, frozenset(launch_subnets))
+
+    async def _refresh(
+        self,
+        index: CapacityIndex,
+        node_instances: Mapping[str, str],
+        extra_subnets: AbstractSet[str],
+        launch_subnets: frozenset[str],
+    ) -> RefreshResult:
+        self._resolve_region(index)
+        fetched: set[Call] = set()
+        cached: set[Call] = set()
+        failed: dict[Call, str] = {}
+
+        instance_ids = frozenset(node_instances.values())
+        subnet_ids = frozenset(
+            {n.pod_subnet for n in index.nodes.values() if n.known and n.pod_subnet}
+            | set(extra_subnets)
+            | launch_subnets
+        )
+        prefix_mode = index.cni.prefix_delegation
+
+        # VPC first: the ENI and subnet filters use it.
+        try:
+            if await self.vpc.resolve(instance_ids):
+                fetched.add(Call.VPC)
+                log.info("EC2 VPC %s, EKS cluster %s (from the nodes' instances)", self.vpc.vpc_id,
+                         self.vpc.cluster_name or "not named by their tags")  # fmt: skip
+        except CallFailed as exc:
+            failed[Call.VPC] = exc.reason
+
+        # Instance types: only those not fetched within their (long) TTL.
+        types = {n.instance_type for n in index.nodes.values() if n.known and n.instance_type}
+        changed_limits: dict[str, InstanceLimits] = {}
+        missing_types = self.instance_types.missing(types)
+        if missing_types:
+            try:
+                changed_limits = self._changed_limits(index, await self.instance_types.limits(missing_types))
+                fetched.add(Call.INSTANCE_TYPES)
+            except CallFailed as exc:
+                failed[Call.INSTANCE_TYPES] = exc.reason
+        elif types:
+            cached.add(Call.INSTANCE_TYPES)
+
+        # ENIs before subnets: an IP assigned between the two calls is then debited twice (safe) rather than
+        # credited twice.
+        vpc_id = self.vpc.vpc_id
+        subnet_key = (*self.subnet_provider.key(vpc_id, subnet_ids, prefix_mode), launch_subnets)
+        # New limits make the index recompute every node and re-baseline every subnet on its last figure:
+        # give it fresh figures in the same step.
+        subnets_due = bool(subnet_ids) and (not self.subnet_provider.fresh(subnet_key) or bool(changed_limits))
+        instances: dict[str, InstanceEnis] | None = None
+        if instance_ids:
+            try:
+                instances = await self.enis.instances(instance_ids, vpc_id, full=subnets_due)
+                (fetched if instances is not None else cached).add(Call.ENIS)
+            except CallFailed as exc:
+                failed[Call.ENIS] = exc.reason
+
+        subnets: list[SubnetInfo] | None = None
+        counted: list[SubnetInfo] = []
+        # Without fresh ENIs a subnet figure would pair with stale held figures (growth debited twice): wait.
+        if subnets_due and Call.ENIS not in failed:
+            # Custom networking takes precedence over subnet discovery: ENIConfig subnets only.
+            discover = not index.cni.custom_networking
+            try:
+                subnets = await self.subnet_provider.subnets(subnet_ids, vpc_id, discover=discover)
+                fetched.add(Call.SUBNETS)
+            except CallFailed as exc:
+                failed[Call.SUBNETS] = exc.reason
+        elif subnet_ids:
+            cached.add(Call.SUBNETS)
+        if subnets is not None:
+            subnets = [s for s in subnets if s.subnet_id in subnet_ids or self._kept(index, s)]
+            pod_subnets = frozenset(s.subnet_id for s in subnets)
+            used: dict[str, list[str]] | None = None
+            reserved: Mapping[str, tuple[str, ...]] | None = None
+            if prefix_mode:
+                try:
+                    used = await self.enis.subnet_usage(pod_subnets)
+                    fetched.add(Call.SUBNET_ENIS)
+                except CallFailed as exc:
+                    failed[Call.SUBNET_ENIS] = exc.reason
+                reserved = await self.subnet_provider.reservations(pod_subnets)
+            counted = self.subnet_provider.with_free_blocks(subnets, pod_subnets, prefix_mode, used, reserved)
+
+        # The control plane's ENIs feed no capacity figure: best effort, counted in the stats only.
+        control_plane: ControlPlane | None = None
+        if self.vpc.cluster_name:
+            try:
+                control_plane = await self.control_plane_provider.control_plane(self.vpc.cluster_name, vpc_id)
+                if control_plane is not None:
+                    fetched.add(Call.CONTROL_PLANE)
+            except CallFailed:
+                pass
+
+        # Apply everything in one synchronous step: the request path never sees half a refresh.
+        self._apply_limits(index, changed_limits)
+        nodes_updated = 0
+        if instances is not None:
+            self.instances = instances
+            nodes_updated = self._apply_held(index, node_instances, instances)
+        missing: frozenset[str] = frozenset()
+        infos: dict[str, SubnetInfo] = {}
+        if subnets is not None:
+            infos, missing = self._apply_subnets(index, subnet_ids, counted, launch_subnets)
+            self.subnet_provider.remember(subnet_key, infos)
+
+        skipped = frozenset(k for k, reason in failed.items() if reason == "backoff")
+        return RefreshResult(
+            fetched=frozenset(fetched),
+            cached=frozenset(cached),
+            skipped=skipped,
+            failed={k: r for k, r in failed.items() if k not in skipped},
+            nodes_updated=nodes_updated,
+            subnets_updated=len(infos),
+            subnets_missing=missing,
+            instances=instances or {},
+            subnets=infos,
+            control_plane=control_plane,
+        )
+
+    @staticmethod
+    def _changed_limits(
+        index: CapacityIndex, new_limits: Mapping[str, InstanceLimits | None]
+    ) -> dict[str, InstanceLimits]:
+        """Fetched limits that differ from what the index uses (types EC2 does not know keep the bundled row)."""
+        changed: dict[str, InstanceLimits] = {}
+        for name, limits in new_limits.items():
+            if limits is None:
+                continue
+            try:
+                current: InstanceLimits | None = index.limits.get(name)
+            except UnknownInstanceType:
+                current = None
+            if current != limits:
+                changed[name] = limits
+        return changed
+
+    @staticmethod
+    def _apply_limits(index: CapacityIndex, changed: Mapping[str, InstanceLimits]) -> None:
+        if not changed:
+            return
+        for name, limits in changed.items():
+            index.limits.update(limits)
+            index.unknown_types.discard(name)
+        # Nodes cache their limits: re-setting the CNI settings is the index's "recompute every node".
+        index.set_cni(index.cni)
+
+    def _apply_held(
+        self, index: CapacityIndex, node_instances: Mapping[str, str], instances: Mapping[str, InstanceEnis]
+    ) -> int:
+        custom = index.cni.custom_networking
+        updated = 0
+        held_now: set[str] = set()
+        for node_name, instance_id in node_instances.items():
+            node = index.nodes.get(node_name)
+            if node is None:
+                continue
+            usage = instances.get(instance_id)
+            # No ENI at all: the instance is gone (or elsewhere); let the index predict.
+            held = usage.held_ips(custom_networking=custom) if usage is not None else None
+            if held is not None:
+                held_now.add(node_name)
+            enis = usage.pod_enis(custom_networking=custom) if usage is not None else None
+            if node.ec2_held != held or node.ec2_enis != enis:
+                index.set_node_held(node_name, held, enis=enis)
+                updated += 1
+        for node_name in self._held_nodes - held_now:
+            node = index.nodes.get(node_name)
+            if node is not None and node_name not in node_instances and node.ec2_held is not None:
+                index.set_node_held(node_name, None)  # no longer mapped to an instance: stale EC2 figure
+                updated += 1
+        self._held_nodes = held_now
+        return updated
+
+    def _kept(self, index: CapacityIndex, info: SubnetInfo) -> bool:
+        """Whether a subnet not asked for by id feeds the index: every one with `all_vpc_subnets`; one found by
+        its discovery tag when ipamd may use it: tagged other than `0`, and in a zone with nodes (ipamd picks
+        discovered subnets in the node's own zone; in a zone without nodes they give nothing until one joins,
+        and counting them would make that zone look like a launch target)."""
+        zone = index.zones.get(info.zone)
+        discoverable = info.cni_discoverable and zone is not None and zone.nodes > 0
+        return discoverable or self.subnet_provider.all_vpc_subnets
+
+    def _apply_subnets(
+        self,
+        index: CapacityIndex,
+        wanted: frozenset[str],
+        subnets: Iterable[SubnetInfo],
+        launch_subnets: frozenset[str] = frozenset(),
+    ) -> tuple[dict[str, SubnetInfo], frozenset[str]]:
+        infos: dict[str, SubnetInfo] = {}
+        for info in subnets:
+            infos[info.subnet_id] = info
+            index.upsert_subnet(
+                info.subnet_id, zone=info.zone, cidr=info.cidr, free_ips=info.free_ips, free_blocks=info.free_blocks,
+                tags=info.tags, launchable=info.subnet_id in launch_subnets,
+            )  # fmt: skip
+        missing = frozenset(wanted - set(infos))
+        discovered = frozenset(set(infos) - wanted)
+        for subnet_id in missing & self._applied_subnets:
+            log.warning("EC2 has no subnet %s any more: dropping it from the index", subnet_id)
+            self._drop_subnet(index, subnet_id)
+        for subnet_id in self._discovered - discovered - wanted:
+            log.info("subnet %s no longer counts for subnet discovery: dropping it from the index", subnet_id)
+            self._drop_subnet(index, subnet_id)
+        self._discovered = set(discovered)
+        for subnet_id in self._launch_targets - wanted:
+            log.info("subnet %s is no longer a launch target: dropping it from the index", subnet_id)
+            self._drop_subnet(index, subnet_id)
+        self._launch_targets = set(launch_subnets)
+        self._applied_subnets |= set(infos)
+        self.subnets.update(infos)
+        for subnet_id in missing:
+            self.subnets.pop(subnet_id, None)
+        return infos, missing
+
+    def _drop_subnet(self, index: CapacityIndex, subnet_id: str) -> None:
+        index.remove_subnet(subnet_id)
+        self._applied_subnets.discard(subnet_id)
+        self.subnets.pop(subnet_id, None)
+        self.subnet_provider.forget(subnet_id)
+
+    # ---- the loop -------------------------------------------------------------------------------------
+
+    def _next_wait(self) -> float:
+        wait = min(self.eni_period, self.subnet_period)
+        retry = self.ec2.next_retry_in()
+        if retry is not None:
+            wait = min(wait, retry)  # retry as soon as a backoff ends
+        return max(wait, 0.05)
+
+    async def run(
+        self,
+        index: CapacityIndex,
+        node_instances: Callable[[], Mapping[str, str]],
+        extra_subnets: Callable[[], AbstractSet[str]] | None = None,
+        *,
+        security_group_ids: Callable[[], Iterable[str]] | None = None,
+    ) -> None:
+        """Refresh every period until `stop()`. Never raises (but for cancellation): errors are logged and
+        counted. The callables give the current targets at each round."""
+        while not self._stop.is_set():
+            try:
+                await self.refresh(index, node_instances(), extra_subnets() if extra_subnets else frozenset())
+                if security_group_ids is not None:
+                    await self.security_groups(security_group_ids())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.loop_errors += 1
+                log.exception("EC2 refresh round failed; the index keeps its last good data")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=self._next_wait())
+
+    def stop(self) -> None:
+        """Make `run()` return after its current round (also when called before `run()` starts)."""
+        self._stop.set()
+
+    def close(self) -> None:
+        """Stop and release the thread pool (a running boto3 call finishes in the background)."""
+        self.stop()
+        self.ec2.close()

@@ -235,3 +235,40 @@ def test_reviews_look_like_the_apiservers() -> None:
 
     eni = admission_review(real_eni["object"], None, "us-east-1a", kind=ENI_CONFIG)["request"]
     assert list(eni) == list(real_eni) and eni["kind"] == real_eni["kind"] and eni["resource"] == real_eni["resource"]
+
+
+EXAMPLES = sorted(p for p in (REPO / "examples" / "sgp").glob("*.yaml") if not p.name.startswith("cluster-"))
+
+
+def expectation(path: Path) -> tuple[Path, str, list[str]]:
+    """The `# Snapshot:` and `# Expect: VERDICT (code, ...)` header of an example file."""
+    text = path.read_text(encoding="utf-8")
+    snapshot = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("# Snapshot:"))
+    expect = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("# Expect:"))
+    verdict, _, rest = expect.partition(" ")
+    return REPO / snapshot, verdict, [c.strip() for c in rest.strip("()").split(",") if c.strip()]
+
+
+def test_every_deny_and_warn_case_has_an_example() -> None:
+    cases = {code for path in EXAMPLES for code in expectation(path)[2]}
+    assert {"unknown-group", "too-many-groups", "union-too-many-groups", "selects-nothing", "rules-near-quota",
+            "pod-eni-off", "no-branch-room", "unknown-subnet", "wrong-zone", "subnet-low", "subnet-changed",
+            "zone-without-eniconfig"} <= cases
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_sgp(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ipguard check` on every file in examples/sgp/ gives the verdict and findings its header states,
+    with the exit status that goes with it."""
+    snapshot, verdict, expected = expectation(path)
+    code = main(["check", "--snapshot", str(snapshot), "-f", str(path), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    [obj] = report["objects"]
+    assert obj["verdict"] == verdict
+    assert code == (1 if verdict == "denied" else 0)
+    found = {c for r in obj["replicas"] for c in r["findings"]}
+    assert set(expected) <= found, found
+    for replica in obj["replicas"]:
+        assert all(len(w) <= 120 for w in replica["warnings"])
+        if replica["verdict"] == "denied":
+            assert replica["denial"].startswith("ipguard: ")

@@ -681,10 +681,12 @@ def test_duplicate_subnet_ids() -> None:
 
 
 def test_custom_networking_needs_the_eniconfig() -> None:
+    """A node whose ENIConfig does not exist gets no pod subnet (its pods get no IP; ipguard fails open on it,
+    and ENIConfig checks say so); an ENIConfig's subnet must be listed."""
     doc = copy.deepcopy(GOOD)
     doc["cni"] = {"AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG": "true", "ENI_CONFIG_LABEL_DEF": "topology.kubernetes.io/zone"}
-    with pytest.raises(SnapshotError, match=A):
-        parse_snapshot(doc, "cn.yaml", LimitsTable())
+    snapshot = parse_snapshot(doc, "cn.yaml", LimitsTable())
+    assert snapshot.nodes[0].eni_config == A and snapshot.nodes[0].pod_subnet is None
     doc["eniConfigs"] = {A: "subnet-pods"}
     with pytest.raises(SnapshotError, match="subnet-pods"):
         parse_snapshot(doc, "cn.yaml", LimitsTable())

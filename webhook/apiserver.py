@@ -91,8 +91,9 @@ def as_created(obj: Mapping[str, Any], name: str) -> dict[str, Any]:
 def admission_review(
     obj: dict[str, Any], namespace: str | None, name: str | None, dry_run: bool = False, *, kind: Kind = POD,
     username: str = "system:serviceaccount:kube-system:replicaset-controller",
+    old_object: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """An AdmissionReview v1 CREATE request as the apiserver sends it."""
+    """An AdmissionReview v1 request as the apiserver sends it: a CREATE, or an UPDATE of `old_object`."""
     gvk = {"group": kind.group, "version": kind.version, "kind": kind.kind}
     gvr = {"group": kind.group, "version": kind.version, "resource": kind.resource}
     request: dict[str, Any] = {
@@ -107,11 +108,12 @@ def admission_review(
     if namespace and kind.namespaced:
         request["namespace"] = namespace
     request.update({
-        "operation": "CREATE",
+        "operation": "CREATE" if old_object is None else "UPDATE",
         "userInfo": {"username": username},
         "object": obj,
-        "oldObject": None,
+        "oldObject": old_object,
         "dryRun": dry_run,
-        "options": {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"},
+        "options": {"kind": "CreateOptions" if old_object is None else "UpdateOptions",
+                    "apiVersion": "meta.k8s.io/v1"},
     })
     return {"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1", "request": request}

@@ -41,8 +41,10 @@ from webhook.apiserver import (
     generated_name,
 )
 from webhook.model.config import Mode
+from webhook.model.eniconfig import parse_eniconfig
 from webhook.model.index import CapacityIndex, pod_key
-from webhook.model.pods import pod_use, read_record
+from webhook.model.pods import POD_ENI_RESOURCE, pod_use, read_record, wants_branch_eni
+from webhook.model.sgp import parse_policy, pod_shape
 from webhook.scheduler import Scheduler, node_fits, node_labels
 
 MUTATING_WEBHOOK = "mutate.ipguard.io"  # the names manifests/webhooks.yaml registers
@@ -83,6 +85,7 @@ class Replica:
     webhook: str | None  # the webhook that denied
     node: str | None = None  # where the scheduler stand-in bound the pod (None: Pending, or not a pod)
     zone: str | None = None
+    findings: tuple[str, ...] = ()  # codes of what the checks found (audit annotation `findings`)
 
 
 @dataclass(slots=True)
@@ -339,8 +342,8 @@ class Checker:
         return result
 
     def _review(self, obj: dict[str, Any], kind: Kind, namespace: str | None, name: str | None, stage: Stage,
-                document: Document) -> Any:
-        body = orjson.dumps(admission_review(obj, namespace, name, kind=kind))
+                document: Document, old: dict[str, Any] | None = None) -> Any:
+        body = orjson.dumps(admission_review(obj, namespace, name, kind=kind, old_object=old))
         try:
             review = parse_review(body)
         except BadReview as exc:
@@ -352,30 +355,81 @@ class Checker:
         if namespace is not None:
             metadata["namespace"] = namespace
         name = metadata.get("name")
-        # The mutating stage sees no name for a generateName object (DESIGN.md "Wire contract").
-        mutated = self._review(clone(obj), kind, namespace, name, "mutate", document)
-        warnings = list(mutated.response.get("warnings", []))
-        if not mutated.response["allowed"]:
-            return Replica(name or f"{metadata.get('generateName', '')}*", "denied", mutated.outcome, (),
-                           tuple(warnings), mutated.response.get("status", {}).get("message"), MUTATING_WEBHOOK)
-        patched = jsonpatch.apply_patch(obj, mutated.patch) if mutated.patch else obj
+        warnings: list[str] = []
+        patched, ops = obj, None
+        controller_words: tuple[str, ...] = ()
+        if kind is POD:  # manifests/webhooks.yaml registers the mutating webhook for pods only
+            # The mutating stage sees no name for a generateName object (DESIGN.md "Wire contract").
+            mutated = self._review(clone(obj), kind, namespace, name, "mutate", document)
+            warnings.extend(mutated.response.get("warnings", []))
+            if not mutated.response["allowed"]:
+                return Replica(name or f"{metadata.get('generateName', '')}*", "denied", mutated.outcome, (),
+                               tuple(warnings), mutated.response.get("status", {}).get("message"),
+                               MUTATING_WEBHOOK)
+            ops = mutated.patch
+            patched = jsonpatch.apply_patch(obj, ops) if ops else obj
+            patched, controller_words = self._resource_controller(patched, namespace)
         name = name or generated_name(str(metadata.get("generateName")), self.rng)
         created = as_created(patched, name)
-        validated = self._review(clone(created), kind, namespace, name, "validate", document)
+        # `kubectl apply` of an object that exists is an UPDATE of it.
+        old = self._existing(kind, namespace, name)
+        validated = self._review(clone(created), kind, namespace, name, "validate", document, old)
         warnings.extend(validated.response.get("warnings", []))
-        words = describe_patch(mutated.patch, patched)
+        words = describe_patch(ops, patched) + controller_words
+        findings = tuple(f.code for f in validated.decision.findings)
         if not validated.response["allowed"]:
             return Replica(name, "denied", validated.outcome, words, tuple(warnings),
-                           validated.response.get("status", {}).get("message"), VALIDATING_WEBHOOK)
+                           validated.response.get("status", {}).get("message"), VALIDATING_WEBHOOK,
+                           findings=findings)
         verdict = "steered" if read_record(patched) is not None else "admitted"
         if validated.outcome == "not-applicable" and kind is not POD:
             verdict = "not-judged"
+        self._remember(kind, created)
         node = zone = None
         if kind is POD:
             assert namespace is not None
             node = self.scheduler.bind(created, pod_key(namespace, name), pod_use(created))
+            self.state.policies.put_pod(pod_key(namespace, name), namespace, pod_shape(created))
             zone = self.state.index.nodes[node].zone if node else None
-        return Replica(name, verdict, validated.outcome, words, tuple(warnings), None, None, node, zone)
+        return Replica(name, verdict, validated.outcome, words, tuple(warnings), None, None, node, zone, findings)
+
+
+    def _resource_controller(self, pod: dict[str, Any], namespace: str | None) -> tuple[dict[str, Any],
+                                                                                     tuple[str, ...]]:
+        """The VPC resource controller's mutating webhook on EKS (with ENABLE_POD_ENI on): a pod that
+        SecurityGroupPolicies select gets a vpc.amazonaws.com/pod-eni request in its first container."""
+        if not self.state.index.cni.pod_eni or wants_branch_eni(pod):
+            return pod, ()
+        policies = self.state.policies.pod_policies(pod, namespace or "default")
+        containers = pod.get("spec", {}).get("containers")
+        if not policies or not isinstance(containers, list) or not containers or not isinstance(containers[0], dict):
+            return pod, ()
+        pod = clone(pod)
+        resources = pod["spec"]["containers"][0].setdefault("resources", {})
+        for part in ("requests", "limits"):
+            resources.setdefault(part, {})[POD_ENI_RESOURCE] = "1"
+        names = ", ".join(p.name for p in policies)
+        return pod, (f"(VPC resource controller) requests {POD_ENI_RESOURCE} for SecurityGroupPolicies {names}",)
+
+    def _existing(self, kind: Kind, namespace: str | None, name: str) -> dict[str, Any] | None:
+        """The stored object a policy or ENIConfig of this name would replace, in its JSON form."""
+        if kind is ENI_CONFIG and name in self.state.eni_configs.configs:
+            config = self.state.eni_configs.configs[name]
+            return {"apiVersion": ENI_CONFIG.api_version, "kind": ENI_CONFIG.kind, "metadata": {"name": name},
+                    "spec": {"subnet": config.subnet, "securityGroups": list(config.groups)}}
+        if kind is SECURITY_GROUP_POLICY and name in self.state.policies.policies.get(namespace or "", {}):
+            policy = self.state.policies.policies[namespace or ""][name]
+            return {"apiVersion": kind.api_version, "kind": kind.kind,
+                    "metadata": {"name": name, "namespace": namespace},
+                    "spec": {"securityGroups": {"groupIds": list(policy.groups)}}}
+        return None
+
+    def _remember(self, kind: Kind, obj: dict[str, Any]) -> None:
+        """An admitted policy or ENIConfig is there for the objects after it (as the watches would add it)."""
+        if kind is SECURITY_GROUP_POLICY:
+            self.state.policies.put_policy(parse_policy(obj))
+        elif kind is ENI_CONFIG:
+            self.state.eni_configs.put(parse_eniconfig(obj))
 
 
 # ---- output ------------------------------------------------------------------------------------------------
@@ -502,7 +556,9 @@ def main(args: argparse.Namespace, live: LiveRunner) -> int:
         except SnapshotError as exc:
             print(f"ipguard: {exc}", file=sys.stderr)
             return 2
-        state = AdmissionState(snapshot.build_index(clock=_frozen_clock), snapshot.settings)
+        index = snapshot.build_index(clock=_frozen_clock)
+        policies, eni_configs, vpc = snapshot.build_objects(index)
+        state = AdmissionState(index, snapshot.settings, policies=policies, eni_configs=eni_configs, vpc=vpc)
         return run_check(state, documents, as_json=args.json, mode=args.mode, out=sys.stdout)
     except CheckInputError as exc:
         print(f"ipguard: {exc}", file=sys.stderr)

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from webhook.model import pods
 from webhook.model.config import Settings
+from webhook.model.findings import Finding
 from webhook.model.index import CapacityIndex, PodUse
 
 
@@ -77,6 +78,7 @@ class Decision:
     reserve_zone: str | None = None  # where an admitted pod should hold its reservation
     reserve_node: str | None = None
     soft: bool = False  # steer by preference only (see pods.steer_softly)
+    findings: tuple[Finding, ...] = ()  # checks other than placement (policies, ENIConfigs): see findings.py
 
     @property
     def open_zones(self) -> tuple[str, ...]:
@@ -95,6 +97,7 @@ def decide(
     namespace: str | None = None,
     operation: str = "CREATE",
     stale: bool = False,
+    branch: bool = False,
 ) -> Decision:
     name = pods.display_name(pod, namespace)
     ns = name.split("/", 1)[0]
@@ -113,7 +116,8 @@ def decide(
     if index.cni.ipv6:
         return not_applicable(name, "IPv6 cluster: pod addresses are not the constraint")
     # pods.pod_use() without the checks made above
-    use = PodUse.BRANCH if pods.wants_branch_eni(pod) else PodUse.IP
+    # `branch`: policies select it and it will get a pod-eni request (see admission.objects.branch_policies).
+    use = PodUse.BRANCH if branch or pods.wants_branch_eni(pod) else PodUse.IP
     if stale:
         return Decision(Verdict.ALLOW, name, "capacity data is stale: allowed without judging", use=use, stale=True)
 
@@ -161,7 +165,9 @@ def decide(
     best = max(open_checks, key=lambda c: (c.headroom - c.reserve, c.zone))
     # Only zones out of addresses are excluded outright; zones whose nodes are merely full stay allowed (new
     # nodes can come there) and are left behind by the preferences toward the zones with room.
-    avoid_nodes = _avoid_nodes(index, settings, [c.zone for c in open_checks])
+    # Branch pods need branch room, which the scheduler checks itself (vpc.amazonaws.com/pod-eni): nodes out of
+    # warm-pool IPs are no reason to keep them away.
+    avoid_nodes = () if use is PodUse.BRANCH else _avoid_nodes(index, settings, [c.zone for c in open_checks])
     if not avoid_zones and not full_zones and not avoid_nodes:
         return Decision(Verdict.ALLOW, name, "allowed zones have room", use=use, zones=checks,
                         reserve_zone=best.zone)

@@ -176,6 +176,9 @@ class ClusterFeed:
         return result
 
     def subnets_in_use(self) -> set[str]:
+        if self.index.cni.custom_networking:
+            # The nodes' own subnets give no pod addresses then: counting them would hide a dry pod subnet.
+            return set(self.eni_configs.values())
         return set(self.ec2_node_subnets.values()) | set(self.eni_configs.values())
 
     def handlers(self) -> dict[str, Handler]:

@@ -91,6 +91,7 @@ def _serve_options(args: argparse.Namespace) -> ServeOptionsT:
         vpc_id=args.vpc_id,
         ec2_endpoint_url=args.ec2_endpoint_url,
         ec2_period=args.ec2_period,
+        vpc_period=args.vpc_period,
         shutdown_delay=getattr(args, "shutdown_delay", 5.0),
     )
 
@@ -161,6 +162,8 @@ def _live_source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vpc-id", help="VPC (default: the nodes' instances' VPC)")
     parser.add_argument("--ec2-endpoint-url", help="EC2 endpoint (tests: a moto server)")
     parser.add_argument("--ec2-period", type=float, default=30.0, help="seconds between subnet and ENI refreshes")
+    parser.add_argument("--vpc-period", type=float, default=300.0,
+                        help="seconds between listings of the VPC's security groups, subnets and quotas")
 
 
 def _demo(args: argparse.Namespace) -> int:

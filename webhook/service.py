@@ -23,10 +23,12 @@ from webhook.admission.handler import AdmissionState
 from webhook.metrics import Gauge, LabelValues
 from webhook.model.config import Settings
 from webhook.model.index import CapacityIndex
+from webhook.model.vpc import VpcFacts
 from webhook.server import RunningServer, WebhookServer, start_server
 from webhook.sources.aws import Call, Ec2Poller
 from webhook.sources.cluster import ClusterFeed
 from webhook.sources.kube import Reflector, watched_resources
+from webhook.sources.vpc import VpcPoller
 from webhook.tls import CertReloader
 
 log = logging.getLogger("ipguard.service")
@@ -49,6 +51,7 @@ class ServeOptions:
     ec2_endpoint_url: str | None = None
     ec2_period: float = 30.0
     ec2_tick: float = 5.0  # how often the poller is asked; it only calls EC2 for what is due
+    vpc_period: float = 300.0  # seconds between listings of the VPC's security groups and subnets
     watch_timeout: int = 60
     shutdown_delay: float = 5.0  # not ready, still serving, before the listener closes
 
@@ -63,6 +66,7 @@ class Service:
     feed: ClusterFeed = field(init=False)
     reflectors: dict[str, Reflector] = field(init=False)
     poller: Ec2Poller | None = field(init=False)
+    vpc_poller: VpcPoller | None = field(init=False)
     ec2_ready: bool = False
     ec2_idle_at: float | None = None  # last refresh with nothing to ask EC2 (no nodes, no pod subnets)
     ec2_loop_errors: int = 0
@@ -75,9 +79,10 @@ class Service:
         settings = Settings()
         self.index = CapacityIndex(node_reserve=settings.node_reserve, reservation_ttl=settings.reservation_ttl,
                                    clock=self.clock)
-        self.state = AdmissionState(self.index, settings, self.stale_reason)
+        self.state = AdmissionState(self.index, settings, self.stale_reason, vpc=VpcFacts(clock=self.clock))
         self.feed = ClusterFeed(self.index, self.apply_settings, self.options.config_name,
-                                self.options.config_namespace)
+                                self.options.config_namespace, policies=self.state.policies,
+                                eni_store=self.state.eni_configs)
         handlers = self.feed.handlers()
         self.reflectors = {
             w.kind: Reflector(w.kind, w.call, handlers[w.kind], optional=w.optional,
@@ -89,6 +94,12 @@ class Service:
             Ec2Poller(region=o.region, vpc_id=o.vpc_id, endpoint_url=o.ec2_endpoint_url, eni_period=o.ec2_period,
                       subnet_period=o.ec2_period, clock=self.clock)
             if o.ec2 else None
+        )
+        # The Service Quotas endpoint follows the EC2 one when that is overridden (a test's moto server).
+        self.vpc_poller = (
+            VpcPoller(self.poller, self.state.vpc, period=o.vpc_period, quotas_endpoint_url=o.ec2_endpoint_url,
+                      clock=self.clock)
+            if self.poller is not None else None
         )
         reloader = CertReloader(o.tls_cert, o.tls_key, allow_missing=True)
         self.server = WebhookServer(self.state, reloader, self.loaded, self.source_ages)
@@ -188,6 +199,8 @@ class Service:
         while True:
             try:
                 await self.refresh_ec2()
+                if self.vpc_poller is not None:
+                    await self.vpc_poller.refresh()
             except asyncio.CancelledError:
                 raise
             except Exception:

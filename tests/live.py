@@ -46,6 +46,16 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(name, value)
 
 
+class Clock:
+    """Real time plus a jump the test can add, to age data past the staleness bound without waiting."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
 @dataclass
 class Moto:
     server: ThreadedMotoServer

@@ -32,6 +32,8 @@ def test_every_key_but_zone_reserves() -> None:
         "reservationTTLSeconds": "12.5",
         "stalenessSeconds": "60",
         "maxSteeredNodes": "7",
+        "securityGroupsPerENI": "10",
+        "rulesPerSecurityGroup": "100",
     }
     assert set(data) == KNOWN_KEYS
     s = Settings.from_configmap(data)
@@ -43,6 +45,15 @@ def test_every_key_but_zone_reserves() -> None:
     assert s.reservation_ttl == 12.5
     assert s.staleness_bound == 60.0
     assert s.max_steered_nodes == 7
+    assert (s.groups_per_eni, s.rules_per_group) == (10, 100)
+
+
+@pytest.mark.parametrize(("key", "text"), [("securityGroupsPerENI", "17"), ("securityGroupsPerENI", "0"),
+                                           ("rulesPerSecurityGroup", "1001"), ("rulesPerSecurityGroup", "x")])
+def test_quota_settings_out_of_range_name_the_key(key: str, text: str) -> None:
+    """The EC2 quotas allow 1-16 groups per ENI and at most 1000 rules per group."""
+    with pytest.raises(ConfigError, match=key):
+        Settings.from_configmap({key: text})
 
 
 @pytest.mark.parametrize(("text", "mode"), [("enforce", Mode.ENFORCE), ("warn", Mode.WARN), ("dry-run", Mode.DRY_RUN),

@@ -418,8 +418,11 @@ def test_full_nodes_with_subnet_addresses_left_are_not_denied() -> None:
     pod = fixture_pod("pod-create-nodeselector")
     pod["spec"]["nodeSelector"] = {"topology.kubernetes.io/zone": C}
     d = judge(pod, cluster(), Settings.from_configmap({"zoneReserve": "15"}), namespace="payments")
-    assert d.verdict is Verdict.ALLOW and "autoscaler" not in d.reason and "new nodes" in d.reason
+    assert d.verdict is not Verdict.DENY and "autoscaler" not in d.reason and "new nodes" in d.reason
     assert d.zones[0].exhausted and not d.zones[0].out_of_addresses
+    # it waits in zone c: the preference records that on the Pending pod, and it holds a reservation there, so
+    # a burst waiting for new nodes is counted against what those nodes could get
+    assert d.waits_for_node and d.prefer_zones == ((C, 100),) and d.reserve_zone == C
 
 
 def test_full_nodes_elsewhere_steer_away_from_the_empty_subnet() -> None:
@@ -427,7 +430,8 @@ def test_full_nodes_elsewhere_steer_away_from_the_empty_subnet() -> None:
     settings = Settings.from_configmap({"zoneReserve": "60"})
     d = judge("pod-create-generatename", cluster(free={A: 0}), settings)
     assert d.verdict is Verdict.STEER and d.avoid_zones == (A,)
-    assert d.reserve_zone is None
+    # waiting for a new node in the zone whose subnet has most left for one
+    assert d.waits_for_node and d.reserve_zone in (B, C) and A not in dict(d.prefer_zones)
 
 
 def test_steer_away_from_full_nodes() -> None:
@@ -535,7 +539,8 @@ def test_branch_eni_pod_where_only_non_trunking_nodes() -> None:
     ix = cluster(cni=CniSettings(pod_eni=True))
     pod = fixture_pod("pod-create-pod-eni")
     pod["spec"]["nodeSelector"] = {"topology.kubernetes.io/zone": C}
-    assert judge(pod, ix, namespace="payments").verdict is Verdict.ALLOW
+    waits = judge(pod, ix, namespace="payments")
+    assert waits.verdict is not Verdict.DENY and waits.waits_for_node
     empty = cluster(cni=CniSettings(pod_eni=True), free={C: 0})
     assert judge(pod, empty, namespace="payments").verdict is Verdict.DENY
     plain = fixture_pod("pod-create-nodeselector")
@@ -681,10 +686,12 @@ def test_duplicate_subnet_ids() -> None:
 
 
 def test_custom_networking_needs_the_eniconfig() -> None:
+    """A node whose ENIConfig does not exist gets no pod subnet (its pods get no IP; ipguard fails open on it,
+    and ENIConfig checks say so); an ENIConfig's subnet must be listed."""
     doc = copy.deepcopy(GOOD)
     doc["cni"] = {"AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG": "true", "ENI_CONFIG_LABEL_DEF": "topology.kubernetes.io/zone"}
-    with pytest.raises(SnapshotError, match=A):
-        parse_snapshot(doc, "cn.yaml", LimitsTable())
+    snapshot = parse_snapshot(doc, "cn.yaml", LimitsTable())
+    assert snapshot.nodes[0].eni_config == A and snapshot.nodes[0].pod_subnet is None
     doc["eniConfigs"] = {A: "subnet-pods"}
     with pytest.raises(SnapshotError, match="subnet-pods"):
         parse_snapshot(doc, "cn.yaml", LimitsTable())

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from webhook.cli import main
-from webhook.demo import node_fits, run_demo
+from webhook.demo import run_demo
 from webhook.model.pods import ZONE_LABEL
+from webhook.scheduler import node_fits
 from webhook.sources.snapshot import load_snapshot
 
 CLUSTER = Path(__file__).resolve().parent.parent / "examples" / "cluster.yaml"

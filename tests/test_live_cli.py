@@ -106,3 +106,32 @@ async def test_in_cluster_without_a_service_account_is_a_clear_error(tmp_path: P
 
     with pytest.raises(ConfigException, match="host/port"):
         await api_client(service_account_dir=tmp_path, environ={})
+
+
+def test_check_live_judges_against_the_cluster_and_ec2(
+    moto: live.Moto, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`ipguard check --live`: the cluster's and EC2's data loaded first, then the objects judged on it. Node
+    A is full and its third ENI would need 10 addresses; its zone has 7, of which a new node takes one for its
+    own primary: 6 pod IPs for new nodes, reserve 3: a Deployment pinned there gets 3 replicas."""
+    ec2c = live.build_ec2(moto.ec2())
+    manifest = tmp_path / "pinned.yaml"
+    manifest.write_text(json.dumps({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "pinned", "namespace": "shop"},
+        "spec": {"replicas": 6, "selector": {"matchLabels": {"app": "pinned"}}, "template": {
+            "metadata": {"labels": {"app": "pinned"}},
+            "spec": {"nodeSelector": {"topology.kubernetes.io/zone": "us-east-1a"},
+                     "containers": [{"name": "c", "image": "registry.example.com/c:1"}]}}},
+    }))
+    fk = FakeKube()
+    url = fk.start_in_thread()
+    try:
+        fk.call(live.load_kube(fk, ec2c))
+        code = main(["check", "-f", str(manifest), "--live", "--kube-host", url, "--ec2-endpoint-url", moto.url,
+                     "--region", live.REGION, "--timeout", "20", "--json"])
+    finally:
+        fk.stop_in_thread()
+    report = json.loads(capsys.readouterr().out)
+    [obj] = report["objects"]
+    assert code == 1
+    assert obj["summary"]["admitted"] == 3 and obj["summary"]["denied"] == 3

@@ -33,15 +33,7 @@ A, B = "us-east-1a", "us-east-1b"
 NODE_A, NODE_B = "ip-10-0-1-10.ec2.internal", "ip-10-0-2-20.ec2.internal"
 
 
-
-class Clock:
-    """Real time plus a jump the test can add, to age data past the staleness bound without waiting."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.monotonic() + self.offset
+Clock = live.Clock
 
 
 @dataclass

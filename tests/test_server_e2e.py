@@ -267,9 +267,20 @@ async def test_every_fixture_answered_as_the_apiserver_requires(
         if response.get("patch"):
             patched = apply_response(request["object"], response)
             kubernetes_validate.validate(patched, "1.36", strict=True)
-        if request["kind"]["kind"] != "Pod" or request["operation"] != "CREATE":
+        if (request["kind"]["kind"] == "Pod" and request["operation"] != "CREATE") or (
+            request["kind"]["kind"] != "Pod" and stage_of(name) == "mutate"
+        ):
             assert response["allowed"] is True and "patch" not in response and "warnings" not in response
             assert response["auditAnnotations"]["outcome"] == "not-applicable"
+        elif request["kind"]["kind"] != "Pod":
+            # SecurityGroupPolicies and ENIConfigs, validated with no EC2 data here: the groups are not checked
+            # (and told so); only the policy with 6 groups breaks a quota that needs no EC2 data.
+            assert "patch" not in response and "unchecked" in response["auditAnnotations"]["findings"]
+            too_many = name.startswith("sgp-create-denied")
+            assert response["allowed"] is not (too_many and mode is Mode.ENFORCE)
+            assert response["auditAnnotations"]["outcome"] == (
+                {Mode.ENFORCE: "denied", Mode.WARN: "warned", Mode.DRY_RUN: "recorded"}[mode] if too_many else "allowed"
+            )
         if not response["allowed"]:
             assert (mode, stage_of(name)) == (Mode.ENFORCE, "validate")
         if mode is Mode.DRY_RUN:
@@ -486,12 +497,22 @@ async def test_v1beta1_is_answered_as_v1beta1(make_server: ServerFactory) -> Non
         assert response["uid"] == review["request"]["uid"]
 
 
-async def test_security_group_policies_and_eniconfigs_are_allowed(make_server: ServerFactory) -> None:
+async def test_security_group_policies_and_eniconfigs_are_judged_without_ec2_data(make_server: ServerFactory) -> None:
+    """With no EC2 data nothing that needs it denies (fail open); the real 6-group policy breaks the
+    security-groups-per-ENI quota whatever EC2 says, and is denied as the captured denial was."""
     h = await make_server((A, B, C))
     for name in ADMISSION_FIXTURES:
         if name.startswith(("sgp-", "eniconfig-")):
             response = await h.review(name)
-            assert response["allowed"] is True and "patch" not in response
+            assert "patch" not in response
+            if name == "sgp-create-denied.validate.json":
+                assert response["allowed"] is False
+                assert response["status"]["message"].startswith(
+                    "ipguard: SecurityGroupPolicy payments/too-many-groups lists 6 security groups; an ENI allows at "
+                    "most 5 (quota 'Security groups per network interface'"
+                )
+            else:
+                assert response["allowed"] is True
 
 
 async def test_each_call_has_its_own_uid(make_server: ServerFactory) -> None:

@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +19,7 @@ from webhook.model.limits import (
 )
 
 if TYPE_CHECKING:
+    from webhook.admission.handler import AdmissionState as AdmissionStateT
     from webhook.service import ServeOptions as ServeOptionsT
 
 DEFAULT_SNAPSHOT = Path(__file__).resolve().parent.parent / "examples" / "cluster.yaml"
@@ -91,14 +92,30 @@ def _serve_options(args: argparse.Namespace) -> ServeOptionsT:
         cluster_name=args.cluster_name,
         ec2_endpoint_url=args.ec2_endpoint_url,
         ec2_period=args.ec2_period,
+        vpc_period=args.vpc_period,
         shutdown_delay=getattr(args, "shutdown_delay", 5.0),
     )
 
 
 def _report_live(args: argparse.Namespace) -> int:
+    from webhook.report import report_json, report_text
+
+    def report(state: AdmissionStateT) -> int:
+        figures = state.index.snapshot()
+        if args.json:
+            print(json.dumps(report_json(figures, state.settings), indent=2))
+        else:
+            print(report_text(figures, state.settings))
+        return 0
+
+    return with_live_cluster(args, report, not_loaded=1)
+
+
+def with_live_cluster(args: argparse.Namespace, use: Callable[[AdmissionStateT], int], *, not_loaded: int) -> int:
+    """Load the live cluster's (and EC2's) data as `serve` does, then hand the admission state to `use`; its
+    exit status, or `not_loaded` when the data did not load in time."""
     import asyncio
 
-    from webhook.report import report_json, report_text
     from webhook.service import Service
     from webhook.sources.kube import api_client
 
@@ -110,14 +127,9 @@ def _report_live(args: argparse.Namespace) -> int:
         try:
             if not await service.wait_loaded(args.timeout):
                 print(f"ipguard: the cluster's data did not load within {args.timeout:.0f}s", file=sys.stderr)
-                return 1
-            figures = service.index.snapshot()
-            settings = service.state.settings
-            if args.json:
-                print(json.dumps(report_json(figures, settings), indent=2))
-            else:
-                print(report_text(figures, settings))
-            return 0
+                return not_loaded
+            # `use` runs without awaiting: no watch event lands in the index meanwhile.
+            return use(service.state)
         finally:
             await service.stop()
 
@@ -154,6 +166,8 @@ def _live_source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cluster-name", help="EKS cluster name (default: from the nodes' instances' tags)")
     parser.add_argument("--ec2-endpoint-url", help="EC2 endpoint (tests: a moto server)")
     parser.add_argument("--ec2-period", type=float, default=30.0, help="seconds between subnet and ENI refreshes")
+    parser.add_argument("--vpc-period", type=float, default=300.0,
+                        help="seconds between listings of the VPC's security groups, subnets and quotas")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -234,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--json", action="store_true", help="machine-readable output")
     _live_source_args(rp)
     rp.set_defaults(func=_report)
+
+    from webhook.check import add_parser as add_check_parser
+
+    add_check_parser(sub, _live_source_args, DEFAULT_SNAPSHOT, with_live_cluster)
 
     sp = sub.add_parser("serve", help="run the webhook in a cluster, fed by Kubernetes watches and EC2")
     sp.add_argument("--host", default="0.0.0.0", help="listen address")

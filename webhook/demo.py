@@ -27,9 +27,11 @@ import aiohttp
 import jsonpatch
 
 from webhook.admission.handler import AdmissionState
-from webhook.model.index import CapacityIndex, PodUse, pod_key
-from webhook.model.pods import HOSTNAME_LABEL, ZONE_LABEL, allowed_zones
+from webhook.apiserver import admission_review, as_created, default_pod, generated_name
+from webhook.model.index import pod_key
+from webhook.model.pods import ZONE_LABEL, allowed_zones
 from webhook.report import format_table
+from webhook.scheduler import Scheduler
 from webhook.server import RunningServer, WebhookServer, start_server
 from webhook.sources.snapshot import Snapshot
 from webhook.tls import CertReloader, service_dns_names, write_cert_bundle
@@ -47,22 +49,11 @@ def deployment_pod(
             "name": name, "image": f"registry.example.com/{name}:1.4.2",
             "ports": [{"containerPort": 8080, "protocol": "TCP"}],
             "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
-            "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "File",
-            "imagePullPolicy": "IfNotPresent",
         }],
-        "restartPolicy": "Always", "terminationGracePeriodSeconds": 30, "dnsPolicy": "ClusterFirst",
-        "securityContext": {}, "schedulerName": "default-scheduler", "enableServiceLinks": True,
-        "priority": 0, "preemptionPolicy": "PreemptLowerPriority",
-        "tolerations": [
-            {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute",
-             "tolerationSeconds": 300},
-            {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute",
-             "tolerationSeconds": 300},
-        ],
     }
     if node_selector:
         spec["nodeSelector"] = dict(node_selector)
-    return {
+    return default_pod({
         "kind": "Pod", "apiVersion": "v1",
         "metadata": {
             "generateName": f"{name}-{template_hash}-", "namespace": namespace,
@@ -71,54 +62,7 @@ def deployment_pod(
                                  "uid": str(uuid.uuid4()), "controller": True, "blockOwnerDeletion": True}],
         },
         "spec": spec,
-        "status": {},
-    }
-
-
-def admission_review(pod: dict[str, Any], namespace: str, name: str | None, dry_run: bool = False) -> dict[str, Any]:
-    request: dict[str, Any] = {
-        "uid": str(uuid.uuid4()),
-        "kind": {"group": "", "version": "v1", "kind": "Pod"},
-        "resource": {"group": "", "version": "v1", "resource": "pods"},
-        "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
-        "requestResource": {"group": "", "version": "v1", "resource": "pods"},
-        "namespace": namespace,
-        "operation": "CREATE",
-        "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
-        "object": pod,
-        "oldObject": None,
-        "dryRun": dry_run,
-        "options": {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"},
-    }
-    if name:
-        request["name"] = name
-    return {"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1", "request": request}
-
-
-def _matches(expr: dict[str, Any], labels: dict[str, str]) -> bool:
-    value = labels.get(expr.get("key", ""))
-    values = expr.get("values") or []
-    operator = expr.get("operator")
-    if operator == "In":
-        return value in values
-    if operator == "NotIn":
-        return value not in values
-    if operator == "Exists":
-        return value is not None
-    if operator == "DoesNotExist":
-        return value is None
-    return True
-
-
-def node_fits(pod: dict[str, Any], labels: dict[str, str]) -> bool:
-    """The scheduler's node-affinity filter: nodeSelector, then any required term (terms ORed)."""
-    spec = pod.get("spec", {})
-    if any(labels.get(k) != v for k, v in (spec.get("nodeSelector") or {}).items()):
-        return False
-    required = (((spec.get("affinity") or {}).get("nodeAffinity") or {})
-                .get("requiredDuringSchedulingIgnoredDuringExecution") or {})
-    terms = required.get("nodeSelectorTerms") or []
-    return not terms or any(all(_matches(e, labels) for e in t.get("matchExpressions") or []) for t in terms)
+    })
 
 
 @dataclass(slots=True)
@@ -128,29 +72,6 @@ class Tally:
     denied: Counter[str] = field(default_factory=Counter)
     unschedulable: int = 0
     denial_message: str | None = None
-
-
-class Scheduler:
-    """Enough of kube-scheduler for the demo: zone spreading, then the node with the most room."""
-
-    def __init__(self, index: CapacityIndex) -> None:
-        self.index = index
-        self.per_zone: Counter[str] = Counter()
-
-    def bind(self, pod: dict[str, Any], key: str) -> str | None:
-        candidates = []
-        for node in self.index.nodes.values():
-            if not node.known or not node.schedulable or node.zone is None:
-                continue
-            labels = {ZONE_LABEL: node.zone, HOSTNAME_LABEL: node.name}  # EKS: hostname label = node name
-            if node_fits(pod, labels) and node.room > 0:
-                candidates.append(node)
-        if not candidates:
-            return None
-        best = min(candidates, key=lambda n: (self.per_zone[n.zone or ""], -n.room, n.name))
-        self.index.upsert_pod(key, best.name, PodUse.IP)
-        self.per_zone[best.zone or ""] += 1
-        return best.name
 
 
 class DemoClient:
@@ -189,10 +110,8 @@ async def create_pod(
     pod = copy.deepcopy(template)
     if mutated.get("patch"):
         pod = jsonpatch.apply_patch(pod, json.loads(base64.b64decode(mutated["patch"])))
-    name = pod["metadata"]["generateName"] + "".join(rng.choice("bcdfghjklmnpqrstvwxz2456789") for _ in range(5))
-    pod["metadata"]["name"] = name
-    pod["metadata"]["uid"] = str(uuid.uuid4())
-    pod["status"] = {"phase": "Pending", "qosClass": "Burstable"}
+    name = generated_name(pod["metadata"]["generateName"], rng)
+    pod = as_created(pod, name)
     validated = await client.review("/validate", admission_review(pod, namespace, name))
     avoided = [z for z in zones if z not in allowed_zones(pod, zones) and z in allowed_zones(template, zones)]
     for zone in avoided:
@@ -238,7 +157,7 @@ async def run_demo(
         print(f"cluster: {snapshot.source}, mode {snapshot.settings.mode.value}, "
               f"{len(snapshot.nodes)} nodes in {', '.join(zones)}", file=out)
         tally = Tally()
-        scheduler = Scheduler(index)
+        scheduler = Scheduler(index, preferences=False)
         rng = random.Random(42)
         try:
             print(f"\nScaling Deployment shop/web to {replicas} replicas (each pod: /mutate, /validate, bind):",

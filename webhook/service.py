@@ -23,11 +23,13 @@ from webhook.admission.handler import AdmissionState
 from webhook.metrics import Gauge, LabelValues
 from webhook.model.config import Settings
 from webhook.model.index import CapacityIndex
+from webhook.model.vpc import VpcFacts
 from webhook.server import RunningServer, WebhookServer, start_server
 from webhook.sources.cluster import ClusterFeed
 from webhook.sources.ec2.client import Call
 from webhook.sources.ec2.poller import Ec2Poller
 from webhook.sources.kube import WATCH_GRACE, WATCH_TIMEOUT, Reflector, watched_resources
+from webhook.sources.vpc import VpcPoller
 from webhook.tls import CertReloader
 
 log = logging.getLogger("ipguard.service")
@@ -54,6 +56,7 @@ class ServeOptions:
     ec2_endpoint_url: str | None = None
     ec2_period: float = 30.0
     ec2_tick: float = 5.0  # how often the poller is asked; it only calls EC2 for what is due
+    vpc_period: float = 300.0  # seconds between listings of the VPC's security groups and subnets
     watch_timeout: int = WATCH_TIMEOUT
     shutdown_delay: float = 5.0  # not ready, still serving, before the listener closes
     tls: bool = True  # False: the index only (`report --live`), no serving certificate looked for
@@ -77,6 +80,7 @@ class Service:
     feed: ClusterFeed = field(init=False)
     reflectors: dict[str, Reflector] = field(init=False)
     poller: Ec2Poller | None = field(init=False)
+    vpc_poller: VpcPoller | None = field(init=False)
     ec2_ready: bool = False
     ec2_idle_at: float | None = None  # last refresh with nothing to ask EC2 (no nodes, no pod subnets)
     ec2_loop_errors: int = 0
@@ -89,9 +93,10 @@ class Service:
         settings = Settings()
         self.index = CapacityIndex(node_reserve=settings.node_reserve, reservation_ttl=settings.reservation_ttl,
                                    clock=self.clock)
-        self.state = AdmissionState(self.index, settings, self.stale_reason)
+        self.state = AdmissionState(self.index, settings, self.stale_reason, vpc=VpcFacts(clock=self.clock))
         self.feed = ClusterFeed(self.index, self.apply_settings, self.options.config_name,
-                                self.options.config_namespace, min_staleness=min_staleness(self.options))
+                                self.options.config_namespace, min_staleness=min_staleness(self.options),
+                                policies=self.state.policies, eni_store=self.state.eni_configs)
         handlers = self.feed.handlers()
         self.reflectors = {
             w.kind: Reflector(w.kind, w.call, handlers[w.kind], optional=w.optional,
@@ -103,6 +108,12 @@ class Service:
             Ec2Poller(region=o.region, vpc_id=o.vpc_id, cluster_name=o.cluster_name, endpoint_url=o.ec2_endpoint_url,
                       eni_period=o.ec2_period, subnet_period=o.ec2_period, clock=self.clock)
             if o.ec2 else None
+        )
+        # The Service Quotas endpoint follows the EC2 one when that is overridden (a test's moto server).
+        self.vpc_poller = (
+            VpcPoller(self.poller, self.state.vpc, period=o.vpc_period, quotas_endpoint_url=o.ec2_endpoint_url,
+                      clock=self.clock)
+            if self.poller is not None else None
         )
         reloader = CertReloader(o.tls_cert, o.tls_key, allow_missing=True) if o.tls else None
         self.server = WebhookServer(self.state, reloader, self.loaded, self.source_ages, self.notes)
@@ -211,6 +222,8 @@ class Service:
         while True:
             try:
                 await self.refresh_ec2()
+                if self.vpc_poller is not None:
+                    await self.vpc_poller.refresh()
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -171,6 +171,10 @@ RESOURCE_TYPES: Final[tuple[ResourceType, ...]] = (
         status_subresource=False,
     ),
     ResourceType(
+        "serviceaccounts", "serviceaccount", "ServiceAccount", "", "v1", namespaced=True, short_names=("sa",),
+        status_subresource=False,
+    ),
+    ResourceType(
         "daemonsets", "daemonset", "DaemonSet", "apps", "v1", namespaced=True, short_names=("ds",),
         has_generation=True, bookmark_extra=_DAEMONSET_BOOKMARK_EXTRA,
     ),

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import orjson
 
+from webhook.admission import objects
 from webhook.admission.messages import (
     audit_annotations,
     clean_warning,
@@ -29,7 +30,12 @@ from webhook.admission.wire import AdmissionResponse, Review
 from webhook.model.cni import CniSettings
 from webhook.model.config import Mode, Settings
 from webhook.model.decide import Decision, Verdict, decide, not_applicable
+from webhook.model.eniconfig import EniConfigStore
+from webhook.model.findings import denial_text
 from webhook.model.index import CapacityIndex, pod_key
+from webhook.model.pods import display_name
+from webhook.model.sgp import PolicyStore
+from webhook.model.vpc import VpcFacts
 
 Stage = Literal["mutate", "validate"]
 
@@ -41,6 +47,9 @@ class AdmissionState:
     index: CapacityIndex
     settings: Settings
     stale_reason: Callable[[], str | None] = field(default=lambda: None)  # why data is stale, or None
+    policies: PolicyStore = field(default_factory=PolicyStore)  # SecurityGroupPolicies, service accounts
+    eni_configs: EniConfigStore = field(default_factory=EniConfigStore)
+    vpc: VpcFacts = field(default_factory=VpcFacts)  # security groups, subnets, quotas (EC2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +67,9 @@ def _steering(decision: Decision) -> Steering:
 
 def judge(review: Review, stage: Stage, state: AdmissionState) -> Decision:
     """The decision on a review's object, from the index and settings in force."""
+    kind = objects.judged_kind(review)
+    if kind is not None:
+        return objects.judge_object(kind, review, stage, state)
     if review.kind != "Pod" or review.group != "":
         return not_applicable(f"{review.namespace or ''}/{review.name or ''}".strip("/"),
                               f"{review.kind} objects are not judged by this version")
@@ -66,8 +78,13 @@ def judge(review: Review, stage: Stage, state: AdmissionState) -> Decision:
     # Judge the pod as the user wrote it: after a mutation (or on reinvocation) it carries ipguard's own
     # steering, and a decision resting on that would take the steering back, or deny on ipguard's own terms.
     pod = without_steering(review.object or {})
+    branch, policies = objects.branch_policies(pod, review.namespace, stage, state)
+    if branch and policies and stale is None and review.operation == "CREATE":
+        denial = objects.branch_group_denial(display_name(pod, review.namespace), policies, state)
+        if denial is not None:
+            return denial
     decision = decide(pod, state.index, state.settings, namespace=review.namespace, operation=review.operation,
-                      stale=stale is not None)
+                      stale=stale is not None, branch=branch)
     if stale is not None and decision.stale:
         decision = Decision(decision.verdict, decision.pod, f"stale data: {stale}", use=decision.use, stale=True)
     return decision
@@ -109,16 +126,25 @@ def respond(review: Review, decision: Decision, stage: Stage, settings: Settings
         if mode is Mode.ENFORCE:
             outcome = "denied"
             response["allowed"] = False
-            response["status"] = {"code": 403, "reason": "Forbidden", "message": denial_message(decision, cni)}
+            message = denial_text(decision.findings) if decision.findings else denial_message(decision, cni)
+            response["status"] = {"code": 403, "reason": "Forbidden", "message": message}
         elif mode is Mode.WARN:
             outcome = "warned"
-            warnings.extend(denial_warnings(decision))
+            if decision.findings:
+                warnings.extend(clean_warning(f.warning) for f in decision.findings if f.deny)
+            else:
+                warnings.extend(denial_warnings(decision))
         else:
             outcome = "recorded"
+    if stage == "validate" and mode is not Mode.DRY_RUN:
+        # Findings that never deny are said in every mode but dry-run.
+        warnings.extend(clean_warning(f.warning) for f in decision.findings if not f.deny)
 
     if warnings:
         response["warnings"] = list(dict.fromkeys(w for w in warnings if w))
     response["auditAnnotations"] = audit_annotations(decision, mode.value, outcome)
+    if decision.findings:
+        response["auditAnnotations"]["findings"] = ",".join(f.code for f in decision.findings)
     return Answer(response, decision, outcome, patch)
 
 

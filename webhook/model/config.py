@@ -11,6 +11,8 @@ Keys and defaults (documented in README.md):
                            `serve`'s defaults: the watch timeout, 55 s, plus 5 s, and at least the EC2
                            period + 10 s; smaller values are refused, see service.min_staleness)
   maxSteeredNodes          most node names a steering patch lists        (default 20)
+  securityGroupsPerENI     EC2 quota, when Service Quotas cannot be read  (default 5; 1-16)
+  rulesPerSecurityGroup    EC2 quota per direction and family, likewise   (default 60)
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ KNOWN_KEYS = frozenset(
         "reservationTTLSeconds",
         "stalenessSeconds",
         "maxSteeredNodes",
+        "securityGroupsPerENI",
+        "rulesPerSecurityGroup",
     }
 )
 
@@ -57,6 +61,8 @@ class Settings:
     reservation_ttl: float = 30.0
     staleness_bound: float = 120.0
     max_steered_nodes: int = 20
+    groups_per_eni: int | None = None  # None: not set (Service Quotas or EC2's default decide)
+    rules_per_group: int | None = None
 
     def reserve_for_zone(self, zone: str) -> int:
         return self.zone_reserves.get(zone, self.zone_reserve)
@@ -91,6 +97,8 @@ class Settings:
             reservation_ttl=_seconds(data, "reservationTTLSeconds", defaults.reservation_ttl),
             staleness_bound=staleness_bound,
             max_steered_nodes=_count(data, "maxSteeredNodes", defaults.max_steered_nodes),
+            groups_per_eni=_quota(data, "securityGroupsPerENI", 1, 16),
+            rules_per_group=_quota(data, "rulesPerSecurityGroup", 1, 1000),
         )
 
 
@@ -110,6 +118,16 @@ def _count(data: Mapping[str, str], key: str, default: int) -> int:
         raise ConfigError(f"{key}={text!r} is not a whole number") from None
     if value < 0:
         raise ConfigError(f"{key}={text!r} must not be negative")
+    return value
+
+
+def _quota(data: Mapping[str, str], key: str, low: int, high: int) -> int | None:
+    text = data.get(key)
+    if text is None or not text.strip():
+        return None
+    value = _count(data, key, 0)
+    if not low <= value <= high:
+        raise ConfigError(f"{key}={text!r} must be between {low} and {high}")
     return value
 
 

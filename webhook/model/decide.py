@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from webhook.model import pods
 from webhook.model.config import Settings
+from webhook.model.findings import Finding
 from webhook.model.index import CapacityIndex, PodUse
 
 
@@ -81,6 +82,7 @@ class Decision:
     soft: bool = False  # steer by preference only (see pods.steer_softly)
     only_nodes: tuple[str, ...] = ()  # steer onto these nodes (kubernetes.io/hostname In), when avoiding is too long
     waits_for_node: bool = False  # no node in its zones can take it now: it waits Pending for a new node
+    findings: tuple[Finding, ...] = ()  # checks other than placement (policies, ENIConfigs): see findings.py
 
     @property
     def open_zones(self) -> tuple[str, ...]:
@@ -99,6 +101,7 @@ def decide(
     namespace: str | None = None,
     operation: str = "CREATE",
     stale: bool = False,
+    branch: bool = False,
 ) -> Decision:
     name = pods.display_name(pod, namespace)
     ns = name.split("/", 1)[0]
@@ -117,7 +120,8 @@ def decide(
     if index.cni.ipv6:
         return not_applicable(name, "IPv6 cluster: pod addresses are not the constraint")
     # pods.pod_use() without the checks made above
-    use = PodUse.BRANCH if pods.wants_branch_eni(pod) else PodUse.IP
+    # `branch`: policies select it and it will get a pod-eni request (see admission.objects.branch_policies).
+    use = PodUse.BRANCH if branch or pods.wants_branch_eni(pod) else PodUse.IP
     if stale:
         return Decision(Verdict.ALLOW, name, "capacity data is stale: allowed without judging", use=use, stale=True)
 
@@ -155,7 +159,10 @@ def decide(
     # Nodes out of IPs that still have pod slots draw the scheduler, which cannot see IPs: keep the pod off them
     # in every zone it may still go to (or, when they are too many to list, onto the nodes that can take it).
     reachable = [c.zone for c in open_checks] + list(full_zones)
-    avoid_nodes, only_nodes = _node_steering(index, settings, reachable, with_takers=bool(open_checks))
+    # Branch pods need branch room, which the scheduler checks itself (vpc.amazonaws.com/pod-eni): nodes out of
+    # warm-pool IPs are no reason to keep them away.
+    avoid_nodes, only_nodes = ((), ()) if use is PodUse.BRANCH else _node_steering(
+        index, settings, reachable, with_takers=bool(open_checks))
     soft = pods.steer_softly(pod)
     if not open_checks:
         if not full_zones:
@@ -168,9 +175,16 @@ def decide(
             reason = f"zone(s) {', '.join(avoid_zones)} out of pod IPs; {reason}"
         if avoid_nodes:
             reason += f"; {len(avoid_nodes)} node(s) out of pod IPs avoided"
-        verdict = Verdict.STEER if avoid_zones or avoid_nodes else Verdict.ALLOW
-        return Decision(verdict, name, reason, use=use, zones=checks, avoid_zones=avoid_zones,
-                        avoid_nodes=avoid_nodes, soft=soft, waits_for_node=True)
+        # Toward the zones whose subnets have most left for new nodes. The preference also records, on the
+        # Pending pod, the zone it waits in: every replica then counts it against that zone's addresses until
+        # it is bound (and the reservation does so until the watch shows it), so a burst waiting for new nodes
+        # cannot be admitted past what those nodes could get.
+        waiting = [c for c in checks if c.zone in full_zones]
+        prefer = _preferences([c._replace(headroom=c.addresses) for c in waiting])
+        target = max(waiting, key=lambda c: (c.addresses - c.reserve, c.zone)).zone
+        return Decision(Verdict.STEER, name, reason, use=use, zones=checks, avoid_zones=avoid_zones,
+                        avoid_nodes=avoid_nodes, prefer_zones=prefer, soft=soft, waits_for_node=True,
+                        reserve_zone=target)
     best = max(open_checks, key=lambda c: (c.headroom - c.reserve, c.zone))
     # Only zones out of addresses are excluded outright; zones whose nodes are merely full stay allowed (new
     # nodes can come there) and are left behind by the preferences toward the zones with room.

@@ -17,7 +17,9 @@ from typing import Any, Protocol
 from webhook.model import pods as podlib
 from webhook.model.cni import DEFAULT_ENI_CONFIG_NAME, CniSettings, CniSettingsError
 from webhook.model.config import NO_VALID_SETTINGS, ConfigError, Settings
+from webhook.model.eniconfig import EniConfigStore, parse_eniconfig
 from webhook.model.index import CapacityIndex, pod_key
+from webhook.model.sgp import PolicyStore, parse_policy, pod_shape
 
 log = logging.getLogger("ipguard.sources")
 
@@ -134,6 +136,8 @@ class ClusterFeed:
     config_errors: int = 0
     config_last_error: str | None = None  # why the ConfigMap as it is now is refused; None while it is valid
     settings_seen: bool = False
+    policies: PolicyStore = field(default_factory=PolicyStore)  # what SecurityGroupPolicy checks read
+    eni_store: EniConfigStore = field(default_factory=EniConfigStore)  # what ENIConfig checks read
     # Valid settings have been in force: from a valid ConfigMap, or the defaults when the first list found none.
     # Until then a refused ConfigMap means NO_VALID_SETTINGS, not the defaults.
     settings_valid_seen: bool = False
@@ -153,24 +157,32 @@ class ClusterFeed:
 
     # -- node subnet: custom networking uses the ENIConfig's subnet; otherwise the node's own (from EC2)
 
-    def pod_subnet(self, info: NodeInfo) -> str | None:
+    def eni_config_name(self, info: NodeInfo) -> str | None:
+        """The ENIConfig the node selects under custom networking (None when it is off)."""
         cni = self.index.cni
-        if cni.custom_networking:
-            # Resolved now, not when the node was seen: the aws-node env may arrive after the nodes. The CNI's
-            # order: the external label, the annotation, the label, then the ENIConfig named "default".
-            name = (
-                info.labels.get(EXTERNAL_ENI_CONFIG_LABEL)
-                or info.annotations.get(cni.eni_config_annotation_def)
-                or info.labels.get(cni.eni_config_label_def)
-                or DEFAULT_ENI_CONFIG_NAME
-            )
+        if not cni.custom_networking:
+            return None
+        # Resolved now, not when the node was seen: the aws-node env may arrive after the nodes. The CNI's
+        # order: the external label, the annotation, the label, then the ENIConfig named "default".
+        return (
+            info.labels.get(EXTERNAL_ENI_CONFIG_LABEL)
+            or info.annotations.get(cni.eni_config_annotation_def)
+            or info.labels.get(cni.eni_config_label_def)
+            or DEFAULT_ENI_CONFIG_NAME
+        )
+
+    def pod_subnet(self, info: NodeInfo) -> str | None:
+        name = self.eni_config_name(info)
+        if name is not None:
             return self.eni_configs.get(name)
         return self.ec2_node_subnets.get(info.name)
 
     def sync_node(self, name: str) -> None:
         info = self.nodes.get(name)
         if info is None:
+            self.eni_store.set_node(name, None, None)
             return
+        self.eni_store.set_node(name, self.eni_config_name(info), info.zone)
         pod_subnet = self.pod_subnet(info)
         self.index.upsert_node(
             name,
@@ -221,6 +233,7 @@ class ClusterFeed:
             "nodes": NodeHandler(self),
             "pods": PodHandler(self),
             "namespaces": NamespaceHandler(self),
+            "serviceaccounts": ServiceAccountHandler(self),
             "eniconfigs": EniConfigHandler(self),
             "securitygrouppolicies": SgpHandler(self),
             "cninodes": CniNodeHandler(self),
@@ -248,6 +261,7 @@ class NodeHandler:
     def _remove(self, name: str) -> None:
         self.feed.nodes.pop(name, None)
         self.feed.index.remove_node(name)
+        self.feed.eni_store.set_node(name, None, None)
 
     def begin_resync(self) -> None:
         self.resync.begin()
@@ -269,7 +283,9 @@ class PodHandler:
         if podlib.is_terminal(obj):
             # Succeeded/Failed pods have released their IP.
             self.feed.index.remove_pod(key)
+            self.feed.policies.drop_pod(key)
             return
+        self.feed.policies.put_pod(key, str(meta.get("namespace")), pod_shape(obj))
         node = podlib.node_name(obj)
         if node is not None:
             node = sys.intern(node)  # one string per node, not one per pod (150,000 pods)
@@ -278,14 +294,17 @@ class PodHandler:
 
     def delete(self, obj: Mapping[str, Any]) -> None:
         meta = _meta(obj)
-        self.feed.index.remove_pod(pod_key(str(meta.get("namespace")), str(meta.get("name"))))
+        key = pod_key(str(meta.get("namespace")), str(meta.get("name")))
+        self.feed.index.remove_pod(key)
+        self.feed.policies.drop_pod(key)
 
     def begin_resync(self) -> None:
         self.resync.begin()
 
     def end_resync(self) -> None:
-        for key in self.resync.end(set(self.feed.index.pods)):
+        for key in self.resync.end(set(self.feed.index.pods) | set(self.feed.policies.pods)):
             self.feed.index.remove_pod(key)
+            self.feed.policies.drop_pod(key)
 
 
 class _KeyedStore:
@@ -331,17 +350,35 @@ class NamespaceHandler(_KeyedStore):
         self.feed.namespaces.discard(key)
 
 
+class ServiceAccountHandler(_KeyedStore):
+    """Service accounts' labels, for serviceAccountSelector (nothing else of them is kept)."""
+
+    def keys(self) -> set[str]:
+        return {f"{ns}/{name}" for ns, accounts in self.feed.policies.service_accounts.items() for name in accounts}
+
+    def put(self, key: str, obj: Mapping[str, Any]) -> None:
+        namespace, _, name = key.partition("/")
+        labels = _meta(obj).get("labels") or {}
+        self.feed.policies.put_service_account(namespace, name, {str(k): str(v) for k, v in labels.items()})
+
+    def drop(self, key: str) -> None:
+        namespace, _, name = key.partition("/")
+        self.feed.policies.drop_service_account(namespace, name)
+
+
 class EniConfigHandler(_KeyedStore):
     def keys(self) -> set[str]:
         return set(self.feed.eni_configs)
 
     def put(self, key: str, obj: Mapping[str, Any]) -> None:
+        self.feed.eni_store.put(parse_eniconfig(obj))
         subnet = (obj.get("spec") or {}).get("subnet")
         if isinstance(subnet, str) and self.feed.eni_configs.get(key) != subnet:
             self.feed.eni_configs[key] = subnet
             self.feed.sync_all_nodes()
 
     def drop(self, key: str) -> None:
+        self.feed.eni_store.drop(key)
         if self.feed.eni_configs.pop(key, None) is not None:
             self.feed.sync_all_nodes()
 
@@ -358,9 +395,12 @@ class SgpHandler(_KeyedStore):
             "serviceAccountSelector": spec.get("serviceAccountSelector"),
             "groupIds": list((spec.get("securityGroups") or {}).get("groupIds") or []),
         }
+        self.feed.policies.put_policy(parse_policy(obj))
 
     def drop(self, key: str) -> None:
         self.feed.security_group_policies.pop(key, None)
+        namespace, _, name = key.partition("/")
+        self.feed.policies.drop_policy(namespace, name)
 
 
 class CniNodeHandler(_KeyedStore):

@@ -319,6 +319,8 @@ def watched_resources(api: k8s.ApiClient, config_namespace: str, config_name: st
         Watched("nodes", core.list_node, False),
         Watched("pods", core.list_pod_for_all_namespaces, False),
         Watched("namespaces", core.list_namespace, False),
+        # Labels only matter (serviceAccountSelector); optional so a missing RBAC rule cannot block readiness.
+        Watched("serviceaccounts", core.list_service_account_for_all_namespaces, True),
         Watched("eniconfigs", crd("crd.k8s.amazonaws.com", "v1alpha1", "eniconfigs"), True),
         Watched("securitygrouppolicies", crd("vpcresources.k8s.aws", "v1beta1", "securitygrouppolicies"), True),
         Watched("cninodes", crd("vpcresources.k8s.aws", "v1alpha1", "cninodes"), True),

@@ -5,11 +5,11 @@ is a full example):
 
     cni: {ENABLE_PREFIX_DELEGATION: "false", WARM_ENI_TARGET: "1"}   # the aws-node env
     settings: {mode: enforce, zoneReserve: "5"}                     # ipguard's ConfigMap data
-    eniConfigs: {us-east-1a: subnet-...}                            # custom networking: ENIConfig -> subnet
-                                                                    # (a node picks its eniConfig, else the one
-                                                                    # named for its zone when ENI_CONFIG_LABEL_DEF
-                                                                    # is the zone label, else "default"; with
-                                                                    # none of those it gets no pod IP)
+    eniConfigs: {us-east-1a: subnet-...}                            # custom networking: ENIConfig -> subnet,
+    #   or {us-east-1a: {subnet: subnet-..., securityGroups: [sg-...]}}; a node picks its eniConfig, else the
+    #   one named for its zone when ENI_CONFIG_LABEL_DEF is the zone label, else "default" (MyENIConfig's
+    #   order); when that one does not exist the node gets no pod IP
+    vpcId: vpc-...                                                  # optional, named in messages
     subnets:
       - {id: subnet-..., zone: us-east-1a, cidr: 10.0.0.0/24, free: 12, freeBlocks: 0}
     nodes:
@@ -23,7 +23,20 @@ is a full example):
         enis: 3                     # optional, with heldIPs: the ENIs carrying them (default: as few as hold them)
         unschedulable: false        # cordoned: no new pods, and ipamd gives it no new IP
         os: linux
-        pods: {ip: 20, hostNetwork: 2, completed: 3, branch: 0}
+        pods: {ip: 20, hostNetwork: 2, completed: 3, branch: 0}   # branch: pods on branch ENIs; the
+                                    # branch capacity is the type's (vpc.amazonaws.com/pod-eni), 0 for t3
+    # Security groups for pods (all optional). The subnets listed above are taken as all of the VPC's, and
+    # securityGroups, when the key is present, as all of its groups: a group or subnet not listed does not exist.
+    securityGroups:
+      - {id: sg-..., name: db-access, inbound: {ipv4: 12, ipv6: 0}, outbound: {ipv4: 1, ipv6: 1}}
+    securityGroupPolicies:            # as kubectl shows them (metadata.name/namespace, spec)
+      - metadata: {name: api-db, namespace: payments}
+        spec: {podSelector: {matchLabels: {app: api}}, securityGroups: {groupIds: [sg-...]}}
+    serviceAccounts:
+      - {namespace: payments, name: api, labels: {team: payments}}
+    pods:                             # pods with labels, for policy matching (besides the counts per node)
+      - {namespace: payments, name: api-0, node: ip-..., labels: {app: api}, serviceAccount: api, branch: true}
+    quotas: {securityGroupsPerENI: 5, rulesPerSecurityGroup: 60}   # as Service Quotas would report them
 """
 
 from __future__ import annotations
@@ -37,9 +50,12 @@ import yaml
 
 from webhook.model.cni import DEFAULT_ENI_CONFIG_NAME, CniSettings, CniSettingsError
 from webhook.model.config import ConfigError, Settings
-from webhook.model.index import CapacityIndex, PodUse
+from webhook.model.eniconfig import EniConfig, EniConfigStore
+from webhook.model.index import CapacityIndex, PodUse, pod_key
 from webhook.model.limits import LimitsTable, UnknownInstanceType, max_pods
 from webhook.model.pods import ZONE_LABEL
+from webhook.model.sgp import PolicyStore, parse_policy
+from webhook.model.vpc import GroupRules, Quotas, VpcFacts, VpcSubnet
 
 
 class SnapshotError(ValueError):
@@ -62,6 +78,7 @@ class SnapshotNode:
     host_network_pods: int
     completed_pods: int
     branch_pods: int
+    eni_config: str | None = None  # the ENIConfig it selects (custom networking)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +90,16 @@ class SnapshotSubnet:
     free_blocks: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotPod:
+    namespace: str
+    name: str
+    node: str | None
+    labels: dict[str, str]
+    service_account: str
+    branch: bool
+
+
 @dataclass(slots=True)
 class Snapshot:
     source: str
@@ -81,7 +108,35 @@ class Snapshot:
     settings_data: dict[str, str]
     subnets: list[SnapshotSubnet] = field(default_factory=list)
     nodes: list[SnapshotNode] = field(default_factory=list)
-    eni_configs: dict[str, str] = field(default_factory=dict)  # ENIConfig name -> subnet
+    vpc_id: str | None = None
+    eni_configs: dict[str, EniConfig] = field(default_factory=dict)
+    security_groups: list[GroupRules] | None = None  # None: not given (existence is not checked)
+    policies: list[dict[str, Any]] = field(default_factory=list)
+    service_accounts: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    pods: list[SnapshotPod] = field(default_factory=list)
+    quotas: Quotas | None = None
+
+    def build_objects(self, index: CapacityIndex) -> tuple[PolicyStore, EniConfigStore, VpcFacts]:
+        """The policy, ENIConfig and VPC stores, and the labelled pods added to `index` (from build_index)."""
+        policies = PolicyStore()
+        for raw in self.policies:
+            policies.put_policy(parse_policy(raw))
+        for namespace, name, labels in self.service_accounts:
+            policies.put_service_account(namespace, name, labels)
+        for pod in self.pods:  # build_index counted them
+            key = pod_key(pod.namespace, pod.name)
+            policies.put_pod(key, pod.namespace, (tuple(sorted(pod.labels.items())), pod.service_account))
+        configs = EniConfigStore()
+        for config in self.eni_configs.values():
+            configs.put(config)
+        if self.cni.custom_networking:
+            for node in self.nodes:
+                configs.set_node(node.name, node.eni_config, node.zone)
+        vpc = VpcFacts(vpc_id=self.vpc_id, service_quotas=self.quotas, static=True, clock=lambda: 0.0)
+        vpc.set_subnets({s.subnet_id: VpcSubnet(s.subnet_id, s.zone, s.free_ips, s.cidr) for s in self.subnets})
+        if self.security_groups is not None:
+            vpc.set_groups({g.group_id: g for g in self.security_groups})
+        return policies, configs, vpc
 
     def build_index(self, limits: LimitsTable | None = None, **kwargs: Any) -> CapacityIndex:
         index = CapacityIndex(
@@ -112,9 +167,11 @@ class Snapshot:
             for i in range(node.host_network_pods):
                 index.upsert_pod(f"kube-system/{short}-host-{i}", node.name, PodUse.NONE)
             # Completed pods take nothing: they stay out of the index, as the watch source leaves them out.
+        for pod in self.pods:
+            index.upsert_pod(pod_key(pod.namespace, pod.name), pod.node, PodUse.BRANCH if pod.branch else PodUse.IP)
         # Subnet figures last: EC2 measured them with these pods and warm pools already in place. Under custom
-        # networking only the ENIConfigs' subnets give pods addresses, not the nodes' own.
-        pod_subnets = set(self.eni_configs.values()) if self.cni.custom_networking else None
+        # networking only the ENIConfigs' subnets give pod addresses; the nodes' own subnets are not pod subnets.
+        pod_subnets = {c.subnet for c in self.eni_configs.values()} if self.cni.custom_networking else None
         for subnet in self.subnets:
             if pod_subnets is not None and subnet.subnet_id not in pod_subnets:
                 continue
@@ -151,8 +208,9 @@ def parse_snapshot(document: Any, source: str, limits: LimitsTable) -> Snapshot:
         settings = Settings.from_configmap(settings_data)
     except ConfigError as exc:
         raise SnapshotError(f"{source}: settings: {exc}") from None
-    eni_configs = {str(k): str(v) for k, v in _mapping(doc.get("eniConfigs", {}), source, "eniConfigs").items()}
-    snapshot = Snapshot(source, cni, settings, settings_data, eni_configs=eni_configs)
+    snapshot = Snapshot(source, cni, settings, settings_data)
+    _parse_vpc_objects(doc, source, snapshot)
+    eni_configs = {name: config.subnet for name, config in snapshot.eni_configs.items()}
 
     for i, raw in enumerate(_list(doc.get("subnets", []), source, "subnets")):
         where = f"subnets[{i}]"
@@ -184,16 +242,14 @@ def parse_snapshot(document: Any, source: str, limits: LimitsTable) -> Snapshot:
             raise SnapshotError(f"{source}: {where}: {exc}") from None
         subnet = _str(item, "subnet", source, where)
         pod_subnet: str | None = subnet
+        config_name = None
         if cni.custom_networking:
             # The CNI's order (MyENIConfig): the node's own choice, the zone under a zone label, then "default".
             config_name = str(item.get("eniConfig") or "")
-            if not config_name and cni.eni_config_label_def == ZONE_LABEL:
-                config_name = zone
-            if config_name and config_name not in eni_configs:
-                raise SnapshotError(
-                    f"{source}: {where}: custom networking is on but ENIConfig {config_name!r} is not in eniConfigs"
-                )
-            pod_subnet = eni_configs.get(config_name or DEFAULT_ENI_CONFIG_NAME)
+            if not config_name:
+                config_name = zone if cni.eni_config_label_def == ZONE_LABEL else DEFAULT_ENI_CONFIG_NAME
+            # A node whose ENIConfig does not exist gets no pod IPs; ipguard has no pod subnet for it.
+            pod_subnet = eni_configs.get(config_name)
         if pod_subnet is not None and pod_subnet not in known_subnets:
             raise SnapshotError(f"{source}: {where}: pod subnet {pod_subnet} is not listed under subnets")
         pods = _mapping(item.get("pods", {}), source, f"{where}.pods")
@@ -223,12 +279,74 @@ def parse_snapshot(document: Any, source: str, limits: LimitsTable) -> Snapshot:
                 host_network_pods=_int(pods, "hostNetwork", source, where, 0),
                 completed_pods=_int(pods, "completed", source, where, 0),
                 branch_pods=_int(pods, "branch", source, where, 0),
+                eni_config=config_name,
             )
         )
     names = [n.name for n in snapshot.nodes]
     if len(names) != len(set(names)):
         raise SnapshotError(f"{source}: node names must be unique")
+    for i, raw in enumerate(_list(doc.get("pods", []), source, "pods")):
+        where = f"pods[{i}]"
+        item = _mapping(raw, source, where)
+        node = item.get("node")
+        if node is not None and node not in names:
+            raise SnapshotError(f"{source}: {where}: node {node} is not listed under nodes")
+        snapshot.pods.append(SnapshotPod(
+            namespace=_str(item, "namespace", source, where),
+            name=_str(item, "name", source, where),
+            node=None if node is None else str(node),
+            labels=_labels(item.get("labels"), source, where),
+            service_account=str(item.get("serviceAccount") or "default"),
+            branch=bool(item.get("branch", False)),
+        ))
     return snapshot
+
+
+def _labels(value: Any, source: str, where: str) -> dict[str, str]:
+    return {str(k): str(v) for k, v in _mapping(value, source, f"{where}.labels").items()}
+
+
+def _parse_vpc_objects(doc: Mapping[str, Any], source: str, snapshot: Snapshot) -> None:
+    """eniConfigs, securityGroups, securityGroupPolicies, serviceAccounts, quotas and vpcId."""
+    for name, value in _mapping(doc.get("eniConfigs", {}), source, "eniConfigs").items():
+        where = f"eniConfigs.{name}"
+        if isinstance(value, str):
+            snapshot.eni_configs[str(name)] = EniConfig(str(name), value)
+            continue
+        item = _mapping(value, source, where)
+        groups = [str(g) for g in _list(item.get("securityGroups", []), source, f"{where}.securityGroups")]
+        snapshot.eni_configs[str(name)] = EniConfig(str(name), _str(item, "subnet", source, where), tuple(groups))
+    if "securityGroups" in doc:
+        snapshot.security_groups = []
+        for i, raw in enumerate(_list(doc.get("securityGroups"), source, "securityGroups")):
+            where = f"securityGroups[{i}]"
+            item = _mapping(raw, source, where)
+            inbound = _mapping(item.get("inbound", {}), source, f"{where}.inbound")
+            outbound = _mapping(item.get("outbound", {}), source, f"{where}.outbound")
+            snapshot.security_groups.append(GroupRules(
+                _str(item, "id", source, where),
+                _int(inbound, "ipv4", source, f"{where}.inbound", 0),
+                _int(inbound, "ipv6", source, f"{where}.inbound", 0),
+                _int(outbound, "ipv4", source, f"{where}.outbound", 0),
+                _int(outbound, "ipv6", source, f"{where}.outbound", 0),
+                str(item.get("name", "")),
+            ))
+    for i, raw in enumerate(_list(doc.get("securityGroupPolicies", []), source, "securityGroupPolicies")):
+        item = _mapping(raw, source, f"securityGroupPolicies[{i}]")
+        _str(_mapping(item.get("metadata"), source, f"securityGroupPolicies[{i}]"), "name", source,
+             f"securityGroupPolicies[{i}].metadata")
+        snapshot.policies.append(dict(item))
+    for i, raw in enumerate(_list(doc.get("serviceAccounts", []), source, "serviceAccounts")):
+        where = f"serviceAccounts[{i}]"
+        item = _mapping(raw, source, where)
+        snapshot.service_accounts.append((_str(item, "namespace", source, where), _str(item, "name", source, where),
+                                          _labels(item.get("labels"), source, where)))
+    if "quotas" in doc:
+        item = _mapping(doc.get("quotas"), source, "quotas")
+        snapshot.quotas = Quotas(_int(item, "securityGroupsPerENI", source, "quotas", 5),
+                                 _int(item, "rulesPerSecurityGroup", source, "quotas", 60), "Service Quotas")
+    if doc.get("vpcId") is not None:
+        snapshot.vpc_id = str(doc["vpcId"])
 
 
 def _mapping(value: Any, source: str, where: str) -> Mapping[str, Any]:

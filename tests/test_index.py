@@ -109,7 +109,8 @@ def test_empty_subnet_and_no_warm_ip_is_exhausted() -> None:
 
 
 def test_pods_draw_the_warm_pool_from_the_subnet() -> None:
-    ix = tiny()
+    clock = Clock()
+    ix = tiny(clock)
     for i in range(3):
         ix.upsert_pod(f"apps/a1-{i}", "a1", PodUse.IP)
     # a1: used 3 -> held 18 (one more ENI: its primary and 9 secondaries) -> supply 10
@@ -126,9 +127,11 @@ def test_pods_draw_the_warm_pool_from_the_subnet() -> None:
     assert ix.zone_figures("za").warm_free == 17 + 5
     assert ix.zone_headroom("za") == 17 + 5 == 22
     consistent(ix)
-    # pods going away: demand shrinks again
+    # pods going away: their IPs stay held through ipamd's cooldown, then demand shrinks again
     for i in range(10):
         ix.remove_pod(f"apps/a1-{i}")
+    assert supply(ix, "sa") == 0
+    clock.advance(31)
     assert supply(ix, "sa") == 20
     assert ix.zone_headroom("za") == 32
     consistent(ix)
@@ -417,15 +420,20 @@ def test_pods_arriving_before_their_node() -> None:
 
 
 def test_pods_on_a_node_that_never_comes() -> None:
-    ix = tiny()
+    clock = Clock()
+    ix = tiny(clock)
     ix.upsert_pod("apps/ghost", "n9", PodUse.IP)
     ix.remove_pod("apps/ghost")
+    assert ix.nodes["n9"].cooling == 1  # its IP through ipamd's cooldown, then the record goes
+    clock.advance(31)
+    ix.expire()
     assert "n9" not in ix.nodes
     consistent(ix)
 
 
 def test_node_removed_with_pods_still_on_it() -> None:
-    ix = tiny()
+    clock = Clock()
+    ix = tiny(clock)
     ix.remove_node("b1")
     assert ix.zone_names() == ["za"]
     assert ix.node_figures("b1") is None
@@ -436,6 +444,8 @@ def test_node_removed_with_pods_still_on_it() -> None:
         consistent(ix)
     ix.remove_pod("kube-system/b1-host-0")
     ix.remove_pod("kube-system/b1-host-1")
+    clock.advance(31)  # the IPs' cooldown
+    ix.expire()
     assert "b1" not in ix.nodes
     assert ix.recount()["nodes"].keys() == {"a1", "a2"}
     consistent(ix)
@@ -640,12 +650,14 @@ class IndexMachine(RuleBasedStateMachine):
         self.ec2_held: dict[str, int | None] = {}
         self.pods: dict[str, tuple[str | None, PodUse, str | None]] = {}
         self.res: dict[str, tuple[str, str | None, float]] = {}  # key -> zone, node, expires
+        self.cool: dict[str, tuple[str, bool, float]] = {}  # pod key -> node, branch, cooldown ends
 
     # -- model helpers --
 
     def _expire(self) -> None:
         now = self.clock()
         self.res = {k: r for k, r in self.res.items() if now < r[2]}
+        self.cool = {k: c for k, c in self.cool.items() if now < c[2]}
 
     def _counted(self, name: str) -> bool:
         node = self.known.get(name)
@@ -656,6 +668,7 @@ class IndexMachine(RuleBasedStateMachine):
             name in self.known
             or any(p[0] == name for p in self.pods.values())
             or any(r[1] == name for r in self.res.values())
+            or any(c[0] == name for c in self.cool.values())
         )
 
     def _gc(self) -> None:
@@ -684,9 +697,11 @@ class IndexMachine(RuleBasedStateMachine):
         self._gc()
 
     @rule(sid=st.sampled_from(SUBNETS), zone=st.sampled_from(ZONES), free=st.integers(0, 60),
-          blocks=st.one_of(st.none(), st.integers(0, 4)))
-    def upsert_subnet(self, sid: str, zone: str, free: int, blocks: int | None) -> None:
-        self.ix.upsert_subnet(sid, zone=zone, free_ips=free, free_blocks=blocks)
+          blocks=st.one_of(st.none(), st.integers(0, 4)), cni_tag=st.sampled_from([None, "1", "0", ""]))
+    def upsert_subnet(self, sid: str, zone: str, free: int, blocks: int | None, cni_tag: str | None) -> None:
+        # subnet discovery: a tagged subnet may fund new ENIs for any node of its zone
+        tags = {} if cni_tag is None else {"kubernetes.io/role/cni": cni_tag}
+        self.ix.upsert_subnet(sid, zone=zone, free_ips=free, free_blocks=blocks, tags=tags)
 
     @rule(sid=st.sampled_from(SUBNETS))
     def remove_subnet(self, sid: str) -> None:
@@ -707,7 +722,12 @@ class IndexMachine(RuleBasedStateMachine):
     @rule(key=st.sampled_from(KEYS))
     def remove_pod(self, key: str) -> None:
         self.ix.remove_pod(key)
-        self.pods.pop(key, None)
+        old = self.pods.pop(key, None)
+        self._expire()
+        if old is not None and old[0] is not None and old[1] is not PodUse.NONE:
+            # its address stays taken through the cooldown (30 s for an IP, 60 s for a branch ENI)
+            branch = old[1] is PodUse.BRANCH
+            self.cool[key] = (old[0], branch, self.clock() + (60.0 if branch else self.cni.ip_cooldown))
         self.res.pop(key, None)
         self._gc()
 
@@ -757,6 +777,7 @@ class IndexMachine(RuleBasedStateMachine):
         pods = len(on)
         assigned = sum(1 for p in on if p[1] is PodUse.IP)
         reserved = sum(1 for r in self.res.values() if r[1] == name)
+        cooling = sum(1 for c in self.cool.values() if c[0] == name and not c[1])
         used = assigned + reserved
         limits = LIMITS.get(node["type"]) if node["type"] and LIMITS.known(node["type"]) else None
         alloc = node["alloc"]
@@ -768,11 +789,11 @@ class IndexMachine(RuleBasedStateMachine):
         if ec2 is not None:
             held = ec2
         elif limits is not None:
-            held = predict_held(used, limits, self.cni, alloc).ips
+            held = predict_held(used + cooling, limits, self.cni, alloc).ips
         else:
-            held = used
+            held = used + cooling
         return {"capacity": capacity, "pods": pods, "assigned": assigned, "reserved": reserved,
-                "room": max(0, ip_room), "warm": max(0, held - used)}
+                "room": max(0, ip_room), "warm": max(0, held - cooling - used)}
 
     @invariant()
     def index_agrees(self) -> None:
@@ -840,6 +861,7 @@ class IndexMachine(RuleBasedStateMachine):
             # never more than it asks for nor than the subnet has; a node whose subnet has no figures yet is
             # judged on its room alone (fail open)
             growth = sum(ix.subnets[sid].growth for sid, s in subnet_figures.items() if s.zone == zone)
+            growth += ix.zones[zone].discovery_growth if zone in ix.zones else 0
             assert zf.headroom == warm_usable + growth + beyond_unknown - debit
             assert growth <= beyond_warm
             addresses = sum(ix.subnets[sid].supply for sid, s in subnet_figures.items() if s.zone == zone)
@@ -858,7 +880,7 @@ class IndexMachine(RuleBasedStateMachine):
                     return node.grows
                 if node.limits is None:  # an unknown type: one address per IP
                     return node.grows and ix.subnets[sid].left > 0
-                return node.grows and ix.growth_funded(node, ix.subnets[sid]) is True
+                return node.grows and (ix.growth_funded(node, ix.subnets[sid]) is True or ix.discovery_funds(node))
 
             assert sorted(ix.exhausted_nodes(zone)) == sorted(n for n in members if not can_take(n))
 

@@ -139,9 +139,13 @@ async def test_loads_the_cluster_and_ec2_then_decides_from_them(env: Env) -> Non
     assert mutated.get("patchType") == "JSONPatch"
     assert mutated["auditAnnotations"]["avoid-zones"] == A  # type: ignore[index]
 
-    # pods on node A finish: their IPs are warm on the node again, so zone A opens up without the subnet
+    # pods on node A finish: their IPs are warm on the node again once ipamd's cooldown (30 s) is over, so
+    # zone A opens up without the subnet
     for i in range(10):
         await env.fk.delete("pods", f"a-{i}", namespace="shop")
+    await until(lambda: "shop/a-9" not in index.pods, "the pods' deletions seen")
+    assert index.zone_headroom(A) <= 3  # still in cooldown
+    env.clock.offset += 31  # within the staleness bound (60 s in the ConfigMap)
     await until(lambda: index.zone_headroom(A) > 3, "zone A open again after pods finished")
     assert (await env.validate("web-4", A))["allowed"] is True
     await env.consistent()

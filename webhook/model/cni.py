@@ -21,6 +21,8 @@ DEFAULT_WARM_ENI_TARGET = 1
 DEFAULT_WARM_PREFIX_TARGET = 0
 DEFAULT_ENI_CONFIG_LABEL = "k8s.amazonaws.com/eniConfig"
 DEFAULT_ENI_CONFIG_NAME = "default"  # the ENIConfig MyENIConfig falls back to
+DEFAULT_IP_COOLDOWN = 30.0
+DEFAULT_BRANCH_COOLDOWN = 60.0
 DEFAULT_ENI_CONFIG_ANNOTATION = "k8s.amazonaws.com/eniConfig"
 
 
@@ -39,6 +41,9 @@ class CniSettings:
     ipv6: bool = False
     manage_enis_non_schedulable: bool = False  # AWS_MANAGE_ENIS_NON_SCHEDULABLE
     subnet_discovery: bool = True  # ENABLE_SUBNET_DISCOVERY (CNI 1.18+)
+    ip_cooldown: float = DEFAULT_IP_COOLDOWN  # IP_COOLDOWN_PERIOD: seconds before ipamd reuses a freed IP
+    # The resource controller's branch ENI cooldown (its own ConfigMap, not aws-node's env): 60 s by default.
+    branch_cooldown: float = DEFAULT_BRANCH_COOLDOWN
 
     @property
     def mode(self) -> CapacityMode:
@@ -68,6 +73,7 @@ class CniSettings:
             ipv6=_bool(env, "ENABLE_IPv6", False),
             manage_enis_non_schedulable=_bool(env, "AWS_MANAGE_ENIS_NON_SCHEDULABLE", False),
             subnet_discovery=_bool(env, "ENABLE_SUBNET_DISCOVERY", True),
+            ip_cooldown=float(_int(env, "IP_COOLDOWN_PERIOD", int(DEFAULT_IP_COOLDOWN)) or 0),
         )
 
 

@@ -30,7 +30,7 @@ import enum
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from cachetools import TTLCache
 
@@ -38,7 +38,18 @@ from webhook.model import ipamd
 from webhook.model.cni import CniSettings
 from webhook.model.ipamd import HeldAddresses
 from webhook.model.limits import PREFIX_SIZE, InstanceLimits, LimitsTable, UnknownInstanceType, pod_ip_capacity
-from webhook.model.supply import Demand, UnitKind, Yield, add_demand, new_node_ips, subnet_yield
+from webhook.model.supply import (
+    Demand,
+    UnitKind,
+    Unserved,
+    Yield,
+    add_demand,
+    discovery_yield,
+    new_node_ips,
+    subnet_yield,
+)
+
+CNI_SUBNET_TAG = "kubernetes.io/role/cni"  # enhanced subnet discovery: ipamd may create ENIs in such subnets
 
 # The zone headroom rule as `zone_headroom` computes it, in words: `ipguard report` prints it and README states it
 # (a test keeps README's text equal to this one). Change it together with the computation.
@@ -70,6 +81,8 @@ class Node:
     limits: InstanceLimits | None = None
     ec2_held: int | None = None  # IPs held per EC2 DescribeNetworkInterfaces, when known
     cordoned: bool = False  # tainted unschedulable: ipamd gives it no new IP (isENIAttachmentAllowed)
+    cooling: int = 0  # IPs freed within IP_COOLDOWN_PERIOD: held, not handed out yet
+    branch_cooling: int = 0  # branch ENIs deleted within the branch cooldown: their slot and address still taken
     no_eni_config: bool = False  # custom networking with no ENIConfig for it: no pod ENI, no pod IP
     ec2_enis: int | None = None  # ENIs carrying its pod IPs per EC2, when known
     # pod counts
@@ -91,6 +104,11 @@ class Node:
     demand_blocks: int = 0  # /28 prefixes drawn
     units: tuple[tuple[UnitKind, Demand], ...] = ()
     known: bool = False  # a Node object has been seen (pods may name a node before it arrives)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing on the record any more: a removed node's record can go."""
+        return not self.known and not (self.pods or self.reserved or self.cooling or self.branch_cooling)
 
     @property
     def held_addresses(self) -> HeldAddresses:
@@ -121,6 +139,14 @@ class Subnet:
     left_blocks: int = 0
     addresses: int = 0  # pod IPs new nodes could still get from it
     usable: int = 0  # what its schedulable nodes can draw on (whole /28s under prefix delegation)
+    unserved: Unserved = ()  # its nodes' new ENIs it could not fund (subnet discovery may)
+
+    @property
+    def discoverable(self) -> bool:
+        """Tagged for enhanced subnet discovery and not opted out: `isSubnetValidForENICreation` (a tag with an
+        empty value counts as no tag, `0` excludes)."""
+        value = self.tags.get(CNI_SUBNET_TAG)
+        return bool(value) and value != "0"
 
 
 @dataclass(slots=True)
@@ -137,6 +163,8 @@ class Zone:
     waiting: int = 0  # pods on its nodes with no IP yet
     supply: int = 0  # sum of its subnets' supply (may be negative, see the module docstring)
     growth: int = 0  # sum of its subnets' yield to new pods on its nodes
+    discovery_growth: int = 0  # new pods whose ENIs only the zone's discovery-tagged subnets can fund
+    discovery_waiting_served: int = 0
     waiting_served: int = 0
     addresses: int = 0  # sum of its subnets' addresses for new nodes
     reservations: int = 0  # all reservations in the zone
@@ -161,7 +189,7 @@ class Zone:
     def headroom(self) -> int:
         """Pods needing a warm-pool IP the zone can still take."""
         debit = self.unbound_reservations + self.pending
-        return self.warm_usable + self.growth + self.beyond_warm_unknown - debit
+        return self.warm_usable + self.growth + self.discovery_growth + self.beyond_warm_unknown - debit
 
     @property
     def branch_headroom(self) -> int:
@@ -230,23 +258,34 @@ class NodeFigures:
     no_eni_config: bool = False
 
 
-class _ReservationCache(TTLCache[str, Reservation]):
-    """A TTL cache that tells the index about every reservation it drops, however it drops it."""
+V = TypeVar("V")
 
-    def __init__(self, ttl: float, timer: Clock, on_release: Callable[[Reservation], None]) -> None:
+
+class _ExpiringCache(TTLCache[str, V]):
+    """A TTL cache that tells the index about every entry it drops, however it drops it."""
+
+    def __init__(self, ttl: float, timer: Clock, on_release: Callable[[V], None]) -> None:
         super().__init__(maxsize=1_000_000, ttl=ttl, timer=timer)
         self._on_release = on_release
 
-    def expire(self, time: float | None = None) -> list[tuple[str, Reservation]]:
+    def expire(self, time: float | None = None) -> list[tuple[str, V]]:
         expired = list(super().expire(time))
-        for _, reservation in expired:
-            self._on_release(reservation)
+        for _, value in expired:
+            self._on_release(value)
         return expired
 
-    def popitem(self) -> tuple[str, Reservation]:
-        key, reservation = super().popitem()
-        self._on_release(reservation)
-        return key, reservation
+    def popitem(self) -> tuple[str, V]:
+        key, value = super().popitem()
+        self._on_release(value)
+        return key, value
+
+
+@dataclass(frozen=True, slots=True)
+class Cooling:
+    """An address freed by a pod on a node, which ipamd does not hand out again before its cooldown ends."""
+
+    node: str
+    branch: bool  # a branch ENI (the resource controller's cooldown), else a warm-pool IP (ipamd's)
 
 
 # A pod entry: (node name or None, use, zone it was steered to while unbound or None).
@@ -275,13 +314,17 @@ class CapacityIndex:
         self.version = 0  # bumped by every change, so a caller can tell if figures moved
         self._new_node_cost: ipamd.GrowthCost | None = None
         self._type_counts: dict[InstanceLimits, int] = {}  # known nodes by their limits
-        self._reservations = _ReservationCache(reservation_ttl, clock, self._released)
+        self._reservations: _ExpiringCache[Reservation] = _ExpiringCache(reservation_ttl, clock, self._released)
+        self._cooling: _ExpiringCache[Cooling] = _ExpiringCache(self.cni.ip_cooldown, clock, self._cooled)
+        self._branch_cooling: _ExpiringCache[Cooling] = _ExpiringCache(self.cni.branch_cooldown, clock,
+                                                                      self._cooled)
 
     # ---- settings -------------------------------------------------------------------------------------
 
     def set_cni(self, cni: CniSettings) -> None:
         """New CNI settings change every node's capacity and warm pool: recompute all (rare)."""
         self.cni = cni
+        self._cooling = self._retimed(self._cooling, cni.ip_cooldown)
         self._recompute_all()
 
     def set_node_reserve(self, node_reserve: int) -> None:
@@ -289,13 +332,17 @@ class CapacityIndex:
         self._recompute_all()
 
     def set_reservation_ttl(self, ttl: float) -> None:
-        if ttl == self._reservations.ttl:
-            return
-        old = self._reservations
-        old.expire()
-        self._reservations = _ReservationCache(ttl, self.clock, self._released)
-        for key, reservation in list(old.items()):
-            self._reservations[key] = reservation  # restarts its TTL: a longer hold, never a lost one
+        self._reservations = self._retimed(self._reservations, ttl)
+
+    def _retimed(self, cache: _ExpiringCache[V], ttl: float) -> _ExpiringCache[V]:
+        """The same entries under a new TTL: each restarts it (a longer hold, never a lost one)."""
+        if ttl == cache.ttl:
+            return cache
+        cache.expire()
+        renewed: _ExpiringCache[V] = _ExpiringCache(ttl, self.clock, cache._on_release)
+        for key, value in list(cache.items()):
+            renewed[key] = value
+        return renewed
 
     def _recompute_all(self) -> None:
         for node in self.nodes.values():
@@ -368,7 +415,7 @@ class CapacityIndex:
         node.pod_subnet = None
         node.ec2_held = None
         node.ec2_enis = None
-        if node.pods == 0 and node.reserved == 0:
+        if node.idle:
             del self.nodes[name]
         else:
             # Its pods' DELETE events are still to come; keep their counts so they cancel out.
@@ -391,6 +438,7 @@ class CapacityIndex:
         return node.known and node.schedulable and node.zone is not None
 
     def _held(self, node: Node, limits: InstanceLimits, used: int) -> HeldAddresses:
+        # IPs in cooldown are held (ipamd frees no ENI that has one) though no pod uses them.
         """What the node holds: EC2's figures when known, else what ipamd would hold for its pods."""
         if node.no_eni_config:
             return HeldAddresses(0)
@@ -407,12 +455,13 @@ class CapacityIndex:
     def _derive(self, node: Node) -> None:
         limits = node.limits
         used = node.assigned + node.reserved
+        taken = used + node.cooling  # IPs in cooldown are held but no pod can have them yet
         if limits is None:
             node.capacity = node.allocatable_pods or 0
-            held = HeldAddresses(node.ec2_held if node.ec2_held is not None else used)
+            held = HeldAddresses(node.ec2_held if node.ec2_held is not None else taken)
         else:
             node.capacity = 0 if node.no_eni_config else pod_ip_capacity(limits, self.cni.mode)
-            held = self._held(node, limits, used)
+            held = self._held(node, limits, taken)
         node.held, node.held_prefixes, node.held_enis = held.ips, held.prefixes, held.enis
         ip_room = node.capacity - used
         if node.allocatable_pods is not None:
@@ -420,9 +469,10 @@ class CapacityIndex:
         node.room = max(0, ip_room)
         branch_limit = limits.branch_enis if limits is not None and self.cni.pod_eni else 0
         pod_room = node.room if node.allocatable_pods is None else node.allocatable_pods - node.pods
-        node.branch_room = max(0, min(branch_limit - node.branch, pod_room - node.reserved))
-        node.warm = max(0, held.ips - used)
-        node.waiting = max(0, used - held.ips)
+        node.branch_room = max(0, min(branch_limit - node.branch - node.branch_cooling, pod_room - node.reserved))
+        usable = held.ips - node.cooling
+        node.warm = max(0, usable - used)
+        node.waiting = max(0, used - usable)
         beyond = max(0, node.room - node.warm) if self._node_counted(node) else 0
         # EC2 attaches no ENI from a subnet in another Availability Zone (an ENIConfig pointing across zones).
         subnet = self.subnets.get(node.pod_subnet) if node.pod_subnet else None
@@ -435,12 +485,13 @@ class CapacityIndex:
             node.units = ((kind, wants),) if node.grows else ()
         else:
             node.grows = not node.no_eni_config and not across and ipamd.node_grows(
-                held, used, limits, self.cni, max_pods=node.allocatable_pods, cordoned=node.cordoned)
+                held, used, limits, self.cni, max_pods=node.allocatable_pods, cordoned=node.cordoned,
+                cooling=node.cooling)
             node.units = ipamd.growth_units(node.waiting, beyond, held, limits, self.cni) if node.grows else ()
         # Every ENI's primary address, the primary ENI's being the node's own: in the pod subnet unless custom
         # networking puts pods elsewhere.
         primaries = held.enis if self.cni.custom_networking else max(held.enis, 1)
-        node.demand = (held.ips - held.prefixes * PREFIX_SIZE) + primaries + node.branch
+        node.demand = (held.ips - held.prefixes * PREFIX_SIZE) + primaries + node.branch + node.branch_cooling
         node.demand_blocks = held.prefixes
 
     def _attach(self, node: Node) -> None:
@@ -600,7 +651,11 @@ class CapacityIndex:
     def _subnet_state(self, subnet: Subnet) -> tuple[int, int, Yield, int]:
         addresses, blocks = self._supply(subnet)
         served = subnet_yield(addresses, blocks, subnet.wants)
-        return addresses, blocks, served, self._new_node_figure(served.addresses_left, served.blocks_left)
+        # A subnet in the index by its discovery tag alone gives new nodes nothing when ipamd does not discover.
+        discovery_only = subnet.discoverable and not subnet.nodes and not subnet.launchable
+        new_nodes = 0 if discovery_only and not self.discovery_on() else self._new_node_figure(
+            served.addresses_left, served.blocks_left)
+        return addresses, blocks, served, new_nodes
 
     def _set_supply_in_zone(self, subnet: Subnet, state: tuple[int, int, Yield, int] | None) -> None:
         """Replace the subnet's derived figures (None: zero them) and move its zone's sums by the change."""
@@ -619,6 +674,28 @@ class CapacityIndex:
         subnet.growth, subnet.waiting_served = served.new_ips, served.waiting_served
         subnet.left, subnet.left_blocks = served.addresses_left, served.blocks_left
         subnet.addresses = addresses
+        subnet.unserved = served.unserved
+        if self.cni.subnet_discovery or zone.discovery_growth or zone.discovery_waiting_served:
+            self._discover(zone, self.subnets)
+
+    def discovery_on(self) -> bool:
+        """ipamd creates ENIs in discovery-tagged subnets of the node's zone: ENABLE_SUBNET_DISCOVERY (CNI 1.18+,
+        default on), unless custom networking takes precedence (ENIConfig subnets only)."""
+        return self.cni.subnet_discovery and not self.cni.custom_networking
+
+    def _discover(self, zone: Zone, subnets: Mapping[str, Subnet]) -> None:
+        """Fund from the zone's discovery-tagged subnets, most free first, the new ENIs its nodes' own subnets
+        could not (O(subnets in the zone))."""
+        served_waiting = served_new = 0
+        if self.discovery_on():
+            members = [subnets[sid] for sid in zone.subnet_ids if sid in subnets]
+            unserved = [entry for subnet in members for entry in subnet.unserved]
+            pool = [(max(s.left, 0), max(s.left_blocks, 0)) for s in members if s.discoverable]
+            if unserved and pool:
+                served_waiting, served_new, _ = discovery_yield(unserved, pool)
+        zone.waiting_served += served_waiting - zone.discovery_waiting_served
+        zone.discovery_waiting_served = served_waiting
+        zone.discovery_growth = served_new
 
     # ---- pods -----------------------------------------------------------------------------------------
 
@@ -645,8 +722,46 @@ class CapacityIndex:
         old = self.pods.pop(key, None)
         if old is not None:
             self._unapply(old)
+            node_name, use, _ = old
+            if node_name is not None and use is not PodUse.NONE:
+                self._cool(key, Cooling(node_name, use is PodUse.BRANCH))
             self.version += 1
         self.release(key)
+
+    # ---- cooldown -------------------------------------------------------------------------------------
+
+    def _cool(self, key: str, cooling: Cooling) -> None:
+        """A freed address stays taken through its cooldown: ipamd's IP_COOLDOWN_PERIOD (the datastore keeps the
+        IP unassignable, while its pool counts it as available), the resource controller's for a branch ENI."""
+        cache = self._branch_cooling if cooling.branch else self._cooling
+        cache.expire()
+        if key in cache:
+            cache.pop(key)  # pop does not go through the release hook
+            self._hold_cooling(cooling, -1)
+        cache[key] = cooling
+        self._hold_cooling(cooling, 1)
+
+    def _cooled(self, cooling: Cooling) -> None:
+        self._hold_cooling(cooling, -1)
+        self.version += 1
+
+    def _hold_cooling(self, cooling: Cooling, sign: int) -> None:
+        node = self.nodes.get(cooling.node)
+        if node is None:
+            node = self.nodes[cooling.node] = Node(cooling.node)
+        self._detach(node)
+        if cooling.branch:
+            node.branch_cooling += sign
+        else:
+            node.cooling += sign
+        self._attach(node)
+        if node.idle:
+            del self.nodes[node.name]
+
+    def _expire_timers(self) -> None:
+        self._reservations.expire()
+        self._cooling.expire()
+        self._branch_cooling.expire()
 
     def _apply(self, entry: PodEntry) -> None:
         self._count(entry, 1)
@@ -670,7 +785,7 @@ class CapacityIndex:
         elif use is PodUse.BRANCH:
             node.branch += sign
         self._attach(node)
-        if not node.known and node.pods == 0 and node.reserved == 0:
+        if node.idle:
             del self.nodes[node_name]
 
     # ---- reservations ---------------------------------------------------------------------------------
@@ -709,16 +824,16 @@ class CapacityIndex:
         self._detach(node)
         node.reserved += sign
         self._attach(node)
-        if not node.known and node.pods == 0 and node.reserved == 0:
+        if node.idle:
             del self.nodes[node.name]
 
     def reservations(self) -> list[Reservation]:
-        self._reservations.expire()
+        self._expire_timers()
         return list(self._reservations.values())
 
     def expire(self) -> None:
-        """Drop reservations whose TTL has passed (also done by every query)."""
-        self._reservations.expire()
+        """Drop reservations and cooldowns whose time has passed (also done by every query)."""
+        self._expire_timers()
 
     # ---- queries --------------------------------------------------------------------------------------
 
@@ -735,12 +850,12 @@ class CapacityIndex:
         return [name for name, zone in self.zones.items() if zone.nodes > 0 or zone.subnet_ids]
 
     def zone_headroom(self, name: str) -> int:
-        self._reservations.expire()
+        self._expire_timers()
         zone = self.zones.get(name)
         return zone.headroom if zone is not None else 0
 
     def node_room(self, name: str) -> int:
-        self._reservations.expire()
+        self._expire_timers()
         node = self.nodes.get(name)
         return node.room if node is not None else 0
 
@@ -758,7 +873,22 @@ class CapacityIndex:
             return True
         if node.limits is None:
             return subnet.left > 0
-        return self.growth_funded(node, subnet) is True
+        return self.growth_funded(node, subnet) is True or self.discovery_funds(node)
+
+    def discovery_funds(self, node: Node) -> bool:
+        """A discovery-tagged subnet of the node's zone has what a new ENI on the node asks for (ipamd moves on
+        to it when the node's own subnet cannot give even one IP)."""
+        if not self.discovery_on() or node.limits is None or node.zone is None:
+            return False
+        zone = self.zones.get(node.zone)
+        cost = ipamd.new_eni_cost(node.held_addresses, node.limits, self.cni)
+        if zone is None or cost is None:
+            return False
+        whole = cost.addresses + PREFIX_SIZE * cost.blocks
+        return any(
+            s.discoverable and s.left >= whole and s.left_blocks >= cost.blocks
+            for s in (self.subnets[sid] for sid in zone.subnet_ids)
+        )
 
     def growth_funded(self, node: Node, subnet: Subnet) -> bool | None:
         """Whether the subnet funds one more IP on this node beyond the pods waiting there (None: no ENI slot
@@ -878,7 +1008,7 @@ class CapacityIndex:
     def zone_figures(self, name: str, *, expire: bool = True) -> ZoneFigures:
         """One zone's figures (`expire=False` when the caller has just expired reservations itself)."""
         if expire:
-            self._reservations.expire()
+            self._expire_timers()
         zone = self.zones.get(name) or Zone(name)
         subnets = tuple(sorted(s for s in zone.subnet_ids if self.subnets[s].nodes))
         return ZoneFigures(
@@ -898,7 +1028,7 @@ class CapacityIndex:
         )
 
     def node_figures(self, name: str) -> NodeFigures | None:
-        self._reservations.expire()
+        self._expire_timers()
         node = self.nodes.get(name)
         if node is None or not node.known:
             return None
@@ -922,7 +1052,7 @@ class CapacityIndex:
         )
 
     def subnet_figures(self) -> list[SubnetFigures]:
-        self._reservations.expire()
+        self._expire_timers()
         return [
             SubnetFigures(s.subnet_id, s.zone, s.cidr, s.free_ips, s.free_blocks, self._usable(s), s.nodes,
                           s.waiting_served, max(0, s.left), s.addresses)
@@ -943,7 +1073,7 @@ class CapacityIndex:
 
     def snapshot(self) -> IndexSnapshot:
         """Every zone's and subnet's figures at one moment (one version of the index)."""
-        self._reservations.expire()
+        self._expire_timers()
         return IndexSnapshot(
             version=self.version,
             zones=tuple(self.zone_figures(z) for z in sorted(self.zones) if self.zones[z].nodes > 0),
@@ -961,10 +1091,11 @@ class CapacityIndex:
 
     def recount(self) -> dict[str, Any]:
         """Aggregates recomputed from scratch, without the incremental path, to check it."""
-        self._reservations.expire()
+        self._expire_timers()
         nodes = {
             name: Node(n.name, n.zone, n.instance_type, n.pod_subnet, n.allocatable_pods, n.schedulable,
-                       n.limits, n.ec2_held, n.cordoned, n.no_eni_config, n.ec2_enis, known=n.known)
+                       n.limits, n.ec2_held, cordoned=n.cordoned, no_eni_config=n.no_eni_config,
+                       ec2_enis=n.ec2_enis, known=n.known)
             for name, n in self.nodes.items()
         }
         zones: dict[str, Zone] = {}
@@ -977,6 +1108,11 @@ class CapacityIndex:
             node.pods += 1
             node.assigned += use is PodUse.IP
             node.branch += use is PodUse.BRANCH
+        for cache in (self._cooling, self._branch_cooling):
+            for cooling in cache.values():
+                node = nodes.setdefault(cooling.node, Node(cooling.node))
+                node.branch_cooling += cooling.branch
+                node.cooling += not cooling.branch
         for reservation in self._reservations.values():
             zone = zones.setdefault(reservation.zone, Zone(reservation.zone))
             zone.reservations += 1
@@ -985,7 +1121,8 @@ class CapacityIndex:
             else:
                 nodes.setdefault(reservation.node, Node(reservation.node)).reserved += 1
         subnets = {
-            sid: Subnet(sid, s.zone, s.cidr, s.free_ips, s.free_blocks, s.demand_at_refresh, s.blocks_at_refresh)
+            sid: Subnet(sid, s.zone, s.cidr, s.free_ips, s.free_blocks, s.demand_at_refresh, s.blocks_at_refresh,
+                        tags=s.tags, launchable=s.launchable)
             for sid, s in self.subnets.items()
         }
         for node in nodes.values():
@@ -997,15 +1134,20 @@ class CapacityIndex:
             subnet.waiting_served = served.waiting_served
             subnet.usable = self._usable_signed(subnet.nodes, supply, blocks)
             zone = zones.setdefault(subnet.zone, Zone(subnet.zone))
+            zone.add_subnet(subnet.subnet_id)
             zone.supply += subnet.usable
             zone.growth += served.new_ips
             zone.waiting_served += served.waiting_served
             zone.addresses += addresses
+            subnet.unserved = served.unserved
+            subnet.left, subnet.left_blocks = served.addresses_left, served.blocks_left
+        for zone in zones.values():
+            self._discover(zone, subnets)
         return _aggregates(zones, subnets, nodes)
 
     def aggregates(self) -> dict[str, Any]:
         """The incrementally kept aggregates, in the form `recount` gives."""
-        self._reservations.expire()
+        self._expire_timers()
         return _aggregates(self.zones, self.subnets, self.nodes)
 
 
@@ -1015,7 +1157,7 @@ def _aggregates(zones: dict[str, Zone], subnets: dict[str, Subnet], nodes: dict[
             z.name: (
                 z.nodes, z.room, z.branch_room, z.warm, z.warm_usable, z.growth, z.supply, z.reservations,
                 z.unbound_reservations, z.pending, z.beyond_warm_unknown, z.unknown_subnet_nodes, z.addresses,
-                z.waiting, z.waiting_served, z.no_config_nodes,
+                z.waiting, z.waiting_served, z.no_config_nodes, z.discovery_growth,
                 sorted(z.full_nodes),
                 sorted((sid, sorted(names)) for sid, names in z.dry_nodes.items() if names),
             )
@@ -1029,9 +1171,9 @@ def _aggregates(zones: dict[str, Zone], subnets: dict[str, Subnet], nodes: dict[
         },
         "nodes": {
             n.name: (n.known, n.pods, n.assigned, n.branch, n.reserved, n.room, n.branch_room, n.warm, n.demand,
-                     n.waiting, n.grows, n.held, n.held_enis)
+                     n.waiting, n.grows, n.held, n.held_enis, n.cooling, n.branch_cooling)
             for n in nodes.values()
-            if n.known or n.pods or n.reserved
+            if not n.idle
         },
     }
 

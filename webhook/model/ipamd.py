@@ -186,13 +186,27 @@ def growth_cost(ips: int, held: HeldAddresses, limits: InstanceLimits, settings:
     return GrowthCost(addresses, blocks, new_enis)
 
 
+def new_eni_cost(held: HeldAddresses, limits: InstanceLimits, settings: CniSettings) -> GrowthCost | None:
+    """What one more ENI takes from a subnet when every held IP is in use (`tryAllocateENI`), or None when no
+    ENI slot is left. With subnet discovery this is what another subnet must have for the node to grow."""
+    if held.enis >= max_pod_enis(limits, settings):
+        return None
+    request = new_eni_request(held.ips, held.ips, limits, settings)
+    if request <= 0:
+        return None
+    if prefix_delegation_on(limits, settings):
+        return GrowthCost(1, request, 1)
+    return GrowthCost(1 + request, 0, 1)
+
+
 def node_grows(held: HeldAddresses, assigned: int, limits: InstanceLimits, settings: CniSettings, *,
-               max_pods: int | None, cordoned: bool) -> bool:
+               max_pods: int | None, cordoned: bool, cooling: int = 0) -> bool:
     """Whether ipamd would try to give this node another IP when a pod on it has none: attachment allowed, the
-    pool counts as too low with every held IP in use, and a slot or an ENI slot left."""
+    pool counts as too low with every held IP in use but those in cooldown (which its datastore counts as
+    available: `AvailableAddresses` is total less assigned), and a slot or an ENI slot left."""
     if not attachment_allowed(cordoned, settings):
         return False
-    in_use = max(assigned, held.ips)
+    in_use = max(assigned, held.ips - cooling)
     if not pool_too_low(held.ips, in_use, limits, settings, max_pods):
         return False
     held_slots = held.prefixes if prefix_delegation_on(limits, settings) else held.ips

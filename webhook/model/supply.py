@@ -42,12 +42,24 @@ class Demand:
         return not (self.wait_units or self.wait_ips or self.all_units or self.new_ips)
 
 
+# What a subnet could not fund of its nodes' new ENIs, by kind: (units, waiting pods, new pods) unserved.
+Unserved = tuple[tuple[UnitKind, int, int, int], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class Yield:
     new_ips: int  # pod IPs new pods on the subnet's nodes can get (negative: predicted warm IPs it cannot fund)
     waiting_served: int  # waiting pods that will get an IP
     addresses_left: int  # free addresses once the waiting pods are served (what new nodes could draw on)
     blocks_left: int
+    unserved: Unserved = ()  # new ENIs it could not fund: subnet discovery may find them another subnet
+
+
+def new_eni_kind(kind: UnitKind) -> bool:
+    """A new ENI (its primary address plus its request), as opposed to a slot on an attached ENI: only a new
+    ENI can come from another subnet."""
+    cost_addresses, cost_blocks, _ = kind
+    return cost_addresses >= 1 and (cost_blocks > 0 or cost_addresses > 1)
 
 
 def _affordable(addresses: int, blocks: int, kind: UnitKind) -> int:
@@ -88,12 +100,51 @@ def subnet_yield(addresses: int, blocks: int, demand: Mapping[UnitKind, Demand])
         surplus[kind] = units * kind[2] - served
     left = (addresses, blocks)
     new_ips = 0
+    unserved: list[tuple[UnitKind, int, int, int]] = []
     for kind in kinds:
         want = demand[kind]
-        units = min(want.all_units - funded[kind], _affordable(addresses, blocks, kind))
-        addresses, blocks = _spend(addresses, blocks, kind, max(units, 0))
-        new_ips += min(want.new_ips, surplus[kind] + max(units, 0) * kind[2])
-    return Yield(new_ips, waiting_served, left[0], left[1])
+        units = max(min(want.all_units - funded[kind], _affordable(addresses, blocks, kind)), 0)
+        addresses, blocks = _spend(addresses, blocks, kind, units)
+        got = min(want.new_ips, surplus[kind] + units * kind[2])
+        new_ips += got
+        missing_units = want.all_units - funded[kind] - units
+        if missing_units > 0 and new_eni_kind(kind):
+            waited = want.wait_ips - min(want.wait_ips, funded[kind] * kind[2])
+            unserved.append((kind, missing_units, waited, want.new_ips - got))
+    return Yield(new_ips, waiting_served, left[0], left[1], tuple(unserved))
+
+
+def discovery_yield(unserved: Iterable[tuple[UnitKind, int, int, int]],
+                    subnets: list[tuple[int, int]]) -> tuple[int, int, list[tuple[int, int]]]:
+    """New ENIs the nodes' own subnets could not fund, from the zone's subnets tagged for discovery: ipamd
+    tries them most free first, each ENI whole in one subnet (`createENI` with ENABLE_SUBNET_DISCOVERY).
+    `subnets` is (addresses, blocks) left in each; returns (waiting served, new pods served, what is left)."""
+    pool = sorted(subnets, reverse=True)
+    totals: dict[UnitKind, list[int]] = {}
+    for kind, units, waiting, new in unserved:
+        entry = totals.setdefault(kind, [0, 0, 0])
+        entry[0] += units
+        entry[1] += waiting
+        entry[2] += new
+    waiting_served = new_served = 0
+    for kind in sorted(totals, key=lambda k: (k[0] + PREFIX_SIZE * k[1]) / k[2]):
+        units, waiting, new = totals[kind]
+        for i, (addresses, blocks) in enumerate(pool):
+            if units <= 0:
+                break
+            funded = min(units, _affordable(addresses, blocks, kind))
+            if funded <= 0:
+                continue
+            pool[i] = _spend(addresses, blocks, kind, funded)
+            units -= funded
+            ips = funded * kind[2]
+            served = min(waiting, ips)
+            waiting -= served
+            waiting_served += served
+            got = min(new, ips - served)
+            new -= got
+            new_served += got
+    return waiting_served, new_served, pool
 
 
 def add_demand(into: dict[UnitKind, Demand], parts: Iterable[tuple[UnitKind, Demand]], sign: int) -> None:

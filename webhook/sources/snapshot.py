@@ -12,6 +12,8 @@ is a full example):
     vpcId: vpc-...                                                  # optional, named in messages
     subnets:
       - {id: subnet-..., zone: us-east-1a, cidr: 10.0.0.0/24, free: 12, freeBlocks: 0}
+      - {id: subnet-..., zone: us-east-1a, free: 4000,              # subnets no node uses yet may be listed:
+         tags: {kubernetes.io/role/cni: "1"}, launchable: false}    # discovery-tagged, or an autoscaler's
     nodes:
       - name: ip-10-0-1-10.ec2.internal
         zone: us-east-1a
@@ -88,6 +90,8 @@ class SnapshotSubnet:
     cidr: str
     free_ips: int
     free_blocks: int | None
+    tags: Mapping[str, str] = field(default_factory=dict)  # e.g. kubernetes.io/role/cni for subnet discovery
+    launchable: bool = False  # an autoscaler (Karpenter) launches nodes into it
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +185,8 @@ class Snapshot:
                 cidr=subnet.cidr,
                 free_ips=subnet.free_ips,
                 free_blocks=subnet.free_blocks,
+                tags=subnet.tags,
+                launchable=subnet.launchable,
             )
         return index
 
@@ -223,6 +229,8 @@ def parse_snapshot(document: Any, source: str, limits: LimitsTable) -> Snapshot:
                 cidr=str(item.get("cidr", "")),
                 free_ips=_int(item, "free", source, where),
                 free_blocks=None if free_blocks is None else _int(item, "freeBlocks", source, where),
+                tags={str(k): str(v) for k, v in _mapping(item.get("tags", {}), source, f"{where}.tags").items()},
+                launchable=bool(item.get("launchable", False)),
             )
         )
     known_subnets = {s.subnet_id for s in snapshot.subnets}

@@ -255,3 +255,52 @@ def test_pods_per_node_match_the_max_pods_table(instance_type: str, env: dict[st
     n = node(instance_type, {**env, "WARM_ENI_TARGET": "0"}, cidr="10.0.0.0/16", extra_subnets=extra,
              eni_config_subnet="subnet-pods")
     assert fill(n, 5000) == max_pods(limits, settings.cni.mode, show_max_allowed=True) - 2
+
+
+def test_prefix_delegation_on_a_non_nitro_type_runs_on_secondary_ips() -> None:
+    """isConfigValid: ENABLE_PREFIX_DELEGATION on a type that cannot take prefixes falls back to secondary IPs: an
+    m4.large's new ENI asks for 1 + 9 addresses, not a /28, and a fragmented subnet serves it."""
+    n = node("m4.large", {"ENABLE_PREFIX_DELEGATION": "true", "WARM_ENI_TARGET": "0"})
+    assert not n.prefix_mode
+    leave_free(n, "subnet-node", 40, 0)
+    assert fill(n, 30) == 18  # 2 ENIs x 9
+    assert ip.pool_stats(n, 0).prefixes == 0
+
+
+def test_warm_eni_target_zero_grows_only_when_nothing_is_left() -> None:
+    """isDatastorePoolTooLow: with WARM_ENI_TARGET=0 and no IP targets, low only when available == 0."""
+    n = node("m5.large", {"WARM_ENI_TARGET": "0"})
+    assert ip.pool_too_low(n, ip.pool_stats(n, 0))
+    settle(n)
+    assert ip.pool_stats(n, 0).total == 9  # tryAssignIPs fills the attached ENI whole
+    assert fill(n, 9) == 9 and ip.pool_too_low(n, ip.pool_stats(n, 0))
+
+
+def test_custom_networking_without_an_eniconfig_gives_no_pod_ip() -> None:
+    """MyENIConfig fails when the node has no ENIConfig: no pod ENI is attached, and the primary ENI is skipped."""
+    n = node("m5.large", {"AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG": "true"}, eni_config_subnet=None)
+    assert fill(n, 5) == 0
+    assert len(n.enis) == 1 and not ip.growth_possible(n, 0.0)
+
+
+def test_attached_enis_keep_their_subnet_when_the_eniconfig_changes() -> None:
+    """An ENIConfig change does not move attached ENIs: their free slots still draw on the old subnet; only new
+    ENIs use the new one."""
+    extra = {"subnet-old": ("100.64.0.0/24", {}), "subnet-new": ("100.64.1.0/24", {})}
+    n = node("m5.large", {"AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG": "true", "WARM_IP_TARGET": "1"}, extra_subnets=extra,
+             eni_config_subnet="subnet-old")
+    assert fill(n, 3) == 3
+    n.eni_config_subnet = "subnet-new"
+    old_free = n.ec2.subnets["subnet-old"].free
+    assert fill(n, 6) == 6  # still on the ENI in the old subnet, which has free slots
+    assert n.ec2.subnets["subnet-old"].free < old_free and n.ec2.subnets["subnet-new"].free == 251
+    assert fill(n, 18) == 18
+    assert {e.subnet_id for e in n.enis.values() if not e.primary} == {"subnet-old", "subnet-new"}
+
+
+def test_excluded_subnet_tag_keeps_new_enis_out_without_discovery() -> None:
+    """createENI without subnet discovery: the node's own subnet tagged kubernetes.io/role/cni=0 gives no ENI."""
+    n = node("m5.large", {"ENABLE_SUBNET_DISCOVERY": "false", "WARM_ENI_TARGET": "0"})
+    n.ec2.subnets["subnet-node"].tags[CNI_TAG] = "0"
+    assert fill(n, 9) == 9  # the primary ENI's own slots
+    assert fill(n, 10) == 9 and len(n.enis) == 1

@@ -283,14 +283,15 @@ def new_eni_request(node: Ipamd, stats: PoolStats) -> int:
     return min(short, node.slots_per_eni) if defined else node.slots_per_eni
 
 
-def allocatable_enis(node: Ipamd) -> list[DsEni]:
+def allocatable_enis(node: Ipamd, *, shuffle: bool = True) -> list[DsEni]:
     """GetAllocatableENIs: ENIs with free slots, in no set order (a Go map); never the trunk, nor the primary ENI
     under custom networking."""
     enis = [
         e for e in node.enis.values()
         if not e.trunk and not (e.primary and node.settings.cni.custom_networking) and len(e.cidrs) < node.slots_per_eni
     ]
-    node.rng.shuffle(enis)
+    if shuffle:
+        node.rng.shuffle(enis)
     return enis
 
 
@@ -575,7 +576,7 @@ def growth_possible(node: Ipamd, now: float, *, ignore_timers: bool = False) -> 
     if not eni_attachment_allowed(node) or (not ignore_timers and in_insufficient_cidr_cooldown(node, now)):
         return False
     singles, prefixes = (0, 1) if node.prefix_mode else (1, 0)
-    attached = allocatable_enis(node)
+    attached = allocatable_enis(node, shuffle=False)
     for eni in attached:
         if _subnet_can_give(node, node.ec2.subnets[eni.subnet_id], singles, prefixes):
             return True

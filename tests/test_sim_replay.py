@@ -212,7 +212,7 @@ FALSE_DENIALS = {
 
 @pytest.mark.parametrize("name", [
     pytest.param(n, marks=pytest.mark.xfail(reason=FALSE_DENIALS[n], strict=True)) if n in FALSE_DENIALS else n
-    for n in BUNDLED if n != "two-replicas"
+    for n in BUNDLED
 ])
 def test_bundled_scenario_never_denies_falsely_nor_adds_failures(name: str) -> None:
     """Every bundled scenario, both runs: with ipguard, no false denial (reserves 0, enforce) and no more sandbox
@@ -225,7 +225,7 @@ def test_bundled_scenario_never_denies_falsely_nor_adds_failures(name: str) -> N
 
 @pytest.mark.parametrize("name", [
     pytest.param(n, marks=pytest.mark.xfail(reason=BELOW_TARGET[n], strict=True)) if n in BELOW_TARGET else n
-    for n in BUNDLED if n != "two-replicas"
+    for n in BUNDLED
 ])
 def test_bundled_scenario_meets_the_one_percent_target(name: str) -> None:
     """The target: with ipguard, sandbox failures at most 1% of those without it."""

@@ -311,17 +311,15 @@ class Cluster:
     def _why_no_address(self, node: SimNode, now: float) -> str:
         ipamd = node.ipamd
         stats = ip.pool_stats(ipamd, now)
-        if stats.cooldown and stats.available:
-            return "cooldown"
         if not ip.eni_attachment_allowed(ipamd):
             return "cordoned"
         if stats.total >= ipamd.max_pods:
             return "max-pods"
-        if not ip.pool_too_low(ipamd, stats):
-            return "warm-target"
-        if ip.in_insufficient_cidr_cooldown(ipamd, now) or not ip.growth_possible(ipamd, now, ignore_timers=True):
+        if ip.pool_too_low(ipamd, stats):
+            # Low, yet no way to grow: the subnet is short, or every ENI slot is taken.
             return "subnet" if ip.room_for_eni(ipamd) or ip.allocatable_enis(ipamd, shuffle=False) else "eni-limit"
-        return "subnet"
+        # Not low: what it holds is enough by its targets, but cooling (or the targets keep it from growing).
+        return "cooldown" if stats.cooldown else "warm-target"
 
     def _start_branch(self, pod: SimPod, node: SimNode, now: float) -> None:
         """The resource controller's branch ENI (one subnet address, never reused), then the sandbox."""

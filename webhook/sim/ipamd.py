@@ -425,10 +425,14 @@ def release_over_target(node: Ipamd, stats: PoolStats) -> int:
     if not defined:
         over = max(stats.free_prefixes - node.settings.warm_prefix_target, 0) if warm_prefix_target_defined(node) else 0
     released = 0
-    for eni in list(node.enis.values()):
+    enis = list(node.enis.values())
+    node.rng.shuffle(enis)  # ENIs and their CIDRs are Go maps: no set order
+    for eni in enis:
         if over <= 0:
             break
-        freeable = [c for c in eni.cidrs if not c.assigned][:over]
+        freeable = [c for c in eni.cidrs if not c.assigned]  # FindFreeableCidrs: cooling ones too
+        node.rng.shuffle(freeable)
+        freeable = freeable[:over]
         if not freeable:
             continue
         for cidr in freeable:

@@ -12,6 +12,7 @@ import pytest
 from webhook import cli
 from webhook.model.limits import LimitsTable
 from webhook.sim import ipamd as ip
+from webhook.sim.cluster import Cluster, SimPod
 from webhook.sim.feed import Replica
 from webhook.sim.oracle import held_free
 from webhook.sim.replay import compare, run
@@ -231,3 +232,57 @@ def test_bundled_scenario_meets_the_one_percent_target(name: str) -> None:
     """The target: with ipguard, sandbox failures at most 1% of those without it."""
     comparison = compare(load_scenario(SCENARIOS / f"{name}.yaml"), find_reserve=False)
     assert comparison.with_ipguard.counts.sandbox_failures <= 0.01 * comparison.without.counts.sandbox_failures
+
+
+def branch_cluster(free: int = 40) -> Cluster:
+    doc: dict[str, Any] = {
+        "name": "branch",
+        "cluster": {
+            "cni": {"ENABLE_POD_ENI": "true"},
+            "subnets": [{"id": "subnet-0a", "zone": "us-east-1a", "cidr": "10.0.1.0/25", "free": free}],
+            "nodes": [{"name": "ip-10-0-1-1.ec2.internal", "zone": "us-east-1a", "type": "m5.large",
+                       "subnet": "subnet-0a", "pods": {"ip": 0, "hostNetwork": 2}}],
+        },
+    }
+    return build_cluster(parse_scenario(doc, Path("branch.yaml"), TABLE))
+
+
+def branch_pod(cluster: Cluster, name: str, groups: int = 1) -> SimPod:
+    pod = pod_template("pay", {"namespace": "pay", "branch": True})
+    pod["metadata"]["name"] = name
+    return cluster.create_pod(f"pay/{name}", pod, cluster.now, groups=groups)
+
+
+def test_branch_eni_takes_one_subnet_address_and_holds_it_for_the_cooldown() -> None:
+    """Security groups for pods: each branch-ENI pod gets its own ENI (one address of the trunk's subnet); a deleted
+    pod's branch ENI waits 60 s before EC2 deletes it, holding its address and a branch slot."""
+    cluster = branch_cluster()
+    node = next(iter(cluster.nodes.values()))
+    assert node.trunk is not None and node.view.pod_eni == 9  # m5.large: 9 branch ENIs, the trunk takes a slot
+    space = cluster.ec2.subnets["subnet-0a"].space
+    before = space.free_count
+    pods = [branch_pod(cluster, f"p{i}") for i in range(9)]
+    cluster.step(1.0, 1.0)
+    assert all(p.phase == "Running" for p in pods) and space.free_count == before - 9
+    cluster.delete_pod(pods[0].key, 2.0)
+    late = branch_pod(cluster, "late")
+    cluster.step(3.0, 1.0)
+    assert late.phase == "Pending" and late.node is not None and late.waited  # 8 live + 1 cooling = the limit
+    assert space.free_count == before - 9
+    cluster.step(62.0, 1.0)
+    assert late.phase == "Running" and space.free_count == before - 9
+
+
+def test_branch_pod_fails_when_its_groups_exceed_the_per_eni_quota() -> None:
+    """EC2 allows 5 security groups per ENI by default: a union of 6 fails the branch ENI."""
+    cluster = branch_cluster()
+    pod = branch_pod(cluster, "wide", groups=6)
+    cluster.step(1.0, 1.0)
+    assert pod.sandbox_failed and pod.failure_cause == "security-groups"
+
+
+def test_branch_pod_fails_when_the_subnet_is_dry() -> None:
+    cluster = branch_cluster(free=0)
+    pod = branch_pod(cluster, "dry")
+    cluster.step(1.0, 1.0)
+    assert pod.sandbox_failed and pod.failure_cause == "subnet"

@@ -109,6 +109,7 @@ class Cluster:
         self._schedule_dirty = True
         self._next_autoscale = 0.0
         self.now = 0.0  # the cluster's clock: when the changes it tells its listeners about happen
+        self.created = 0  # pods created so far
 
     # ---- watch ------------------------------------------------------------------------------------------
 
@@ -204,6 +205,7 @@ class Cluster:
         pod = SimPod(key, obj, now, wants_pod_eni(obj), host_network=spec.get("hostNetwork") is True,
                      groups=groups, runs_for=runs_for, owner=owner)
         self.pods[key] = pod
+        self.created += 1
         node_name = spec.get("nodeName")
         if node_name:
             self._bind(pod, self.nodes[node_name], now, emit=False)

@@ -27,31 +27,37 @@ def held_free(node: ip.Ipamd) -> int:
 
 
 class Oracle:
+    """Played forward once per simulated second; pods created since in that second count as claims on the
+    places left, so a denial is false only if there are more places than those pods."""
+
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
-        self._cache: dict[tuple[Any, ...], bool] = {}
+        self._places: dict[str, int] = {}
         self._settled: tuple[float, int, Cluster] | None = None
 
     def could_have_run(self, pod: dict[str, Any], now: float) -> bool:
+        if self._settled is None or self._settled[0] != now:
+            self._settled = (now, self.cluster.created, settle(self.cluster, now))
+            self._places = {}
+        _, created_then, clone = self._settled
         spec = pod.get("spec") or {}
-        in_flight = len(self.cluster.pending) + len(self.cluster.starting)
-        key = (now, in_flight, json.dumps([spec.get(k) for k in ("nodeName", "nodeSelector", "affinity",
-                                                                  "tolerations", "containers")], sort_keys=True))
-        if key not in self._cache:
-            self._cache = {k: v for k, v in self._cache.items() if k[0] == now}
-            self._cache[key] = place_exists(self._settled_copy(now, in_flight), pod, now)
-        return self._cache[key]
-
-    def _settled_copy(self, now: float, in_flight: int) -> Cluster:
-        if self._settled is None or self._settled[:2] != (now, in_flight):
-            self._settled = (now, in_flight, settle(self.cluster, now))
-        return self._settled[2]
+        key = json.dumps([spec.get(k) for k in ("nodeName", "nodeSelector", "affinity", "tolerations", "containers")],
+                         sort_keys=True)
+        if key not in self._places:
+            self._places[key] = places(clone, pod)
+        return self._places[key] > self.cluster.created - created_then
 
 
 def settle(cluster: Cluster, now: float) -> Cluster:
     """A copy of the cluster played forward, with no new pods, until the pods in flight have an address or have
     failed (or HORIZON passes). Nobody listens to the copy."""
-    clone = copy.deepcopy(cluster, {id(cluster.listeners): []})
+    # Pod and node objects are never changed in place (the cluster builds new ones): share them, copy the state.
+    memo: dict[int, Any] = {id(cluster.listeners): []}
+    for pod in cluster.pods.values():
+        memo[id(pod.obj)] = pod.obj
+    for node in cluster.nodes.values():
+        memo[id(node.obj)] = node.obj
+    clone = copy.deepcopy(cluster, memo)
     t = now
     while t < now + HORIZON and (clone.pending or any(not p.sandbox_failed for p in clone.starting.values())):
         clone.step(t, 1.0)
@@ -86,29 +92,37 @@ def subnet_spare(cluster: Cluster) -> dict[str, int]:
     }
 
 
-def place_exists(cluster: Cluster, pod: dict[str, Any], now: float) -> bool:
+UNBOUNDED = 1 << 30  # a zone where the autoscaler could add a node: as many places as wanted
+
+
+def places(cluster: Cluster, pod: dict[str, Any]) -> int:
+    """How many pods like this one could still get an address: unclaimed addresses on the nodes the scheduler could
+    pick, plus what the subnets those nodes can still grow from have to spare (each subnet counted once), or
+    UNBOUNDED where the autoscaler could add a node that gets one."""
     branch = wants_pod_eni(pod)
     pinned = (pod.get("spec") or {}).get("nodeName")
     spare = subnet_spare(cluster)
+    count = 0
+    growable: set[str] = set()
     for node in cluster.nodes.values():
         if (pinned and node.view.name != pinned) or not fits(pod, node.view, branch):
             continue
         if branch:
             limit = node.ipamd.limits.branch_enis
-            if node.trunk is not None and len(node.branches) < limit and spare.get(node.branch_subnet, 0) > 0:
-                return True
+            if node.trunk is not None and len(node.branches) < limit:
+                growable.add(node.branch_subnet)
             continue
-        if held_free(node.ipamd) > _waiting(cluster, node.view.name):
-            return True
-        growth = ip.growth_possible(node.ipamd, cluster.now, ignore_timers=True)
-        if growth and spare.get(_pod_subnet(node.ipamd), 0) > 0:
-            return True
+        count += max(0, held_free(node.ipamd) - _waiting(cluster, node.view.name))
+        if ip.growth_possible(node.ipamd, cluster.now, ignore_timers=True):
+            growable.add(_pod_subnet(node.ipamd))
+    prefix = cluster.settings.cni.prefix_delegation and not branch
+    count += sum(max(0, spare.get(s, 0)) * (BLOCK if prefix else 1) for s in growable)
     config = cluster.autoscaler
     if pinned or config is None or cluster.launched + len(cluster.launches) >= config.max_nodes:
-        return False
+        return count
     for zone in config.subnets:
         probe = NodeView("new", zone, {ZONE_LABEL: zone, "kubernetes.io/os": "linux",
                                        "node.kubernetes.io/instance-type": config.instance_type}, [], 1, 1)
         if affinity_matches(pod, probe) and cluster.fresh_node_could_get_address(zone, branch):
-            return True
-    return False
+            return UNBOUNDED
+    return count

@@ -94,8 +94,9 @@ def run(scenario: Scenario, *, with_ipguard: bool, settings: dict[str, str] | No
                 pod = action.template
                 name = action.key.split("/", 1)[1]
                 if guards:
+                    # Calls go to the replicas in turn: pod i's mutate to replica i, its validate to replica i + 1.
                     mutating, validating = guards[calls % len(guards)], guards[(calls + 1) % len(guards)]
-                    calls += 2
+                    calls += 1
                     admission = admit(mutating, validating, pod, name)
                     if not admission.allowed:
                         counts.denied += 1
@@ -189,14 +190,34 @@ def compare(scenario: Scenario, *, mode: str = "enforce", progress: Progress | N
     with_ipguard = run(scenario, with_ipguard=True, settings={"mode": mode}, progress=progress)
     comparison = Comparison(scenario.name, without, with_ipguard)
     if find_reserve if find_reserve is not None else scenario.options.replicas > 1:
-        reserve = 0
-        failures = with_ipguard.counts.sandbox_failures
-        while failures > 0 and reserve < max_reserve:
-            reserve += 1
-            if progress is not None:
-                progress.start(f"{scenario.name}: zoneReserve {reserve}")
-            result = run(scenario, with_ipguard=True, settings={"mode": mode, "zoneReserve": str(reserve)},
-                         progress=progress)
-            failures = result.counts.sandbox_failures
-        comparison.reserve_for_zero = reserve if failures == 0 else None
+        comparison.reserve_for_zero = smallest_reserve(scenario, mode, with_ipguard.counts.sandbox_failures,
+                                                       progress, max_reserve)
     return comparison
+
+
+def smallest_reserve(scenario: Scenario, mode: str, failures_at_zero: int, progress: Progress | None = None,
+                     max_reserve: int = 40) -> int | None:
+    """The smallest zoneReserve with no sandbox failure (None: not within max_reserve): doubling, then bisecting,
+    as failures fall when the reserve grows."""
+    if failures_at_zero == 0:
+        return 0
+
+    def failures(reserve: int) -> int:
+        if progress is not None:
+            progress.start(f"{scenario.name}: zoneReserve {reserve}")
+        result = run(scenario, with_ipguard=True, settings={"mode": mode, "zoneReserve": str(reserve)},
+                     progress=progress)
+        return result.counts.sandbox_failures
+
+    low, high = 0, 1
+    while failures(high) > 0:
+        if high >= max_reserve:
+            return None
+        low, high = high, min(2 * high, max_reserve)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if failures(middle) > 0:
+            low = middle
+        else:
+            high = middle
+    return high

@@ -19,6 +19,8 @@
 
 Snapshot extensions the simulator reads (ipguard's loader ignores them): `tags` on a subnet (e.g.
 kubernetes.io/role/cni), `maxPods` on a node (the kubelet's max-pods when it differs from allocatable pods).
+A node's `heldIPs` is not used: the simulation gives each node what its own ipamd would hold for its pods, and a
+snapshot whose subnets cannot hold that (with their `free` and `freeBlocks` left) is refused.
 """
 
 from __future__ import annotations

@@ -286,3 +286,22 @@ def test_branch_pod_fails_when_the_subnet_is_dry() -> None:
     pod = branch_pod(cluster, "dry")
     cluster.step(1.0, 1.0)
     assert pod.sandbox_failed and pod.failure_cause == "subnet"
+
+
+def test_replay_is_deterministic() -> None:
+    """The same scenario gives the same counts run after run (seeded address choices, ENI order, phases)."""
+    scenario = load_scenario(SCENARIOS / "prefix-fragmented.yaml")
+    first, second = run(scenario, with_ipguard=True), run(scenario, with_ipguard=True)
+    assert first.counts == second.counts and first.zones == second.zones
+
+
+def test_replica_counts_free_prefixes_from_the_subnets_enis() -> None:
+    """Under prefix delegation the feed gives the poller every ENI of the pod subnets (other workloads' too), from
+    which it counts whole free /28s, as DescribeNetworkInterfaces would."""
+    scenario = load_scenario(SCENARIOS / "prefix-fragmented.yaml")
+    cluster = build_cluster(scenario)
+    replica = Replica(cluster, {"mode": "enforce"})
+    for subnet in scenario.snapshot.subnets:
+        figures = replica.index.subnets[subnet.subnet_id]
+        assert figures.free_blocks == cluster.ec2.subnets[subnet.subnet_id].space.free_block_count
+        assert figures.free_ips == subnet.free_ips

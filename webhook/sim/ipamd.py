@@ -522,7 +522,9 @@ def assign_pod_address(node: Ipamd, pod: str, now: float) -> int | None:
     node.rng.shuffle(enis)
     period = node.settings.cooldown
     for eni in enis:
-        for cidr in eni.cidrs:
+        cidrs = list(eni.cidrs)
+        node.rng.shuffle(cidrs)  # AvailableIPv4Cidrs is a Go map too: pods are not packed into used prefixes
+        for cidr in cidrs:
             offset = _unused_address(cidr, now, period)
             if offset is not None:
                 cidr.freed.pop(offset, None)

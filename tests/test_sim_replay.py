@@ -196,9 +196,11 @@ def test_simulate_prints_the_table_and_zones(capsys: pytest.CaptureFixture[str])
 BUNDLED = sorted(p.stem for p in SCENARIOS.glob("*.yaml"))
 # Where ipguard's model does not yet follow what ipamd does; see each reason. Remove an entry when it passes.
 BELOW_TARGET = {
-    "burst-1000": "new ENIs take one more subnet address each (their own primary) than ipguard counts",
-    "zone-near-exhaustion": "a new ENI asks for all its addresses at once; a subnet with fewer gives nothing",
-    "prefix-fragmented": "one pod in 26 still lands on a node whose subnet cannot give a /28",
+    "burst-1000": "no zone open and more nodes out of IPs (with pod slots) than maxSteeredNodes: pods are admitted "
+                  "unsteered ('new nodes can take it') and the scheduler binds them to nodes that cannot give an IP",
+    "zone-near-exhaustion": "the reservation is held in the zone a pod is steered toward, yet the scheduler may place "
+                            "it (soft preference) on a node whose last IPs that second's pods take",
+    "prefix-fragmented": "as zone-near-exhaustion: one pod in 26 lands on a node whose last prefix slots are taken",
     "churn": "freed addresses count as warm although they cool down for 30 s",
     "two-replicas": "two replicas' reservations do not see each other at reserve 0",
 }

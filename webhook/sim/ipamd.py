@@ -29,42 +29,33 @@ DEFAULT_COOLDOWN = 30.0  # IP_COOLDOWN_PERIOD
 DEFAULT_MAX_PODS = 110  # when neither the node nor eni-max-pods.txt says
 
 
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    value = (env.get(name) or "").strip()
-    if not value:
-        return default
-    return value in ("1", "t", "T", "TRUE", "true", "True")
-
-
-def _whole(env: Mapping[str, str], name: str, default: int) -> int:
-    try:
-        value = int((env.get(name) or "").strip())
-    except ValueError:
-        return default
-    return value if value >= 0 else default
-
-
 @dataclass(frozen=True, slots=True)
 class IpamdSettings:
-    """The aws-node env as ipamd reads it. The common settings come from ipguard's parser (CniSettings); the
-    ones it does not carry, and the defaults where ipamd's own differ from it, are read here."""
+    """The aws-node env as ipamd reads it: ipguard's parser (CniSettings, with ipamd's defaults), plus the
+    IP cooldown, which only the simulation needs."""
 
     cni: CniSettings
-    warm_prefix_target: int  # getWarmPrefixTarget: unset -> 0
-    subnet_discovery: bool  # ENABLE_SUBNET_DISCOVERY, default true
-    cooldown: float  # IP_COOLDOWN_PERIOD, default 30 s
-    manage_non_schedulable: bool  # AWS_MANAGE_ENIS_NON_SCHEDULABLE, default false
+    cooldown: float = DEFAULT_COOLDOWN  # IP_COOLDOWN_PERIOD (getCooldownPeriod: 30 s, and on a parse error)
+
+    @property
+    def warm_prefix_target(self) -> int:
+        return self.cni.warm_prefix_target  # getWarmPrefixTarget: unset -> 0
+
+    @property
+    def subnet_discovery(self) -> bool:
+        return self.cni.subnet_discovery  # UseSubnetDiscovery: default true
+
+    @property
+    def manage_non_schedulable(self) -> bool:
+        return self.cni.manage_enis_non_schedulable  # ManageENIsOnNonSchedulableNode: default false
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> IpamdSettings:
-        cni = CniSettings.from_env(env)
-        return cls(
-            cni=cni,
-            warm_prefix_target=_whole(env, "WARM_PREFIX_TARGET", 0),
-            subnet_discovery=_bool(env, "ENABLE_SUBNET_DISCOVERY", True),
-            cooldown=float(_whole(env, "IP_COOLDOWN_PERIOD", int(DEFAULT_COOLDOWN))),
-            manage_non_schedulable=_bool(env, "AWS_MANAGE_ENIS_NON_SCHEDULABLE", False),
-        )
+        try:
+            cooldown = float(int((env.get("IP_COOLDOWN_PERIOD") or "").strip()))
+        except ValueError:
+            cooldown = DEFAULT_COOLDOWN
+        return cls(CniSettings.from_env(env), cooldown)
 
 
 @dataclass(slots=True)

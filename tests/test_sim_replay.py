@@ -94,6 +94,8 @@ def test_replica_index_is_fed_from_ec2_and_the_watches() -> None:
         assert entry.assigned == 4 and entry.pod_subnet == node.subnet_id
     assert replica.index.subnets["subnet-0a"].free_ips == 3
     assert replica.index.subnets["subnet-0b"].free_ips == 90
+    for name, node in cluster.nodes.items():  # the ENIs carrying pod IPs, as the poller counts them
+        assert replica.index.nodes[name].ec2_enis == len(node.ipamd.enis)
 
 
 def test_replica_sees_cluster_changes_only_after_its_lag() -> None:

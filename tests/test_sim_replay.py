@@ -198,8 +198,9 @@ def test_simulate_prints_the_table_and_zones(capsys: pytest.CaptureFixture[str])
 BUNDLED = sorted(p.stem for p in SCENARIOS.glob("*.yaml"))
 # Where ipguard's model does not yet follow what ipamd does; see each reason. Remove an entry when it passes.
 BELOW_TARGET = {
-    "burst-1000": "no zone open and more nodes out of IPs (with pod slots) than maxSteeredNodes: pods are admitted "
-                  "unsteered ('new nodes can take it') and the scheduler binds them to nodes that cannot give an IP",
+    "burst-1000": "with no zone open, pods are admitted as if new nodes could take them ('nodes are full in every "
+                  "allowed zone; subnets have addresses') while the scheduler binds them to nodes that cannot give "
+                  "an IP (no autoscaler here, and the nodes have pod slots)",
     "zone-near-exhaustion": "the reservation is held in the zone a pod is steered toward, yet the scheduler may place "
                             "it (soft preference) on a node whose last IPs that second's pods take",
     "prefix-fragmented": "as zone-near-exhaustion: one pod in 26 lands on a node whose last prefix slots are taken",

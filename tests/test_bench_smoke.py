@@ -14,6 +14,7 @@ from tests.paths import REPO
 @pytest.mark.parametrize("command", [
     ["bench/index.py", "--nodes", "60", "--pods", "1800", "--events", "2000", "--decisions", "500"],
     ["bench/sources.py", "--quick"],
+    ["bench/replay.py"],
     ["bench/server.py", "--quick", "--duration", "0.5", "--warmup", "0.2", "--rate", "200",
      "--open-duration", "0.5", "--nodes", "60", "--pods", "600"],
 ])

@@ -205,6 +205,12 @@ def _certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from webhook.sim.cli import simulate
+
+    return simulate(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ipguard",
@@ -252,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     from webhook.check import add_parser as add_check_parser
 
     add_check_parser(sub, _live_source_args, DEFAULT_SNAPSHOT, with_live_cluster)
+
+    sim = sub.add_parser("simulate", help="replay scenarios on a simulated data plane, with and without ipguard")
+    sim.add_argument("scenarios", nargs="+", metavar="SCENARIO", help="scenario file, or a name in examples/scenarios")
+    sim.add_argument("--snapshot", help="start every scenario from this cluster snapshot instead of its own")
+    sim.add_argument("--mode", choices=["enforce", "warn"], default="enforce", help="ipguard's mode for the replay")
+    sim.add_argument("--json", action="store_true", help="machine-readable output")
+    sim.set_defaults(func=_simulate)
 
     sp = sub.add_parser("serve", help="run the webhook in a cluster, fed by Kubernetes watches and EC2")
     sp.add_argument("--host", default="0.0.0.0", help="listen address")

@@ -93,7 +93,8 @@ class FakeClock:
 def test_freed_ips_stay_taken_through_the_cooldown() -> None:
     """IP_COOLDOWN_PERIOD (30 s): ipamd does not hand a freed IP out again before it ends, while its datastore
     counts it as available (`AvailableAddresses`), so it does not grow the node for it either. Delete 3 pods
-    and admit 3 new ones on a node with no other free address: the new ones have no address until then."""
+    and admit 3 new ones on a node with no other free address: the new ones have no address until then. They
+    are not denied for it: the kubelet retries the sandbox, and the IP is back within seconds."""
     clock = FakeClock()
     snapshot = parse_snapshot(yaml.safe_load(T3_FULL_EMPTY), "test", LimitsTable())
     index = snapshot.build_index(clock=clock)
@@ -102,7 +103,8 @@ def test_freed_ips_stay_taken_through_the_cooldown() -> None:
     node = index.node_figures("n1")
     assert node is not None and (node.warm_free, node.waiting) == (0, 0)
     assert index.zone_headroom(A) == 0
-    assert judge(index, snapshot.settings, pod(node="n1")).verdict is Verdict.DENY
+    assert judge(index, snapshot.settings, pod(node="n1")).verdict is Verdict.ALLOW
+    assert judge(index, snapshot.settings, pod(zone=A)).verdict is not Verdict.DENY
     for i in range(3):
         index.upsert_pod(f"shop/new-{i}", "n1", PodUse.IP)
     assert index.zone_figures(A).waiting == 3  # scheduled within the cooldown: no address yet

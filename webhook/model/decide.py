@@ -38,6 +38,7 @@ class ZoneCheck(NamedTuple):
     addresses: int = 0  # what its subnets can still give new nodes, less reservations; may be negative
     subnets_known: bool = True  # every node's pod subnet has figures
     needs: str = ""  # for a denial: why free addresses are not pod IPs (a new ENI's or new node's whole request)
+    cooling: int = 0  # freed IPs in cooldown on its nodes: no pod IP now, but back within seconds
 
     @property
     def exhausted(self) -> bool:
@@ -48,7 +49,8 @@ class ZoneCheck(NamedTuple):
     def out_of_addresses(self) -> bool:
         """Exhausted, and new nodes would not help either: the subnets have no addresses left above the
         reserve. Only this justifies a denial; full nodes alone are the autoscaler's to fix."""
-        return self.exhausted and self.subnets_known and self.addresses <= self.reserve
+        return (self.exhausted and self.subnets_known and self.addresses <= self.reserve
+                and self.headroom + self.cooling <= self.reserve)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +152,7 @@ def decide(
     for check in checks:
         if check.headroom > check.reserve:
             open_checks.append(check)
-        elif check.subnets_known and check.addresses <= check.reserve:
+        elif check.out_of_addresses:  # (IPs in cooldown come back within seconds: no reason to deny)
             empty.append(check.zone)
         else:
             full.append(check.zone)
@@ -229,6 +231,7 @@ def _zone_check(zone_name: str, use: PodUse, index: CapacityIndex, settings: Set
         subnets=zone.subnet_tuple,
         addresses=zone.addresses - zone.unbound_reservations - zone.pending,
         subnets_known=zone.unknown_subnet_nodes == 0 and bool(zone.subnet_ids),
+        cooling=zone.cooling,
     )
 
 
@@ -275,8 +278,9 @@ def _decide_pinned(name: str, node_name: str, use: PodUse, index: CapacityIndex,
     if use is PodUse.BRANCH:
         can_take = node.branch_room > 0 and (subnet is None or subnet.supply > 0)
     else:
-        # Only addresses count here: a node out of pod slots is the scheduler's and kubelet's to refuse.
-        can_take = index.node_has_address(node)
+        # Only addresses count here: a node out of pod slots is the scheduler's and kubelet's to refuse. An IP in
+        # cooldown is back within seconds (the kubelet retries the sandbox): no reason to deny.
+        can_take = index.node_has_address(node) or (node.cooling > 0 and node.capacity - node.assigned > 0)
     check = NodeCheck(
         node=node_name,
         zone=node.zone,

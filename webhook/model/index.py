@@ -161,6 +161,7 @@ class Zone:
     unknown_subnet_nodes: int = 0  # nodes whose pod subnet has no figures yet
     no_config_nodes: int = 0  # custom networking: nodes no ENIConfig applies to (no pod IPs)
     waiting: int = 0  # pods on its nodes with no IP yet
+    cooling: int = 0  # freed IPs in cooldown on nodes with room: back within IP_COOLDOWN_PERIOD
     supply: int = 0  # sum of its subnets' supply (may be negative, see the module docstring)
     growth: int = 0  # sum of its subnets' yield to new pods on its nodes
     discovery_growth: int = 0  # new pods whose ENIs only the zone's discovery-tagged subnets can fund
@@ -519,6 +520,7 @@ class CapacityIndex:
             zone.warm += sign * node.warm
             zone.warm_usable += sign * min(node.room, node.warm)
             zone.waiting += sign * node.waiting
+            zone.cooling += sign * min(node.cooling, node.room)
             if node.no_eni_config:
                 zone.no_config_nodes += sign
             elif subnet is None:
@@ -1157,7 +1159,7 @@ def _aggregates(zones: dict[str, Zone], subnets: dict[str, Subnet], nodes: dict[
             z.name: (
                 z.nodes, z.room, z.branch_room, z.warm, z.warm_usable, z.growth, z.supply, z.reservations,
                 z.unbound_reservations, z.pending, z.beyond_warm_unknown, z.unknown_subnet_nodes, z.addresses,
-                z.waiting, z.waiting_served, z.no_config_nodes, z.discovery_growth,
+                z.waiting, z.waiting_served, z.no_config_nodes, z.discovery_growth, z.cooling,
                 sorted(z.full_nodes),
                 sorted((sid, sorted(names)) for sid, names in z.dry_nodes.items() if names),
             )

@@ -6,7 +6,7 @@ What ipamd does with them (warm pools, growth, ENI requests) is `webhook.model.i
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from webhook.model.limits import CapacityMode
 
@@ -45,9 +45,13 @@ class CniSettings:
     # The resource controller's branch ENI cooldown (its own ConfigMap, not aws-node's env): 60 s by default.
     branch_cooldown: float = DEFAULT_BRANCH_COOLDOWN
 
-    @property
-    def mode(self) -> CapacityMode:
-        return CapacityMode(self.prefix_delegation, self.custom_networking, self.max_eni, self.pod_eni)
+    # Derived once: read for every node on every change, and on the request path.
+    mode: CapacityMode = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "mode", CapacityMode(self.prefix_delegation, self.custom_networking, self.max_eni, self.pod_eni)
+        )
 
     @property
     def uses_ip_targets(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import chain, islice
 from typing import Any, NamedTuple
 
 from webhook.model import pods
@@ -242,19 +243,20 @@ def _node_steering(index: CapacityIndex, settings: Settings, zones: list[str], *
     the pod and those are few enough, the nodes that can. Whichever list is shorter; neither when both are
     too long (the zone figures still steer)."""
     limit = settings.max_steered_nodes
-    avoid: list[str] = []
-    for zone in zones:
-        for name in index.exhausted_nodes(zone):
-            if index.has_pod_slot(name):
-                avoid.append(name)
-        if len(avoid) > limit:
-            break
+    key = (tuple(zones), limit, with_takers)
+    cached = index.memo.get(key)
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    avoid = list(islice(chain.from_iterable(index.exhausted_nodes(zone) for zone in zones), limit + 1))
     if len(avoid) <= limit:
-        return tuple(sorted(avoid)), ()
-    if not with_takers:
-        return (), ()
-    takers = index.nodes_that_can_take(zones, limit + 1)
-    return ((), tuple(sorted(takers))) if 0 < len(takers) <= limit else ((), ())
+        result: tuple[tuple[str, ...], tuple[str, ...]] = (tuple(sorted(avoid)), ())
+    elif not with_takers:
+        result = ((), ())
+    else:
+        takers = index.nodes_that_can_take(zones, limit + 1)
+        result = ((), tuple(sorted(takers))) if 0 < len(takers) <= limit else ((), ())
+    index.memo[key] = result
+    return result
 
 
 def _preferences(open_checks: list[ZoneCheck]) -> tuple[tuple[str, int], ...]:

@@ -103,6 +103,10 @@ class Node:
     demand: int = 0  # loose addresses drawn from its pod subnet (IPs, ENI and node primaries, branch ENIs)
     demand_blocks: int = 0  # /28 prefixes drawn
     units: tuple[tuple[UnitKind, Demand], ...] = ()
+    # for a node with no warm IP that ipamd would grow (derived then, so the request path only compares):
+    next_cost: ipamd.GrowthCost | None = None  # what one more IP beyond the waiting pods takes from its subnet
+    own_cost: ipamd.GrowthCost | None = None  # what the waiting pods take
+    eni_cost: ipamd.GrowthCost | None = None  # one more ENI (from a discovered subnet)
     known: bool = False  # a Node object has been seen (pods may name a node before it arrives)
 
     @property
@@ -140,6 +144,7 @@ class Subnet:
     addresses: int = 0  # pod IPs new nodes could still get from it
     usable: int = 0  # what its schedulable nodes can draw on (whole /28s under prefix delegation)
     unserved: Unserved = ()  # its nodes' new ENIs it could not fund (subnet discovery may)
+    spare: tuple[int, int] = (0, 0)  # (addresses, blocks) free once its own nodes' growth is funded
 
     @property
     def discoverable(self) -> bool:
@@ -171,19 +176,26 @@ class Zone:
     reservations: int = 0  # all reservations in the zone
     unbound_reservations: int = 0  # those not on a known node: not yet inside room and warm
     pending: int = 0  # unbound pods that were steered here
-    # nodes at or below the node reserve, and nodes with no warm IP (which depend on their subnet)
+    # nodes at or below the node reserve that still have a pod slot (the scheduler, blind to IPs, would bind
+    # there), and nodes with no warm IP (which depend on their subnet)
     full_nodes: set[str] = field(default_factory=set)
     # nodes with no warm IP, by the subnet they depend on (only a dry node in an empty subnet is exhausted)
     dry_nodes: dict[str, set[str]] = field(default_factory=dict)
     subnet_ids: set[str] = field(default_factory=set)
     subnet_tuple: tuple[str, ...] = ()  # sorted subnet_ids, kept for the request path
+    discoverable: set[str] = field(default_factory=set)  # its subnets tagged for subnet discovery
 
-    def add_subnet(self, subnet_id: str) -> None:
+    def add_subnet(self, subnet_id: str, discoverable: bool = False) -> None:
         self.subnet_ids.add(subnet_id)
         self.subnet_tuple = tuple(sorted(self.subnet_ids))
+        if discoverable:
+            self.discoverable.add(subnet_id)
+        else:
+            self.discoverable.discard(subnet_id)
 
     def discard_subnet(self, subnet_id: str) -> None:
         self.subnet_ids.discard(subnet_id)
+        self.discoverable.discard(subnet_id)
         self.subnet_tuple = tuple(sorted(self.subnet_ids))
 
     @property
@@ -315,6 +327,9 @@ class CapacityIndex:
         self.version = 0  # bumped by every change, so a caller can tell if figures moved
         self._new_node_cost: ipamd.GrowthCost | None = None
         self._type_counts: dict[InstanceLimits, int] = {}  # known nodes by their limits
+        self._dirty: list[Subnet] = []  # subnets whose nodes changed, refreshed once the change is whole
+        self._memo: dict[Any, Any] = {}
+        self._memo_version = -1
         self._reservations: _ExpiringCache[Reservation] = _ExpiringCache(reservation_ttl, clock, self._released)
         self._cooling: _ExpiringCache[Cooling] = _ExpiringCache(self.cni.ip_cooldown, clock, self._cooled)
         self._branch_cooling: _ExpiringCache[Cooling] = _ExpiringCache(self.cni.branch_cooldown, clock,
@@ -418,6 +433,7 @@ class CapacityIndex:
         node.ec2_enis = None
         if node.idle:
             del self.nodes[name]
+            self._flush()
         else:
             # Its pods' DELETE events are still to come; keep their counts so they cancel out.
             self._attach(node)
@@ -489,6 +505,12 @@ class CapacityIndex:
                 held, used, limits, self.cni, max_pods=node.allocatable_pods, cordoned=node.cordoned,
                 cooling=node.cooling)
             node.units = ipamd.growth_units(node.waiting, beyond, held, limits, self.cni) if node.grows else ()
+            if node.grows and node.warm == 0:
+                node.next_cost = ipamd.growth_cost(node.waiting + 1, held, limits, self.cni, assigned=used)
+                node.own_cost = ipamd.growth_cost(node.waiting, held, limits, self.cni, assigned=used)
+                node.eni_cost = ipamd.new_eni_cost(held, limits, self.cni)
+            else:
+                node.next_cost = node.own_cost = node.eni_cost = None
         # Every ENI's primary address, the primary ENI's being the node's own: in the pod subnet unless custom
         # networking puts pods elsewhere.
         primaries = held.enis if self.cni.custom_networking else max(held.enis, 1)
@@ -496,13 +518,22 @@ class CapacityIndex:
         node.demand_blocks = held.prefixes
 
     def _attach(self, node: Node) -> None:
-        """Add a node's contribution to its zone and subnet (after recomputing it)."""
+        """Add a node's contribution to its zone and subnet (after recomputing it), and bring the subnets it
+        left and joined up to date."""
         self._derive(node)
         self._contribute(node, 1)
+        self._flush()
 
     def _detach(self, node: Node) -> None:
-        """Take a node's contribution out of its zone and subnet (before changing it)."""
+        """Take a node's contribution out of its zone and subnet (before changing it). The subnet's figures
+        wait for the `_attach` (or `_flush`) that follows: one refresh per change, not two."""
         self._contribute(node, -1)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for subnet in dirty:
+            if self.subnets.get(subnet.subnet_id) is subnet:  # not removed meanwhile
+                self._refresh_supply(subnet)
 
     def _contribute(self, node: Node, sign: int, zones: dict[str, Zone] | None = None,
                     subnets: dict[str, Subnet] | None = None) -> None:
@@ -526,25 +557,27 @@ class CapacityIndex:
             elif subnet is None:
                 zone.beyond_warm_unknown += sign * max(0, node.room - node.warm)
                 zone.unknown_subnet_nodes += sign
-            if node.room <= self.node_reserve and sign > 0:
+            if node.room <= self.node_reserve and sign > 0 and self._pod_slot(node):
                 zone.full_nodes.add(node.name)
             elif sign < 0:
                 zone.full_nodes.discard(node.name)
-            if node.warm == 0 and subnet is not None and sign > 0:
-                zone.dry_nodes.setdefault(subnet.subnet_id, set()).add(node.name)
-            elif subnet is not None and sign < 0:
-                dry = zone.dry_nodes.get(subnet.subnet_id)
+            # by the subnet they depend on ("" for none known: such a node is dry only if ipamd will not grow it)
+            dry_key = subnet.subnet_id if subnet is not None else ""
+            if node.warm == 0 and sign > 0:
+                zone.dry_nodes.setdefault(dry_key, set()).add(node.name)
+            elif sign < 0:
+                dry = zone.dry_nodes.get(dry_key)
                 if dry is not None:
                     dry.discard(node.name)
                     if not dry:
-                        del zone.dry_nodes[subnet.subnet_id]
+                        del zone.dry_nodes[dry_key]
         if subnet is not None:
             subnet.nodes += sign * counted
             subnet.demand += sign * node.demand
             subnet.demand_blocks += sign * node.demand_blocks
             add_demand(subnet.wants, node.units, sign)
-            if subnets is None:
-                self._refresh_supply(subnet)
+            if subnets is None and (not self._dirty or self._dirty[-1] is not subnet):
+                self._dirty.append(subnet)
 
     def _zone(self, name: str) -> Zone:
         zone = self.zones.get(name)
@@ -579,7 +612,6 @@ class CapacityIndex:
                 self._set_supply_in_zone(subnet, None)
                 self.zones[subnet.zone].discard_subnet(subnet_id)
                 subnet.zone = zone
-            self._zone(zone).add_subnet(subnet_id)
         subnet.cidr = cidr or subnet.cidr
         subnet.free_ips = max(0, free_ips)
         subnet.free_blocks = None if free_blocks is None else max(0, free_blocks)
@@ -587,6 +619,7 @@ class CapacityIndex:
             subnet.tags = dict(tags)
         if launchable is not None:
             subnet.launchable = launchable
+        self._zone(zone).add_subnet(subnet_id, subnet.discoverable)
         for node in users:
             self._attach(node)
         subnet.demand_at_refresh = subnet.demand
@@ -601,6 +634,7 @@ class CapacityIndex:
         users = [n for n in self.nodes.values() if n.known and n.pod_subnet == subnet_id]
         for node in users:
             self._detach(node)
+        self._flush()
         self._set_supply_in_zone(subnet, None)
         del self.subnets[subnet_id]
         self.zones[subnet.zone].discard_subnet(subnet_id)
@@ -676,8 +710,8 @@ class CapacityIndex:
         subnet.growth, subnet.waiting_served = served.new_ips, served.waiting_served
         subnet.left, subnet.left_blocks = served.addresses_left, served.blocks_left
         subnet.addresses = addresses
-        subnet.unserved = served.unserved
-        if self.cni.subnet_discovery or zone.discovery_growth or zone.discovery_waiting_served:
+        subnet.unserved, subnet.spare = served.unserved, served.spare
+        if zone.discoverable or zone.discovery_growth or zone.discovery_waiting_served:
             self._discover(zone, self.subnets)
 
     def discovery_on(self) -> bool:
@@ -689,10 +723,11 @@ class CapacityIndex:
         """Fund from the zone's discovery-tagged subnets, most free first, the new ENIs its nodes' own subnets
         could not (O(subnets in the zone))."""
         served_waiting = served_new = 0
-        if self.discovery_on():
+        if self.discovery_on() and zone.discoverable:
             members = [subnets[sid] for sid in zone.subnet_ids if sid in subnets]
             unserved = [entry for subnet in members for entry in subnet.unserved]
-            pool = [(max(s.left, 0), max(s.left_blocks, 0)) for s in members if s.discoverable]
+            # what each tagged subnet has once its own nodes' growth is funded
+            pool = [(max(s.spare[0], 0), max(s.spare[1], 0)) for s in members if s.discoverable]
             if unserved and pool:
                 served_waiting, served_new, _ = discovery_yield(unserved, pool)
         zone.waiting_served += served_waiting - zone.discovery_waiting_served
@@ -723,25 +758,29 @@ class CapacityIndex:
     def remove_pod(self, key: str) -> None:
         old = self.pods.pop(key, None)
         if old is not None:
-            self._unapply(old)
             node_name, use, _ = old
-            if node_name is not None and use is not PodUse.NONE:
-                self._cool(key, Cooling(node_name, use is PodUse.BRANCH))
+            cooling = Cooling(node_name, use is PodUse.BRANCH) if node_name and use is not PodUse.NONE else None
+            self._count(old, -1, cooling=(key, cooling) if cooling else None)
             self.version += 1
         self.release(key)
 
     # ---- cooldown -------------------------------------------------------------------------------------
 
-    def _cool(self, key: str, cooling: Cooling) -> None:
+    def _start_cooling(self, key: str, cooling: Cooling) -> None:
         """A freed address stays taken through its cooldown: ipamd's IP_COOLDOWN_PERIOD (the datastore keeps the
-        IP unassignable, while its pool counts it as available), the resource controller's for a branch ENI."""
+        IP unassignable, while its pool counts it as available), the resource controller's for a branch ENI.
+        Called between a detach and an attach of its node."""
         cache = self._branch_cooling if cooling.branch else self._cooling
-        cache.expire()
-        if key in cache:
-            cache.pop(key)  # pop does not go through the release hook
-            self._hold_cooling(cooling, -1)
+        node = self.nodes[cooling.node]
+        earlier = cache.pop(key, None)  # the same pod gone twice: pop does not go through the release hook
+        if earlier is not None and earlier.node == cooling.node:
+            node.cooling -= not earlier.branch
+            node.branch_cooling -= earlier.branch
+        elif earlier is not None:
+            self._hold_cooling(earlier, -1)  # another node's record: its own detach and attach
         cache[key] = cooling
-        self._hold_cooling(cooling, 1)
+        node.branch_cooling += cooling.branch
+        node.cooling += not cooling.branch
 
     def _cooled(self, cooling: Cooling) -> None:
         self._hold_cooling(cooling, -1)
@@ -771,7 +810,9 @@ class CapacityIndex:
     def _unapply(self, entry: PodEntry) -> None:
         self._count(entry, -1)
 
-    def _count(self, entry: PodEntry, sign: int) -> None:
+    def _count(self, entry: PodEntry, sign: int, *, cooling: tuple[str, Cooling] | None = None) -> None:
+        """Add or take out a pod's counts on its node (or its steered zone), with, for a pod going away, the
+        cooldown its address starts, in the same change."""
         node_name, use, steered_zone = entry
         if node_name is None:
             if steered_zone is not None:
@@ -786,6 +827,8 @@ class CapacityIndex:
             node.assigned += sign
         elif use is PodUse.BRANCH:
             node.branch += sign
+        if cooling is not None:
+            self._start_cooling(*cooling)
         self._attach(node)
         if node.idle:
             del self.nodes[node_name]
@@ -843,6 +886,15 @@ class CapacityIndex:
         """Zones with schedulable nodes."""
         return sorted(name for name, zone in self.zones.items() if zone.nodes > 0)
 
+    @property
+    def memo(self) -> dict[Any, Any]:
+        """Answers derived from the index as it is now, for callers to keep until it next changes (a burst of
+        requests between two events then walks nodes once)."""
+        if self._memo_version != self.version:
+            self._memo.clear()
+            self._memo_version = self.version
+        return self._memo
+
     def has_nodes(self) -> bool:
         return any(zone.nodes > 0 for zone in self.zones.values())
 
@@ -883,7 +935,7 @@ class CapacityIndex:
         if not self.discovery_on() or node.limits is None or node.zone is None:
             return False
         zone = self.zones.get(node.zone)
-        cost = ipamd.new_eni_cost(node.held_addresses, node.limits, self.cni)
+        cost = node.eni_cost
         if zone is None or cost is None:
             return False
         whole = cost.addresses + PREFIX_SIZE * cost.blocks
@@ -895,14 +947,11 @@ class CapacityIndex:
     def growth_funded(self, node: Node, subnet: Subnet) -> bool | None:
         """Whether the subnet funds one more IP on this node beyond the pods waiting there (None: no ENI slot
         could carry it)."""
-        assert node.limits is not None
-        used = node.assigned + node.reserved
-        held = node.held_addresses
-        cost = ipamd.growth_cost(node.waiting + 1, held, node.limits, self.cni, assigned=used)
+        cost = node.next_cost
         if cost is None:
             return None
         addresses, blocks = subnet.left, subnet.left_blocks
-        own = ipamd.growth_cost(node.waiting, held, node.limits, self.cni, assigned=used)
+        own = node.own_cost
         if own is not None and own.addresses + PREFIX_SIZE * own.blocks <= subnet.supply:
             # The node's own waiting pods were served from what is no longer left: that was its to spend.
             addresses += own.addresses + PREFIX_SIZE * own.blocks
@@ -919,8 +968,9 @@ class CapacityIndex:
         return node.room > self.node_reserve and self._ip_at_hand(node)
 
     def exhausted_nodes(self, zone_name: str) -> Iterator[str]:
-        """Nodes in the zone that cannot take a pod now: full, or with no warm IP and no way to get one. Walks
-        only those with no warm IP."""
+        """Nodes in the zone that cannot give a pod an IP now but that the scheduler could still pick (a pod
+        slot left): no IP room above the node reserve, or no warm IP and no way to get one. Walks only those
+        with no warm IP."""
         zone = self.zones.get(zone_name)
         if zone is None:
             return
@@ -981,11 +1031,9 @@ class CapacityIndex:
                          + (f" and {new.blocks} free /28 block(s)" if new.blocks else ""))
         return "; ".join(dict.fromkeys(hints))
 
-    def has_pod_slot(self, name: str) -> bool:
+    @staticmethod
+    def _pod_slot(node: Node) -> bool:
         """The scheduler could still bind a pod to the node: a pod slot left (allocatable pods)."""
-        node = self.nodes.get(name)
-        if node is None:
-            return False
         return node.allocatable_pods is None or node.allocatable_pods - node.pods - node.reserved > 0
 
     def nodes_that_can_take(self, zones: list[str], most: int) -> list[str]:
@@ -1136,12 +1184,12 @@ class CapacityIndex:
             subnet.waiting_served = served.waiting_served
             subnet.usable = self._usable_signed(subnet.nodes, supply, blocks)
             zone = zones.setdefault(subnet.zone, Zone(subnet.zone))
-            zone.add_subnet(subnet.subnet_id)
+            zone.add_subnet(subnet.subnet_id, subnet.discoverable)
             zone.supply += subnet.usable
             zone.growth += served.new_ips
             zone.waiting_served += served.waiting_served
             zone.addresses += addresses
-            subnet.unserved = served.unserved
+            subnet.unserved, subnet.spare = served.unserved, served.spare
             subnet.left, subnet.left_blocks = served.addresses_left, served.blocks_left
         for zone in zones.values():
             self._discover(zone, subnets)

@@ -3,7 +3,9 @@
 Nodes do not take addresses one at a time: a node whose attached ENIs are full gets nothing until the subnet
 can fund a whole new ENI (its primary address plus its whole request, `ipamd.growth_cost`). So each node's
 growth is a list of units, each with a cost (addresses, /28 blocks) and a gain (pod IPs), and the subnet's
-answer depends on how its free addresses fall among them. The index keeps, per subnet, the sum of its nodes'
+answer depends on how its free addresses fall among them: cheapest units first, which keeps the answer
+monotone (more addresses never serve fewer pods) and exact at the edge (a pod is served when one unit it needs
+can be paid whole). The index keeps, per subnet, the sum of its nodes'
 units by kind (`Demand`, O(1) to update); `subnet_yield` then answers in O(kinds), a handful.
 
 Pods already on a node beyond what it holds (waiting for an IP: the `FailedCreatePodSandBox` pods) are
@@ -53,6 +55,7 @@ class Yield:
     addresses_left: int  # free addresses once the waiting pods are served (what new nodes could draw on)
     blocks_left: int
     unserved: Unserved = ()  # new ENIs it could not fund: subnet discovery may find them another subnet
+    spare: tuple[int, int] = (0, 0)  # (addresses, blocks) still free once its own nodes' growth is funded
 
 
 def new_eni_kind(kind: UnitKind) -> bool:
@@ -60,6 +63,10 @@ def new_eni_kind(kind: UnitKind) -> bool:
     ENI can come from another subnet."""
     cost_addresses, cost_blocks, _ = kind
     return cost_addresses >= 1 and (cost_blocks > 0 or cost_addresses > 1)
+
+
+def _unit_cost(kind: UnitKind) -> tuple[int, int, int]:
+    return kind[0] + PREFIX_SIZE * kind[1], kind[1], -kind[2]
 
 
 def _affordable(addresses: int, blocks: int, kind: UnitKind) -> int:
@@ -86,7 +93,23 @@ def subnet_yield(addresses: int, blocks: int, demand: Mapping[UnitKind, Demand])
     if addresses < 0 or blocks < 0:
         shortfall = min(addresses, blocks * PREFIX_SIZE)
         return Yield(shortfall, 0, addresses, blocks)
-    kinds = sorted(demand, key=lambda k: (k[0] + PREFIX_SIZE * k[1]) / k[2])
+    # The common case first: the subnet funds every unit its nodes want (one pass, nothing to rank).
+    all_addresses = all_blocks = wait_addresses = wait_blocks = waiting = new = 0
+    for (cost_addresses, cost_blocks, _), want in demand.items():
+        whole = cost_addresses + PREFIX_SIZE * cost_blocks
+        all_addresses += want.all_units * whole
+        all_blocks += want.all_units * cost_blocks
+        wait_addresses += want.wait_units * whole
+        wait_blocks += want.wait_units * cost_blocks
+        waiting += want.wait_ips
+        new += want.new_ips
+    if all_addresses <= addresses and all_blocks <= blocks:
+        left = addresses - wait_addresses
+        spare = addresses - all_addresses
+        return Yield(new, waiting, left, min(blocks - wait_blocks, left // PREFIX_SIZE), (),
+                     (spare, min(blocks - all_blocks, spare // PREFIX_SIZE)))
+    # Cheapest units first: with more addresses the same units are funded and maybe more, never fewer.
+    kinds = sorted(demand, key=_unit_cost)
     funded: dict[UnitKind, int] = {}
     surplus: dict[UnitKind, int] = {}
     waiting_served = 0
@@ -98,7 +121,7 @@ def subnet_yield(addresses: int, blocks: int, demand: Mapping[UnitKind, Demand])
         waiting_served += served
         funded[kind] = units
         surplus[kind] = units * kind[2] - served
-    left = (addresses, blocks)
+    after_waiting = (addresses, blocks)
     new_ips = 0
     unserved: list[tuple[UnitKind, int, int, int]] = []
     for kind in kinds:
@@ -111,7 +134,7 @@ def subnet_yield(addresses: int, blocks: int, demand: Mapping[UnitKind, Demand])
         if missing_units > 0 and new_eni_kind(kind):
             waited = want.wait_ips - min(want.wait_ips, funded[kind] * kind[2])
             unserved.append((kind, missing_units, waited, want.new_ips - got))
-    return Yield(new_ips, waiting_served, left[0], left[1], tuple(unserved))
+    return Yield(new_ips, waiting_served, after_waiting[0], after_waiting[1], tuple(unserved), (addresses, blocks))
 
 
 def discovery_yield(unserved: Iterable[tuple[UnitKind, int, int, int]],
@@ -127,7 +150,7 @@ def discovery_yield(unserved: Iterable[tuple[UnitKind, int, int, int]],
         entry[1] += waiting
         entry[2] += new
     waiting_served = new_served = 0
-    for kind in sorted(totals, key=lambda k: (k[0] + PREFIX_SIZE * k[1]) / k[2]):
+    for kind in sorted(totals, key=_unit_cost):
         units, waiting, new = totals[kind]
         for i, (addresses, blocks) in enumerate(pool):
             if units <= 0:

@@ -140,6 +140,11 @@ async def test_five_groups_pass_six_are_denied(env: Env) -> None:
         "ipguard: SecurityGroupPolicy shop/six lists 6 security groups; an ENI allows at most 5 "
         "(quota 'Security groups per network interface', from Service Quotas)."
     )
+    status, metrics = await env.client.get("/metrics")
+    assert status == 200
+    assert 'ipguard_object_decisions_total{kind="SecurityGroupPolicy",outcome="denied"} 1' in metrics
+    assert 'ipguard_object_decisions_total{kind="SecurityGroupPolicy",outcome="allowed"} 1' in metrics
+    assert 'ipguard_zone_branch_headroom{zone="us-east-1b"}' in metrics
 
 
 async def test_union_of_three_and_three(env: Env) -> None:

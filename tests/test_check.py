@@ -276,3 +276,35 @@ def test_examples_sgp(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         assert all(len(w) <= 120 for w in replica["warnings"])
         if replica["verdict"] == "denied":
             assert replica["denial"].startswith("ipguard: ")
+
+
+def test_report_on_the_sgp_cluster(capsys: pytest.CaptureFixture[str]) -> None:
+    """`ipguard report` says which quotas are in force and where from, the branch-ENI headroom per zone (none
+    where only t3 nodes run), and per policy its groups, union and the rule figures nearest the quota."""
+    assert main(["report", "--snapshot", str(REPO / "examples" / "cluster-sgp.yaml"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["securityGroupsForPods"]
+    assert report["quotas"] == {"securityGroupsPerENI": 5, "rulesPerSecurityGroup": 60, "source": "Service Quotas"}
+    assert report["branchHeadroom"]["us-east-1c"] == 0 and report["branchHeadroom"]["us-east-1b"] > 0
+    policies = {p["policy"]: p for p in report["securityGroupPolicies"]}
+    assert (policies["payments/api-db-access"]["union"], policies["payments/api-db-access"]["pods"]) == (4, 3)
+    assert max(r["most"] for r in policies["payments/partner-access"]["rules"]) == 55
+    assert main(["report", "--snapshot", str(REPO / "examples" / "sgp" / "cluster-missing-eniconfig.yaml")]) == 0
+    text = capsys.readouterr().out
+    assert "warning: 1 node(s) in us-east-1b select ENIConfig us-east-1b, which does not exist" in text
+    assert "quotas 5 groups per ENI, 60 rules per group and direction (from defaults)" in text
+
+
+def test_manifests_register_and_allow_what_the_checks_need() -> None:
+    """The validating webhook takes SecurityGroupPolicy and ENIConfig CREATE/UPDATE (the mutating one pods
+    only); RBAC reads service accounts; the IAM policy lets ipguard read the two quotas (optional)."""
+    configs = list(yaml.safe_load_all((REPO / "manifests" / "webhooks.yaml").read_text()))
+    mutating, validating = (c["webhooks"][0] for c in configs)
+    assert [r["resources"] for r in mutating["rules"]] == [["pods"]]
+    rules = {r["resources"][0]: r for r in validating["rules"]}
+    assert rules["securitygrouppolicies"]["operations"] == ["CREATE", "UPDATE"]
+    assert (rules["eniconfigs"]["apiGroups"], rules["eniconfigs"]["scope"]) == (["crd.k8s.amazonaws.com"], "Cluster")
+    role = next(d for d in yaml.safe_load_all((REPO / "manifests" / "rbac.yaml").read_text())
+                if d["kind"] == "ClusterRole")
+    assert "serviceaccounts" in role["rules"][0]["resources"]
+    iam = json.loads((REPO / "manifests" / "iam-policy.json").read_text())
+    assert any("servicequotas:GetServiceQuota" in s["Action"] for s in iam["Statement"])

@@ -140,6 +140,11 @@ async def test_five_groups_pass_six_are_denied(env: Env) -> None:
         "ipguard: SecurityGroupPolicy shop/six lists 6 security groups; an ENI allows at most 5 "
         "(quota 'Security groups per network interface', from Service Quotas)."
     )
+    status, metrics = await env.client.get("/metrics")
+    assert status == 200
+    assert 'ipguard_object_decisions_total{kind="SecurityGroupPolicy",outcome="denied"} 1' in metrics
+    assert 'ipguard_object_decisions_total{kind="SecurityGroupPolicy",outcome="allowed"} 1' in metrics
+    assert 'ipguard_zone_branch_headroom{zone="us-east-1b"}' in metrics
 
 
 async def test_union_of_three_and_three(env: Env) -> None:
@@ -243,3 +248,34 @@ async def test_stale_ec2_data_never_denies(env: Env) -> None:
             in answer["warnings"])
     wrong = await env.validate(ENI_CONFIG, eniconfig("pool", "subnet-0123456789abcdef0", []), namespace=None)
     assert wrong["allowed"] is True
+
+
+async def test_pod_eni_off_warns_that_the_policy_will_not_apply(env: Env) -> None:
+    """With ENABLE_POD_ENI off in the aws-node env, a policy is admitted with the warning that it will not
+    apply (never denied for it)."""
+    await env.fk.update("daemonsets", live.aws_node({"WARM_ENI_TARGET": "1"}), namespace="kube-system")
+    await live.eventually(lambda: not env.service.index.cni.pod_eni, "ENABLE_POD_ENI off applied")
+    answer = await env.validate(SECURITY_GROUP_POLICY, sgp("off", env.groups.plain[:1], {"matchLabels": {"app": "b"}}))
+    assert answer["allowed"] is True
+    assert "ipguard: ENABLE_POD_ENI is off: SecurityGroupPolicy shop/off will not apply" in answer["warnings"]
+
+
+async def test_an_eniconfig_update_that_moves_nodes_subnet_warns(env: Env) -> None:
+    """Under custom networking, an UPDATE that changes the subnet of an ENIConfig nodes select: the running
+    node keeps its ENIs in the old subnet, only new ENIs use the new one (a warning, never a denial)."""
+    ec2c = env.ec2
+    await env.fk.create("eniconfigs", eniconfig(B, ec2c.subnet_b, [env.groups.plain[0]]))
+    await env.fk.update("daemonsets", live.aws_node({
+        "WARM_ENI_TARGET": "1", "ENABLE_POD_ENI": "true", "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG": "true",
+        "ENI_CONFIG_LABEL_DEF": "topology.kubernetes.io/zone"}), namespace="kube-system")
+    await live.eventually(lambda: env.service.state.eni_configs.zones_of(B) == {B: 1}, "node B selects its ENIConfig")
+    new_subnet = env.moto.ec2().create_subnet(VpcId=ec2c.vpc, CidrBlock="10.0.3.0/24",
+                                              AvailabilityZone=B)["Subnet"]["SubnetId"]
+    assert env.service.vpc_poller is not None
+    env.service.vpc_poller.next_at = 0.0  # the next listing, now rather than a period later
+    await live.eventually(lambda: new_subnet in env.service.state.vpc.subnets, "the new subnet listed")
+    old = eniconfig(B, ec2c.subnet_b, [env.groups.plain[0]])
+    answer = await env.validate(ENI_CONFIG, eniconfig(B, new_subnet, [env.groups.plain[0]]), namespace=None, old=old)
+    assert answer["allowed"] is True
+    assert (f"ipguard: ENIConfig {B}: 1 node(s) keep ENIs in {ec2c.subnet_b}; new ENIs use {new_subnet}"
+            in answer["warnings"])

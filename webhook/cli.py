@@ -67,12 +67,16 @@ def _report(args: argparse.Namespace) -> int:
     except SnapshotError as exc:
         print(f"ipguard: {exc}", file=sys.stderr)
         return 1
+    from webhook.admission.handler import AdmissionState
+
     index = snapshot.build_index()
+    policies, eni_configs, vpc = snapshot.build_objects(index)
+    state = AdmissionState(index, snapshot.settings, policies=policies, eni_configs=eni_configs, vpc=vpc)
     figures = index.snapshot()
     if args.json:
-        print(json.dumps(report_json(figures, snapshot.settings), indent=2))
+        print(json.dumps(report_json(figures, snapshot.settings, state), indent=2))
     else:
-        print(report_text(figures, snapshot.settings))
+        print(report_text(figures, snapshot.settings, state))
     return 0
 
 
@@ -103,9 +107,9 @@ def _report_live(args: argparse.Namespace) -> int:
     def report(state: AdmissionStateT) -> int:
         figures = state.index.snapshot()
         if args.json:
-            print(json.dumps(report_json(figures, state.settings), indent=2))
+            print(json.dumps(report_json(figures, state.settings, state), indent=2))
         else:
-            print(report_text(figures, state.settings))
+            print(report_text(figures, state.settings, state))
         return 0
 
     return with_live_cluster(args, report, not_loaded=1)

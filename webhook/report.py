@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from webhook.model.config import Settings
+from webhook.model.eniconfig import missing_config_findings
 from webhook.model.index import HEADROOM_RULE, IndexSnapshot
+from webhook.model.sgp import union_excesses
+
+if TYPE_CHECKING:
+    from webhook.admission.handler import AdmissionState
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -30,7 +35,62 @@ def zone_status(headroom: int, reserve: int) -> str:
     return "ok"
 
 
-def report_text(snapshot: IndexSnapshot, settings: Settings) -> str:
+def objects_json(snapshot: IndexSnapshot, state: AdmissionState) -> dict[str, Any]:
+    """Security groups for pods and custom networking: quotas and where they came from, branch-ENI headroom
+    per zone, each policy's groups, union and rule figures, and nodes that find no ENIConfig."""
+    from webhook.admission.objects import quotas as quotas_in_force
+
+    quotas = quotas_in_force(state)
+    vpc = state.vpc
+    policies = []
+    for namespace in sorted(state.policies.policies):
+        for _, policy in sorted(state.policies.policies[namespace].items()):
+            excesses, _ = union_excesses(policy, state.policies, 0)  # quota 0: every subject it selects
+            rules = []
+            for group in policy.groups:
+                counts = vpc.groups.get(group)
+                if counts is not None:
+                    direction, most = counts.most
+                    rules.append({"group": group, "most": most, "direction": direction})
+            policies.append({
+                "policy": policy.key, "groups": list(policy.groups),
+                "union": max((len(e.groups) for e in excesses), default=len(policy.groups)),
+                "pods": sum(e.pods for e in excesses), "rules": rules, "applies": policy.applies,
+            })
+    missing = missing_config_findings(state.eni_configs, state.eni_configs.configs) if (
+        state.index.cni.custom_networking) else []
+    return {
+        "podEni": state.index.cni.pod_eni,
+        "quotas": {"securityGroupsPerENI": quotas.groups_per_eni, "rulesPerSecurityGroup": quotas.rules_per_group,
+                   "source": quotas.source},
+        "branchHeadroom": {z.zone: max(z.branch_headroom, 0) for z in snapshot.zones},
+        "securityGroupPolicies": policies,
+        "eniConfigFindings": [f.message for f in missing],
+    }
+
+
+def objects_text(snapshot: IndexSnapshot, state: AdmissionState) -> list[str]:
+    data = objects_json(snapshot, state)
+    quotas = data["quotas"]
+    out = [
+        "",
+        f"Security groups for pods: ENABLE_POD_ENI {'on' if data['podEni'] else 'off'}; quotas "
+        f"{quotas['securityGroupsPerENI']} groups per ENI, {quotas['rulesPerSecurityGroup']} rules per group "
+        f"and direction (from {quotas['source']})",
+        format_table(["ZONE", "BRANCH-HEADROOM"], sorted(data["branchHeadroom"].items())),
+    ]
+    if data["securityGroupPolicies"]:
+        rows = []
+        for p in data["securityGroupPolicies"]:
+            top = max(p["rules"], key=lambda r: r["most"], default=None)
+            rows.append((p["policy"], len(p["groups"]), p["union"], p["pods"],
+                         f"{top['group']} {top['most']} {top['direction']}" if top else "-"))
+        out += ["", format_table(["POLICY", "GROUPS", "UNION", "PODS", "MOST-RULES"], rows)]
+    out += [f"warning: {message}" for message in data["eniConfigFindings"]]
+    return out
+
+
+def report_text(snapshot: IndexSnapshot, settings: Settings, state: AdmissionState | None = None) -> str:
     zone_rows = [
         (z.zone, z.nodes, z.room, z.warm_free, z.subnet_free, z.reservations + z.pending, z.waiting, z.headroom,
          z.new_node_ips, settings.reserve_for_zone(z.zone), zone_status(z.headroom, settings.reserve_for_zone(z.zone)))
@@ -51,6 +111,7 @@ def report_text(snapshot: IndexSnapshot, settings: Settings) -> str:
         "",
         "Subnets",
         format_table(["SUBNET", "ZONE", "CIDR", "FREE-IPS", "FREE-/28", "USABLE", "NODES"], subnet_rows),
+        *(objects_text(snapshot, state) if state is not None else []),
         "",
         f"{snapshot.nodes} nodes, {snapshot.pods} pods, {snapshot.reservations} reservations; "
         f"per zone, {HEADROOM_RULE}",
@@ -63,8 +124,10 @@ def report_text(snapshot: IndexSnapshot, settings: Settings) -> str:
     return "\n".join(out)
 
 
-def report_json(snapshot: IndexSnapshot, settings: Settings) -> dict[str, Any]:
+def report_json(snapshot: IndexSnapshot, settings: Settings, state: AdmissionState | None = None) -> dict[str, Any]:
+    extra = {"securityGroupsForPods": objects_json(snapshot, state)} if state is not None else {}
     return {
+        **extra,
         "zones": [
             {
                 "zone": z.zone,

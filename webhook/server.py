@@ -34,6 +34,7 @@ class ServerMetrics:
     latency: Histogram = field(init=False)
     bad_requests: Counter = field(init=False)
     errors: Counter = field(init=False)
+    objects: Counter = field(init=False)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -45,6 +46,9 @@ class ServerMetrics:
                                           ("endpoint", "status")))
         self.errors = r.add(Counter("ipguard_handler_errors_total", "Unexpected errors while answering.",
                                     ("endpoint",)))
+        self.objects = r.add(Counter("ipguard_object_decisions_total",
+                                     "Validations of objects other than pods (SecurityGroupPolicy, ENIConfig), "
+                                     "by kind and outcome.", ("kind", "outcome")))
 
 
 def _index_gauges(state: AdmissionState, registry: Registry) -> None:
@@ -63,7 +67,14 @@ def _index_gauges(state: AdmissionState, registry: Registry) -> None:
         index = state.index
         return [((z,), float(index.zones[z].waiting)) for z in index.zone_names()]
 
+    def branch_zones() -> Iterable[tuple[LabelValues, float]]:
+        index = state.index
+        index.expire()
+        return [((z,), float(max(index.zones[z].branch_headroom, 0))) for z in index.zone_names()]
+
     registry.add(Gauge("ipguard_zone_headroom_pod_ips", "Pod IPs a zone can still take.", ("zone",), zones))
+    registry.add(Gauge("ipguard_zone_branch_headroom", "Branch-ENI pods (security groups for pods) a zone can "
+                       "still take: branch room, within its pod subnets' addresses.", ("zone",), branch_zones))
     registry.add(Gauge("ipguard_subnet_free_pod_ips", "Pod IPs a subnet can still supply.", ("subnet", "zone"),
                        subnets))
     registry.add(Gauge("ipguard_zone_pods_waiting_for_ip",
@@ -165,6 +176,8 @@ class WebhookServer:
         elapsed = time.perf_counter() - started
         decision = answer.decision.verdict.value
         self.metrics.requests.inc(stage, decision, answer.outcome)
+        if review.kind != "Pod" and stage == "validate":
+            self.metrics.objects.inc(review.kind, answer.outcome)
         self.metrics.latency.observe(elapsed, stage, decision)
         if answer.outcome not in ("allowed", "not-applicable") or self.log_allows:
             log.info(

@@ -22,6 +22,7 @@ from kubernetes_asyncio import client as k8s
 from webhook.admission.handler import AdmissionState
 from webhook.metrics import Gauge, LabelValues
 from webhook.model.config import Settings
+from webhook.model.eniconfig import missing_config_findings
 from webhook.model.index import CapacityIndex
 from webhook.model.vpc import VpcFacts
 from webhook.server import RunningServer, WebhookServer, start_server
@@ -241,6 +242,10 @@ class Service:
         gc.collect()
         gc.freeze()
         log.info("index loaded", extra={"fields": {"pods": len(self.index.pods), "nodes": len(self.feed.nodes)}})
+        if self.index.cni.custom_networking:
+            # Said once, when ready: nodes whose ENIConfig does not exist give their pods no IP.
+            for finding in missing_config_findings(self.state.eni_configs, self.state.eni_configs.configs):
+                log.warning(finding.message)
 
     async def start(self) -> RunningServer:
         for reflector in self.reflectors.values():

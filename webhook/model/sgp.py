@@ -102,19 +102,19 @@ def parse_policy(obj: Mapping[str, Any], namespace: str | None = None) -> Policy
 
 
 def pod_shape(pod: Mapping[str, Any]) -> Shape:
-    meta = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
-    spec = pod.get("spec") if isinstance(pod.get("spec"), dict) else {}
-    assert isinstance(meta, dict) and isinstance(spec, dict)
-    labels = meta.get("labels") if isinstance(meta.get("labels"), dict) else {}
-    assert isinstance(labels, dict)
-    account = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
-    return tuple(sorted((str(k), str(v)) for k, v in labels.items())), str(account)
+    # Runs on every pod watch event: plain dict access, no copies beyond the shape itself.
+    meta = pod.get("metadata")
+    spec = pod.get("spec")
+    labels = meta.get("labels") if type(meta) is dict else None
+    account = (spec.get("serviceAccountName") or spec.get("serviceAccount")) if type(spec) is dict else None
+    items = tuple(sorted(labels.items())) if type(labels) is dict and labels else ()
+    return items, account if isinstance(account, str) and account else "default"
 
 
 @dataclass(slots=True)
 class ShapeCount:
     count: int = 0
-    names: list[str] = field(default_factory=list)  # a few of the pods' names, for messages
+    names: list[str] = field(default_factory=list)  # a few of the pods' keys (namespace/name), for messages
 
 
 @dataclass(slots=True)
@@ -124,7 +124,7 @@ class PolicyStore:
     policies: dict[str, dict[str, Policy]] = field(default_factory=dict)
     service_accounts: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
     shapes: dict[str, dict[Shape, ShapeCount]] = field(default_factory=dict)
-    pods: dict[str, tuple[str, Shape]] = field(default_factory=dict)  # pod key -> (namespace, shape)
+    pods: dict[str, Shape] = field(default_factory=dict)  # pod key (namespace/name) -> its shape
     _interned: dict[Shape, Shape] = field(default_factory=dict)
 
     # -- updates
@@ -150,29 +150,31 @@ class PolicyStore:
                 del self.service_accounts[namespace]
 
     def put_pod(self, key: str, namespace: str, shape: Shape) -> None:
+        """A pod (key `namespace/name`) as the watch shows it; O(1), and nothing kept when it did not change."""
         old = self.pods.get(key)
-        if old is not None and old == (namespace, shape):
-            return
         if old is not None:
+            if old == shape:
+                return
             self.drop_pod(key)
-        shape = self._interned.setdefault(shape, shape)
-        self.pods[key] = (namespace, shape)
-        counted = self.shapes.setdefault(namespace, {}).setdefault(shape, ShapeCount())
+        shape = self._interned.setdefault(shape, shape)  # a workload's replicas share one shape object
+        self.pods[key] = shape
+        counted = self.shapes.setdefault(namespace, {}).get(shape)
+        if counted is None:
+            counted = self.shapes[namespace][shape] = ShapeCount()
         counted.count += 1
         if len(counted.names) < SAMPLE_NAMES:
-            counted.names.append(key.split("/", 1)[-1])
+            counted.names.append(key)
 
     def drop_pod(self, key: str) -> None:
-        old = self.pods.pop(key, None)
-        if old is None:
+        shape = self.pods.pop(key, None)
+        if shape is None:
             return
-        namespace, shape = old
+        namespace = key.partition("/")[0]
         shapes = self.shapes[namespace]
         counted = shapes[shape]
         counted.count -= 1
-        name = key.split("/", 1)[-1]
-        if name in counted.names:
-            counted.names.remove(name)
+        if key in counted.names:
+            counted.names.remove(key)
         if counted.count <= 0:
             del shapes[shape]
             self._interned.pop(shape, None)
@@ -204,7 +206,7 @@ class PolicyStore:
         for shape, counted in self.shapes.get(namespace, {}).items():
             labels, account = shape
             yield Subject(dict(labels), account, self.account_labels(namespace, account), counted.count,
-                          tuple(counted.names))
+                          tuple(k.partition("/")[2] for k in counted.names))
         for account, account_labels in self.service_accounts.get(namespace, {}).items():
             yield Subject(None, account, account_labels, 0, ())
 

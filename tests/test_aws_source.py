@@ -40,15 +40,15 @@ from webhook.model.limits import InstanceLimits, LimitsTable
 from webhook.sources.ec2.client import Call, Ec2, classify_error
 from webhook.sources.ec2.enis import Eni, EniProvider, parse_eni, subnet_usage, summarize_instances
 from webhook.sources.ec2.instance_types import instance_limits_from_ec2
-from webhook.sources.ec2.instances import (
-    cluster_name_from_tags,
+from webhook.sources.ec2.instances import cluster_name_from_tags
+from webhook.sources.ec2.poller import Ec2Poller, RefreshResult
+from webhook.sources.ec2.subnets import free_prefix_blocks
+from webhook.sources.provider_ids import (
     instance_id_from_provider_id,
     node_instances_from_provider_ids,
     region_from_provider_id,
     region_from_zone,
 )
-from webhook.sources.ec2.poller import Ec2Poller, RefreshResult
-from webhook.sources.ec2.subnets import free_prefix_blocks
 
 REGION = "us-east-1"
 AMI = "ami-12c6146b"  # any id: moto does not check it

@@ -84,9 +84,10 @@ class SubnetInfo:
 
     @property
     def cni_discoverable(self) -> bool:
-        """Tagged for enhanced subnet discovery, and not opted out with the value `0`."""
-        value = self.tags.get(CNI_SUBNET_TAG)
-        return value is not None and value != "0"
+        """Tagged for enhanced subnet discovery as ipamd reads the tag (`isSubnetValidForENICreation`): a value
+        other than `0`; an empty value counts as no tag. (ipamd also skips subnets tagged for other clusters
+        only, when aws-node has CLUSTER_NAME set; that is not known here, so such subnets are kept.)"""
+        return self.tags.get(CNI_SUBNET_TAG, "") not in ("", "0")
 
 
 def parse_subnet(raw: SubnetTypeDef) -> SubnetInfo:

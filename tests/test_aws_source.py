@@ -40,15 +40,15 @@ from webhook.model.limits import InstanceLimits, LimitsTable
 from webhook.sources.ec2.client import Call, Ec2, classify_error
 from webhook.sources.ec2.enis import Eni, EniProvider, parse_eni, subnet_usage, summarize_instances
 from webhook.sources.ec2.instance_types import instance_limits_from_ec2
-from webhook.sources.ec2.instances import (
-    cluster_name_from_tags,
+from webhook.sources.ec2.instances import cluster_name_from_tags
+from webhook.sources.ec2.poller import Ec2Poller, RefreshResult
+from webhook.sources.ec2.subnets import SubnetInfo, free_prefix_blocks
+from webhook.sources.provider_ids import (
     instance_id_from_provider_id,
     node_instances_from_provider_ids,
     region_from_provider_id,
     region_from_zone,
 )
-from webhook.sources.ec2.poller import Ec2Poller, RefreshResult
-from webhook.sources.ec2.subnets import free_prefix_blocks
 
 REGION = "us-east-1"
 AMI = "ami-12c6146b"  # any id: moto does not check it
@@ -851,15 +851,24 @@ def tagged_subnet(ec2: Any, vpc: str, cidr: str, zone: str, value: str | None) -
     return subnet
 
 
+@pytest.mark.parametrize(("value", "counts"), [("1", True), ("shared", True), ("0", False), ("", False), (None, False)])
+def test_discovery_tag_as_ipamd_reads_it(value: str | None, counts: bool) -> None:
+    """isSubnetValidForENICreation: `0` opts a subnet out, an empty value is no tag, any other value opts in."""
+    tags = {} if value is None else {"kubernetes.io/role/cni": value}
+    assert SubnetInfo("subnet-1", ZONES[0], "10.0.64.0/24", 251, tags=tags).cni_discoverable is counts
+
+
 async def test_subnets_tagged_for_discovery_reach_the_index_with_their_tags(moto_server: Server) -> None:
     """VPC CNI 1.18+ (ENABLE_SUBNET_DISCOVERY) creates ENIs in subnets of the node's VPC and zone tagged
-    kubernetes.io/role/cni, but not in those tagged `0`: the tagged ones are fetched with the node subnets
+    kubernetes.io/role/cni, but not in those tagged `0` or with an empty value (ipamd's
+    isSubnetValidForENICreation): the tagged ones are fetched with the node subnets
     (DescribeSubnets by tag-key in the VPC) and reach the index with their tags, where a node can use them."""
     ec2 = ec2_client(moto_server.url)
     cluster = create_cluster(ec2)
     extra = tagged_subnet(ec2, cluster.vpc, "10.0.64.0/24", ZONES[0], "1")
     opted_out = tagged_subnet(ec2, cluster.vpc, "10.0.65.0/24", ZONES[0], "0")
     untagged = tagged_subnet(ec2, cluster.vpc, "10.0.66.0/24", ZONES[0], None)
+    empty = tagged_subnet(ec2, cluster.vpc, "10.0.68.0/24", ZONES[0], "")  # ipamd reads it as no tag
     nodeless = tagged_subnet(ec2, cluster.vpc, "10.0.67.0/24", "us-east-1d", "1")  # no node in that zone
     elsewhere = ec2.create_vpc(CidrBlock="10.1.0.0/16")["Vpc"]["VpcId"]
     foreign = tagged_subnet(ec2, elsewhere, "10.1.0.0/24", ZONES[0], "1")  # another VPC
@@ -873,7 +882,7 @@ async def test_subnets_tagged_for_discovery_reach_the_index_with_their_tags(moto
         assert index.subnets[extra].tags == {"kubernetes.io/role/cni": "1"}
         assert index.subnets[extra].zone == ZONES[0]
         assert extra in result.subnets and not result.subnets_missing
-        for absent in (opted_out, untagged, nodeless, foreign):
+        for absent in (opted_out, untagged, empty, nodeless, foreign):
             assert absent not in index.subnets
         assert index.subnets[cluster.subnets[0]].tags == {}  # the node subnets carry theirs (none here)
         assert index.zones[ZONES[0]].subnet_ids == {cluster.subnets[0], extra}

@@ -15,6 +15,7 @@ from tests.paths import REPO
     ["bench/index.py", "--nodes", "60", "--pods", "1800", "--events", "2000", "--decisions", "500"],
     ["bench/sources.py", "--quick"],
     ["bench/replay.py"],
+    ["bench/ec2.py", "--nodes", "6"],
     ["bench/server.py", "--quick", "--duration", "0.5", "--warmup", "0.2", "--rate", "200",
      "--open-duration", "0.5", "--nodes", "60", "--pods", "600"],
 ])

@@ -20,6 +20,7 @@ from webhook.model.config import NO_VALID_SETTINGS, ConfigError, Settings
 from webhook.model.eniconfig import EniConfigStore, parse_eniconfig
 from webhook.model.index import CapacityIndex, pod_key
 from webhook.model.sgp import PolicyStore, parse_policy, pod_shape
+from webhook.sources.provider_ids import node_instances_from_provider_ids
 
 log = logging.getLogger("ipguard.sources")
 
@@ -209,13 +210,7 @@ class ClusterFeed:
 
     def node_instances(self) -> dict[str, str]:
         """node name -> EC2 instance id, from providerID `aws:///us-east-1a/i-0123...`."""
-        result = {}
-        for name, info in self.nodes.items():
-            if info.provider_id and info.provider_id.startswith("aws://"):
-                instance = info.provider_id.rsplit("/", 1)[-1]
-                if instance.startswith("i-"):
-                    result[name] = instance
-        return result
+        return node_instances_from_provider_ids({n: i.provider_id for n, i in self.nodes.items() if i.provider_id})
 
     def subnets_in_use(self) -> set[str]:
         """Pod subnets: the ENIConfigs' under custom networking (the nodes' own subnets then give pods

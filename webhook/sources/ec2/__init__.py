@@ -1,7 +1,7 @@
 """The EC2 edge of ipguard, one module per thing it fetches:
 
   client.py           the shared boto3 client, thread pool, retries, backoff and error classification
-  instances.py        nodes as EC2 instances (providerIDs, region), the cluster's VPC and EKS cluster name
+  instances.py        the cluster's VPC and EKS cluster name, from the nodes' instances (DescribeInstances)
   enis.py             the IPs and prefixes each node holds (DescribeNetworkInterfaces)
   subnets.py          subnet figures: free addresses, zone, CIDR, tags, free /28 blocks; the subnets tagged
                       for enhanced subnet discovery; CIDR reservations (DescribeSubnets, GetSubnetCidr...)

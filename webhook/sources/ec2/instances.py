@@ -1,10 +1,9 @@
-"""Nodes as EC2 instances: instance id, zone and region from a node's providerID, and the cluster's VPC and
-EKS cluster name (DescribeInstances of the nodes' instances: their VpcId and tags)."""
+"""The cluster's VPC and EKS cluster name, read off the nodes' EC2 instances (DescribeInstances: their VpcId
+and tags)."""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -13,47 +12,9 @@ from webhook.sources.ec2.client import Call, Ec2
 if TYPE_CHECKING:
     from mypy_boto3_ec2.type_defs import TagTypeDef
 
-_PROVIDER_ID = re.compile(r"^aws://(?:/(?P<zone>[^/]*))?/(?P<rest>.+)$")
-_INSTANCE_ID = re.compile(r"^i-[0-9a-f]{8,17}$")
-_REGION = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d+")
 # Tags EKS, its node groups, Karpenter and eksctl put on a cluster's instances, in order of trust.
 CLUSTER_NAME_TAGS = ("eks:cluster-name", "aws:eks:cluster-name", "eks:eks-cluster-name")
 CLUSTER_OWNERSHIP_PREFIX = "kubernetes.io/cluster/"  # kubernetes.io/cluster/<name>: owned | shared
-
-
-def instance_id_from_provider_id(provider_id: str) -> str | None:
-    """`aws:///us-east-1a/i-0123456789abcdef0` -> `i-0123456789abcdef0`; None for anything else (Fargate...)."""
-    match = _PROVIDER_ID.match(provider_id.strip())
-    if match is None:
-        return None
-    last = match.group("rest").rsplit("/", 1)[-1]
-    return last if _INSTANCE_ID.match(last) else None
-
-
-def zone_from_provider_id(provider_id: str) -> str | None:
-    match = _PROVIDER_ID.match(provider_id.strip())
-    return (match.group("zone") or None) if match else None
-
-
-def region_from_zone(zone: str) -> str | None:
-    """`us-east-1a` -> `us-east-1`; local and Wavelength zones (`us-west-2-lax-1a`) -> their parent region."""
-    match = _REGION.match(zone)
-    return match.group(0) if match else None
-
-
-def region_from_provider_id(provider_id: str) -> str | None:
-    zone = zone_from_provider_id(provider_id)
-    return region_from_zone(zone) if zone else None
-
-
-def node_instances_from_provider_ids(provider_ids: Mapping[str, str]) -> dict[str, str]:
-    """Node name -> instance id, for the nodes whose providerID names an EC2 instance."""
-    out: dict[str, str] = {}
-    for node, provider_id in provider_ids.items():
-        instance_id = instance_id_from_provider_id(provider_id)
-        if instance_id is not None:
-            out[node] = instance_id
-    return out
 
 
 def cluster_name_from_tags(tags: Iterable[TagTypeDef]) -> str | None:

@@ -26,9 +26,10 @@ from webhook.sources.ec2.client import Call, CallFailed, CallStats, Clock, Ec2, 
 from webhook.sources.ec2.control_plane import ControlPlane, ControlPlaneProvider
 from webhook.sources.ec2.enis import EniProvider, InstanceEnis
 from webhook.sources.ec2.instance_types import InstanceTypeProvider
-from webhook.sources.ec2.instances import VpcProvider, region_from_zone
+from webhook.sources.ec2.instances import VpcProvider
 from webhook.sources.ec2.security_groups import SecurityGroupInfo, SecurityGroupProvider
 from webhook.sources.ec2.subnets import SubnetInfo, SubnetProvider
+from webhook.sources.provider_ids import region_from_zone
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 
 from cachetools import TTLCache
 
+from webhook.model.index import CNI_SUBNET_TAG as CNI_SUBNET_TAG  # the tag, defined once; sources read it here
 from webhook.model.limits import PREFIX_SIZE
 from webhook.sources.ec2.client import Call, CallFailed, Ec2, chunks, vpc_filter
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2.type_defs import FilterTypeDef, PaginatorConfigTypeDef, SubnetTypeDef
 
-CNI_SUBNET_TAG = "kubernetes.io/role/cni"  # enhanced subnet discovery; the value "0" opts a subnet out
 EXPLICIT_RESERVATION = "explicit"  # EC2 hands these addresses out only when asked for them by address
 # First four addresses (network, VPC router, DNS, future use) and the last one of every subnet.
 AWS_RESERVED_HEAD = 4
@@ -84,9 +84,11 @@ class SubnetInfo:
 
     @property
     def cni_discoverable(self) -> bool:
-        """Tagged for enhanced subnet discovery, and not opted out with the value `0`."""
-        value = self.tags.get(CNI_SUBNET_TAG)
-        return value is not None and value != "0"
+        """Tagged for enhanced subnet discovery as ipamd reads the tag (`isSubnetValidForENICreation`, as the
+        index's `Subnet.discoverable`): a value other than `0`; an empty value counts as no tag. (ipamd also
+        skips subnets tagged for other clusters only, when aws-node has CLUSTER_NAME set; that is not known
+        here, so such subnets are kept.)"""
+        return self.tags.get(CNI_SUBNET_TAG, "") not in ("", "0")
 
 
 def parse_subnet(raw: SubnetTypeDef) -> SubnetInfo:

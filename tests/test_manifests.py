@@ -210,3 +210,42 @@ def test_image_runs_ipguard_serve_non_root_with_pinned_dependencies() -> None:
     installs = [line for line in lines if "pip install" in line]
     assert installs and all("-c constraints.txt" in line for line in installs)
     assert 'ENTRYPOINT ["ipguard"]' in lines and 'CMD ["serve"]' in lines
+
+
+def test_the_deployment_manages_its_certificates_in_a_writable_memory_volume(base: list[dict[str, Any]]) -> None:
+    """The base runs --manage-certificates and writes the served pair to an in-memory emptyDir (the root
+    filesystem stays read-only); the Secret it keeps is shipped empty, so re-applying never resets it."""
+    container = pod_spec(base)["containers"][0]
+    assert "--manage-certificates" in container["args"]
+    cert = next(a.split("=", 1)[1] for a in container["args"] if a.startswith("--tls-cert="))
+    mount = next(m for m in container["volumeMounts"] if cert.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod_spec(base)["volumes"] if v["name"] == mount["name"])
+    assert volume["emptyDir"]["medium"] == "Memory"
+    secret = only(base, "Secret", "ipguard-tls")
+    assert "data" not in secret and "stringData" not in secret
+    for hook in webhooks(base):
+        assert "caBundle" not in hook["clientConfig"]  # kept by ipguard; an apply must not empty it
+
+
+def test_cert_manager_overlay_injects_the_ca_and_mounts_its_secret() -> None:
+    """manifests/cert-manager: no self-management (no flag, no Secret or webhook write access), the Secret
+    cert-manager fills mounted read-only, the CA injected into both webhook configurations from the
+    Certificate whose DNS names the apiserver dials."""
+    objects = kustomize(REPO / "manifests" / "cert-manager")
+    for obj in objects:
+        if obj["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    container = pod_spec(objects)["containers"][0]
+    assert "--manage-certificates" not in container["args"]
+    volumes = {v["name"]: v for v in pod_spec(objects)["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "ipguard-tls"
+    assert not [o for o in objects if o["kind"] == "Secret"]
+    for _role, rule in rules(objects):
+        assert "secrets" not in rule["resources"]
+        assert not set(rule["verbs"]) & WRITE_VERBS
+    certificate = only(objects, "Certificate", "ipguard-tls")
+    assert certificate["spec"]["secretName"] == "ipguard-tls"
+    assert "ipguard.ipguard.svc" in certificate["spec"]["dnsNames"]
+    for obj in objects:
+        if obj["kind"].endswith("WebhookConfiguration"):
+            assert obj["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == "ipguard/ipguard-tls"

@@ -94,6 +94,10 @@ def _serve_options(args: argparse.Namespace) -> ServeOptionsT:
         ec2_period=args.ec2_period,
         vpc_period=args.vpc_period,
         shutdown_delay=getattr(args, "shutdown_delay", 5.0),
+        manage_certificates=getattr(args, "manage_certificates", False),
+        certificate_secret=getattr(args, "certificate_secret", "ipguard-tls"),
+        service_name=getattr(args, "service_name", "ipguard"),
+        webhook_configuration=getattr(args, "webhook_configuration", "ipguard"),
     )
 
 
@@ -274,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sp.add_argument("--shutdown-delay", type=float, default=5.0,
                     help="seconds to stay up, not ready, after SIGTERM (endpoints catch up)")
+    sp.add_argument("--manage-certificates", action="store_true",
+                    help="keep the CA and serving certificate in a Secret of --config-namespace, write them to "
+                         "--tls-cert/--tls-key, publish the caBundle and renew before expiry")
+    sp.add_argument("--certificate-secret", default="ipguard-tls", help="with --manage-certificates: the Secret")
+    sp.add_argument("--service-name", default="ipguard", help="the webhook Service (the certificate's DNS names)")
+    sp.add_argument("--webhook-configuration", default="ipguard",
+                    help="name of ipguard's Mutating- and ValidatingWebhookConfiguration (caBundle patched)")
     _live_source_args(sp)
     sp.set_defaults(func=_serve)
     return parser

@@ -25,6 +25,7 @@ from webhook.model.config import Settings
 from webhook.model.index import CapacityIndex
 from webhook.model.vpc import VpcFacts
 from webhook.server import RunningServer, WebhookServer, start_server
+from webhook.sources.certificates import CertificateKeeper
 from webhook.sources.cluster import ClusterFeed
 from webhook.sources.ec2.client import Call
 from webhook.sources.ec2.poller import Ec2Poller
@@ -60,6 +61,14 @@ class ServeOptions:
     watch_timeout: int = WATCH_TIMEOUT
     shutdown_delay: float = 5.0  # not ready, still serving, before the listener closes
     tls: bool = True  # False: the index only (`report --live`), no serving certificate looked for
+    # Certificates kept in a Secret by ipguard itself (the files above are then written, not only read).
+    manage_certificates: bool = False
+    certificate_secret: str = "ipguard-tls"
+    service_name: str = "ipguard"
+    webhook_configuration: str = "ipguard"
+    certificate_days: int = 365
+    certificate_period: float = 60.0
+    certificate_settle: float = 600.0
 
 
 def min_staleness(options: ServeOptions) -> float:
@@ -86,6 +95,7 @@ class Service:
     ec2_loop_errors: int = 0
     settings_changes: int = 0
     server: WebhookServer = field(init=False)
+    certificates: CertificateKeeper | None = field(init=False)
     running: RunningServer | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -117,6 +127,13 @@ class Service:
         )
         reloader = CertReloader(o.tls_cert, o.tls_key, allow_missing=True) if o.tls else None
         self.server = WebhookServer(self.state, reloader, self.loaded, self.source_ages, self.notes)
+        self.certificates = (
+            CertificateKeeper(self.api, o.config_namespace, o.tls_cert, o.tls_key, secret_name=o.certificate_secret,
+                              service=o.service_name, webhook_configuration=o.webhook_configuration,
+                              days=o.certificate_days, settle=o.certificate_settle,
+                              on_served=reloader.maybe_reload)
+            if o.manage_certificates and reloader is not None else None
+        )
         self._add_metrics()
 
     # ---- settings ---------------------------------------------------------------------------------------
@@ -248,6 +265,15 @@ class Service:
         if self.poller is not None:
             self._tasks.append(asyncio.create_task(self._ec2_loop(), name="ec2"))
         self._tasks.append(asyncio.create_task(self._freeze_when_loaded(), name="gc-freeze"))
+        if self.certificates is not None:
+            # Before listening, so the first handshake already has a certificate when the API server answers.
+            try:
+                await self.certificates.reconcile()
+            except Exception:
+                self.certificates.errors += 1
+                log.exception("certificates not in place yet; retrying")
+            self._tasks.append(asyncio.create_task(self.certificates.run(self.options.certificate_period),
+                                                   name="certificates"))
         assert self.server.reloader is not None
         self.running = await start_server(self.server, self.options.host, self.options.port,
                                           self.server.reloader.context)
@@ -298,6 +324,23 @@ class Service:
                            ec2_errors))
         registry.add(Gauge("ipguard_settings_applied_total", "Settings versions applied since start.", (),
                            lambda: [((), float(self.settings_changes))]))
+
+        def certificate_figures(attr: str) -> Callable[[], Iterable[tuple[LabelValues, float]]]:
+            keeper = self.certificates
+            return lambda: [((), float(getattr(keeper, attr)))] if keeper is not None else []
+
+        registry.add(Gauge("ipguard_certificate_secret_writes_total",
+                           "Writes of the certificate Secret (creation and renewal steps).", (),
+                           certificate_figures("writes")))
+        registry.add(Gauge("ipguard_certificate_secret_conflicts_total",
+                           "Certificate Secret writes lost to another replica (its certificate was taken).", (),
+                           certificate_figures("conflicts")))
+        registry.add(Gauge("ipguard_certificate_ca_bundle_patches_total",
+                           "caBundle patches of ipguard's webhook configurations.", (),
+                           certificate_figures("bundle_patches")))
+        registry.add(Gauge("ipguard_certificate_errors_total",
+                           "Failures keeping the certificate Secret or the caBundle.", (),
+                           certificate_figures("errors")))
 
     async def wait_loaded(self, seconds: float) -> bool:
         """Start only the sources and wait until the index is loaded (for `ipguard report` on a live cluster)."""

@@ -249,3 +249,27 @@ def test_cert_manager_overlay_injects_the_ca_and_mounts_its_secret() -> None:
     for obj in objects:
         if obj["kind"].endswith("WebhookConfiguration"):
             assert obj["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == "ipguard/ipguard-tls"
+
+
+def test_network_policy_component_admits_only_the_control_plane_and_the_scraper(base: list[dict[str, Any]],
+                                                                                tmp_path: Path) -> None:
+    """manifests/network-policy, added to an overlay: a valid NetworkPolicy on ipguard's pods, ingress only,
+    to the container's https port only, from an ipBlock (the control plane) and the monitoring namespace."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "manifests").symlink_to(REPO / "manifests")  # kustomize takes relative paths only
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": ["manifests/base"], "components": ["manifests/network-policy"]}))
+    objects = kustomize(overlay)
+    policy = only(objects, "NetworkPolicy")
+    kubernetes_validate.validate(policy, K8S_VERSION, strict=True)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    labels = only(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    port_names = {p["name"] for p in pod_spec(objects)["containers"][0]["ports"]}
+    sources = []
+    for rule in policy["spec"]["ingress"]:
+        assert {p["port"] for p in rule["ports"]} <= port_names
+        sources += [next(iter(peer)) for peer in rule["from"]]
+    assert sorted(sources) == ["ipBlock", "namespaceSelector"]

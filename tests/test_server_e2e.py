@@ -37,7 +37,7 @@ from webhook.model.config import Mode, Settings
 from webhook.model.index import CapacityIndex
 from webhook.model.limits import LimitsTable
 from webhook.server import RunningServer, WebhookServer, start_server
-from webhook.tls import CertPaths, CertReloader, write_cert_bundle
+from webhook.tls import CertPaths, CertReloader
 
 SERVER_NAME = "ipguard.ipguard.svc"
 A, B, C = "us-east-1a", "us-east-1b", "us-east-1c"
@@ -149,11 +149,6 @@ def apply_response(obj: dict[str, Any], response: dict[str, Any]) -> dict[str, A
 
 
 # ---- server harness -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
-    return write_cert_bundle(tmp_path_factory.mktemp("certs"), "ipguard", "ipguard", ["127.0.0.1"])
 
 
 @dataclass

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from webhook.admission.handler import AdmissionState, Stage, handle
 from webhook.admission.wire import MAX_BODY_BYTES, BadReview, parse_review, review_envelope
+from webhook.callers import CallerFilter
 from webhook.metrics import Counter, Gauge, Histogram, LabelValues, Registry
 from webhook.tls import CertReloader
 
@@ -34,6 +35,8 @@ class ServerMetrics:
     latency: Histogram = field(init=False)
     bad_requests: Counter = field(init=False)
     errors: Counter = field(init=False)
+    rejected_callers: Counter = field(init=False)
+    reservations_skipped: Counter = field(init=False)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -45,6 +48,13 @@ class ServerMetrics:
                                           ("endpoint", "status")))
         self.errors = r.add(Counter("ipguard_handler_errors_total", "Unexpected errors while answering.",
                                     ("endpoint",)))
+        self.rejected_callers = r.add(Counter("ipguard_rejected_callers_total",
+                                              "Reviews refused (403) from callers outside the allowed sources.",
+                                              ("endpoint",)))
+        self.reservations_skipped = r.add(Counter(
+            "ipguard_reservations_skipped_total",
+            "Pods admitted without a reservation: the zone was at its bound of unconfirmed reservations.",
+            ("zone",)))
 
 
 def _index_gauges(state: AdmissionState, registry: Registry) -> None:
@@ -76,6 +86,11 @@ def _index_gauges(state: AdmissionState, registry: Registry) -> None:
                        lambda: [((), float(sum(1 for n in state.index.nodes.values() if n.known)))]))
     registry.add(Gauge("ipguard_reservations", "Admitted pods holding an IP until the watch shows them.", (),
                        reservations))
+    registry.add(Gauge("ipguard_reservations_unconfirmed", "Reservations whose pod the watch has not shown yet.",
+                       ("zone",), lambda: [((z,), float(n)) for z, n in state.guard.counts().items()]))
+    registry.add(Gauge("ipguard_reservations_unconfirmed_released_total",
+                       "Reservations released because the watch never showed their pod.", (),
+                       lambda: [((), float(state.guard.released))]))
 
 
 @dataclass(slots=True)
@@ -88,6 +103,8 @@ class WebhookServer:
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     log_allows: bool = False
     draining: bool = False  # shutting down: not ready, still answering
+    callers: CallerFilter = field(default_factory=CallerFilter)
+    sweep_period: float = 1.0  # how often unconfirmed reservations are looked at without a review arriving
 
     def __post_init__(self) -> None:
         _index_gauges(self.state, self.metrics.registry)
@@ -124,7 +141,20 @@ class WebhookServer:
         app.router.add_get("/metrics", self._metrics)
         if self.reloader is not None:
             app.cleanup_ctx.append(self._watch_certificates)
+        app.cleanup_ctx.append(self._sweep_reservations)
         return app
+
+    async def _sweep_reservations(self, _app: web.Application) -> AsyncIterator[None]:
+        async def sweep() -> None:
+            while True:
+                await asyncio.sleep(self.sweep_period)
+                self.state.guard.sweep()
+
+        task = asyncio.create_task(sweep())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     async def _watch_certificates(self, _app: web.Application) -> AsyncIterator[None]:
         assert self.reloader is not None
@@ -142,6 +172,8 @@ class WebhookServer:
 
     async def _review(self, request: web.Request, stage: Stage) -> web.Response:
         started = time.perf_counter()
+        if not self.callers.allowed(request.remote):
+            return self._refuse_caller(request, stage)
         uid: str | None = None
         api_version = "admission.k8s.io/v1"
         try:
@@ -166,6 +198,12 @@ class WebhookServer:
         decision = answer.decision.verdict.value
         self.metrics.requests.inc(stage, decision, answer.outcome)
         self.metrics.latency.observe(elapsed, stage, decision)
+        if answer.reservation == "skipped":
+            zone = answer.decision.reserve_zone or ""
+            self.metrics.reservations_skipped.inc(zone)
+            log.warning("admitted without a reservation: the zone is at its bound of unconfirmed reservations",
+                        extra={"fields": {"zone": zone, "uid": review.uid, "pod": answer.decision.pod,
+                                          "bound": self.state.settings.max_unconfirmed}})
         if answer.outcome not in ("allowed", "not-applicable") or self.log_allows:
             log.info(
                 "admission decision",
@@ -177,6 +215,15 @@ class WebhookServer:
                 }},
             )
         return web.Response(body=payload, content_type=JSON)
+
+    def _refuse_caller(self, request: web.Request, stage: Stage) -> web.Response:
+        counter = self.metrics.rejected_callers
+        counter.inc(stage)
+        if counter.get(stage) in (1, 10, 100) or counter.get(stage) % 1000 == 0:  # a flood logs a few lines
+            log.warning("review refused: the caller is not an allowed source", extra={"fields": {
+                "endpoint": stage, "remote": request.remote, "refused": int(counter.get(stage))}})
+        return web.json_response({"error": "ipguard answers admission reviews from the control plane only",
+                                  "status": 403}, status=403)
 
     async def _body(self, request: web.Request) -> bytes:
         # aiohttp reports a missing Content-Type as application/octet-stream: look at the header itself.

@@ -20,6 +20,7 @@ from pathlib import Path
 from kubernetes_asyncio import client as k8s
 
 from webhook.admission.handler import AdmissionState
+from webhook.callers import CallerFilter, parse_networks
 from webhook.metrics import Gauge, LabelValues
 from webhook.model.config import Settings
 from webhook.model.index import CapacityIndex
@@ -69,6 +70,8 @@ class ServeOptions:
     certificate_days: int = 365
     certificate_period: float = 60.0
     certificate_settle: float = 600.0
+    # Callers allowed to POST reviews (CIDRs or addresses); none: every caller (see webhook/callers.py).
+    admission_sources: tuple[str, ...] = ()
 
 
 def min_staleness(options: ServeOptions) -> float:
@@ -126,7 +129,8 @@ class Service:
             if self.poller is not None else None
         )
         reloader = CertReloader(o.tls_cert, o.tls_key, allow_missing=True) if o.tls else None
-        self.server = WebhookServer(self.state, reloader, self.loaded, self.source_ages, self.notes)
+        self.server = WebhookServer(self.state, reloader, self.loaded, self.source_ages, self.notes,
+                                    callers=CallerFilter(parse_networks(o.admission_sources)))
         self.certificates = (
             CertificateKeeper(self.api, o.config_namespace, o.tls_cert, o.tls_key, secret_name=o.certificate_secret,
                               service=o.service_name, webhook_configuration=o.webhook_configuration,

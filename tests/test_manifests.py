@@ -273,3 +273,12 @@ def test_network_policy_component_admits_only_the_control_plane_and_the_scraper(
         assert {p["port"] for p in rule["ports"]} <= port_names
         sources += [next(iter(peer)) for peer in rule["from"]]
     assert sorted(sources) == ["ipBlock", "namespaceSelector"]
+
+
+def test_pods_carry_scrape_annotations_for_their_metrics_port(base: list[dict[str, Any]]) -> None:
+    """Annotation-based Prometheus discovery finds /metrics on the container's https port."""
+    template = only(base, "Deployment")["spec"]["template"]
+    annotations = template["metadata"]["annotations"]
+    ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+    assert annotations["prometheus.io/scheme"] == "https" and int(annotations["prometheus.io/port"]) == ports["https"]

@@ -73,7 +73,12 @@ def _index_gauges(state: AdmissionState, registry: Registry) -> None:
         index = state.index
         return [((z,), float(index.zones[z].waiting)) for z in index.zone_names()]
 
+    def reserves() -> Iterable[tuple[LabelValues, float]]:
+        return [((z,), float(state.settings.reserve_for_zone(z))) for z in state.index.zone_names()]
+
     registry.add(Gauge("ipguard_zone_headroom_pod_ips", "Pod IPs a zone can still take.", ("zone",), zones))
+    registry.add(Gauge("ipguard_zone_reserve_pod_ips", "Pod IPs a zone keeps back (zoneReserve/zoneReserves).",
+                       ("zone",), reserves))
     registry.add(Gauge("ipguard_subnet_free_pod_ips", "Pod IPs a subnet can still supply.", ("subnet", "zone"),
                        subnets))
     registry.add(Gauge("ipguard_zone_pods_waiting_for_ip",

@@ -20,7 +20,7 @@ from aiohttp import web
 from webhook.admission.handler import AdmissionState, Stage, handle
 from webhook.admission.wire import MAX_BODY_BYTES, BadReview, parse_review, review_envelope
 from webhook.callers import CallerFilter
-from webhook.metrics import Counter, Gauge, Histogram, LabelValues, Registry
+from webhook.metrics import CONTENT_TYPE, Counter, Gauge, Histogram, LabelValues, Registry
 from webhook.tls import CertReloader
 
 log = logging.getLogger("ipguard.server")
@@ -252,8 +252,8 @@ class WebhookServer:
         return web.Response(text=reason + "\n", status=200 if ok else 503)
 
     async def _metrics(self, _request: web.Request) -> web.Response:
-        return web.Response(text=self.metrics.registry.render(), content_type="text/plain",
-                            headers={"X-Content-Type-Options": "nosniff"})
+        return web.Response(body=self.metrics.registry.render(),
+                            headers={"Content-Type": CONTENT_TYPE, "X-Content-Type-Options": "nosniff"})
 
 
 @dataclass(slots=True)

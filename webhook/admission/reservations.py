@@ -31,6 +31,7 @@ class ReservationGuard:
     released: int = 0  # reservations released because their pod never showed
     skipped: Counter[str] = field(default_factory=Counter)  # per zone: admitted without a reservation
     _deadlines: list[tuple[float, str, str]] = field(default_factory=list)  # a heap: the window may change
+    _walked: dict[str, int] = field(default_factory=dict)  # zone -> index version when last looked through
 
     def reserve(self, key: str, zone: str, node: str | None, *, window: float, limit: int) -> bool:
         """Hold the pod's IP unless its zone is at its bound of unconfirmed reservations; True when held."""
@@ -62,7 +63,11 @@ class ReservationGuard:
                 self.released += 1
 
     def _confirm_seen(self, zone: str) -> None:
-        # Only at the bound: forget the entries whose pods the watch has shown (at most `limit` lookups).
+        # Only at the bound: forget the entries whose pods the watch has shown (at most `limit` lookups), and
+        # only when the index changed since the last look (a flood at the bound changes nothing there).
+        if self._walked.get(zone) == self.index.version:
+            return
+        self._walked[zone] = self.index.version
         pending = self.unconfirmed[zone]
         for key in [k for k in pending if k in self.index.pods]:
             del pending[key]

@@ -17,12 +17,15 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests import live
+from tests import live, scrape
+from tests.live import aws_env  # noqa: F401  (autouse fixture: moto's fake credentials)
+from tests.test_live_sources import serve_options
 from tests.test_server_e2e import SERVER_NAME, A, client_context, fixture_cluster
 from webhook.admission.handler import AdmissionState
 from webhook.admission.reservations import ReservationGuard
@@ -32,6 +35,8 @@ from webhook.model.config import Mode, Settings
 from webhook.model.index import CapacityIndex, pod_key
 from webhook.model.pods import PodUse
 from webhook.server import RunningServer, WebhookServer, start_server
+from webhook.service import Service
+from webhook.sources.kube import api_client
 from webhook.tls import CertPaths, CertReloader
 
 CONTROL_PLANE, FLOODER = "127.0.0.1", "127.0.0.2"
@@ -191,8 +196,8 @@ def test_serve_refuses_an_admission_source_that_is_not_a_network(capsys: pytest.
 
 
 def test_caller_filter_reads_networks_from_a_source_as_it_learns_them() -> None:
-    """Static CIDRs plus an injected source (on EKS: the control plane's ENI addresses); while the source has
-    not learnt its networks every caller is answered, as before the check existed."""
+    """Static CIDRs plus an injected source (on EKS: the control plane's ENI addresses). While the source has
+    not learnt its networks the configured list alone applies, or, with none, every caller is answered."""
 
     class Learnt:
         def __init__(self) -> None:
@@ -202,10 +207,41 @@ def test_caller_filter_reads_networks_from_a_source_as_it_learns_them() -> None:
             return self.known
 
     learnt = Learnt()
+    assert CallerFilter((), (learnt,)).allowed("10.9.9.9")  # nothing learnt, nothing configured: everyone
     callers = CallerFilter(parse_networks(["192.168.0.0/24"]), (learnt,))
-    assert callers.allowed("10.1.2.3")
+    assert not callers.allowed("10.1.2.3") and callers.allowed("192.168.0.7")  # the configured list meanwhile
     learnt.known = list(parse_networks(["10.1.2.3", "fd00::/64"]))
     assert callers.allowed("10.1.2.3") and callers.allowed("192.168.0.7") and callers.allowed("fd00::1")
     assert callers.allowed("::ffff:10.1.2.3")  # an IPv4 caller on a dual-stack listener
     assert not callers.allowed("10.1.2.4") and not callers.allowed(None) and not callers.allowed("garbage")
     assert CallerFilter().allowed("203.0.113.9")  # nothing configured: everyone
+
+
+async def test_serve_answers_only_the_control_plane_interfaces_ec2_describes(moto: live.Moto, tmp_path: Path) -> None:
+    """On EKS, with no list configured: once EC2 has shown the cluster's control-plane network interfaces
+    (described `Amazon EKS <cluster name>`), reviews from any other address get 403; health stays open."""
+    fk, url, ec2c = await live.start_cluster(moto)
+    ec2 = moto.ec2()
+    ec2.create_tags(Resources=[ec2c.instance_a, ec2c.instance_b], Tags=[{"Key": "eks:cluster-name", "Value": "prod"}])
+    control_plane = ec2.create_network_interface(SubnetId=ec2c.subnet_a, Description="Amazon EKS prod")
+    address = control_plane["NetworkInterface"]["PrivateIpAddress"]
+    service = Service(await api_client(host=url), serve_options(live.certs(tmp_path), moto))
+    client: live.Client | None = None
+    try:
+        assert service.server.callers.allowed("127.0.0.1")  # nothing learnt yet: answered
+        running = await service.start()
+        await live.eventually(lambda: service.server.callers.networks() is not None, "control plane ENIs learnt")
+        assert not service.server.callers.allowed("127.0.0.1") and service.server.callers.allowed(address)
+        client = live.Client(running.url, tmp_path / "ca.crt")
+        assert (await client.get("/healthz"))[0] == 200
+        body = json.dumps(live.review(live.zone_pod("web-9", A), name="web-9"))
+        async with client.session.post(f"{running.url}/validate", data=body, server_hostname=live.SERVER_NAME,
+                                       headers={"Content-Type": "application/json"}) as response:
+            assert response.status == 403
+        assert scrape.value((await client.get("/metrics"))[1], "ipguard_rejected_callers_total",
+                            endpoint="validate") == 1
+    finally:
+        if client is not None:
+            await client.close()
+        await service.stop()
+        await fk.stop()

@@ -99,6 +99,7 @@ def _serve_options(args: argparse.Namespace) -> ServeOptionsT:
         service_name=getattr(args, "service_name", "ipguard"),
         webhook_configuration=getattr(args, "webhook_configuration", "ipguard"),
         admission_sources=tuple(getattr(args, "admission_source", None) or ()),
+        control_plane_callers=not getattr(args, "no_control_plane_callers", False),
     )
 
 
@@ -293,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--admission-source", action="append", metavar="CIDR",
                     help="answer /mutate and /validate only from these networks (the control plane's addresses; "
                          "repeatable or comma-separated); others get 403. Default: any caller")
+    sp.add_argument("--no-control-plane-callers", action="store_true",
+                    help="do not restrict /mutate and /validate to the EKS control plane's network interfaces "
+                         "(learnt from EC2, `Amazon EKS <cluster>`); --admission-source still applies")
     sp.add_argument("--webhook-configuration", default="ipguard",
                     help="name of ipguard's Mutating- and ValidatingWebhookConfiguration (caBundle patched)")
     _live_source_args(sp)

@@ -20,7 +20,7 @@ from pathlib import Path
 from kubernetes_asyncio import client as k8s
 
 from webhook.admission.handler import AdmissionState
-from webhook.callers import CallerFilter, parse_networks
+from webhook.callers import AddressSource, CallerFilter, parse_networks
 from webhook.metrics import Gauge, LabelValues
 from webhook.model.config import Settings
 from webhook.model.index import CapacityIndex
@@ -72,6 +72,8 @@ class ServeOptions:
     certificate_settle: float = 600.0
     # Callers allowed to POST reviews (CIDRs or addresses); none: every caller (see webhook/callers.py).
     admission_sources: tuple[str, ...] = ()
+    # With EC2: also the EKS control plane's network interfaces (`Amazon EKS <cluster>`), once they are known.
+    control_plane_callers: bool = True
 
 
 def min_staleness(options: ServeOptions) -> float:
@@ -130,7 +132,7 @@ class Service:
         )
         reloader = CertReloader(o.tls_cert, o.tls_key, allow_missing=True) if o.tls else None
         self.server = WebhookServer(self.state, reloader, self.loaded, self.source_ages, self.notes,
-                                    callers=CallerFilter(parse_networks(o.admission_sources)))
+                                    callers=self._callers())
         self.certificates = (
             CertificateKeeper(self.api, o.config_namespace, o.tls_cert, o.tls_key, secret_name=o.certificate_secret,
                               service=o.service_name, webhook_configuration=o.webhook_configuration,
@@ -139,6 +141,17 @@ class Service:
             if o.manage_certificates and reloader is not None else None
         )
         self._add_metrics()
+
+    def _callers(self) -> CallerFilter:
+        o, poller = self.options, self.poller
+        if poller is None or not o.control_plane_callers:
+            return CallerFilter(parse_networks(o.admission_sources))
+
+        def control_plane() -> frozenset[str] | None:
+            view = poller.control_plane
+            return view.addresses if view is not None else None
+
+        return CallerFilter(parse_networks(o.admission_sources), (AddressSource(control_plane),))
 
     # ---- settings ---------------------------------------------------------------------------------------
 

@@ -217,6 +217,7 @@ def _bare_app() -> web.Application:
 # --profile: CPU time (time.thread_time) in these parts of ipguard, by wrapping the names where the caller
 # looks them up at call time. (label, module, attribute, parent label); a parent's time includes its children.
 STAGES: list[tuple[str, str, str, str]] = [
+    ("callers.allowed", "webhook.callers", "CallerFilter.allowed", "_review"),
     ("_body (content checks, read)", "webhook.server", "WebhookServer._body", "_review"),
     ("parse_review", "webhook.server", "parse_review", "_review"),
     ("orjson.loads", "webhook.admission.wire", "orjson.loads", "parse_review"),
@@ -229,7 +230,8 @@ STAGES: list[tuple[str, str, str, str]] = [
     ("_avoid_nodes", "webhook.model.decide", "_avoid_nodes", "decide"),
     ("_preferences", "webhook.model.decide", "_preferences", "decide"),
     ("steering_patch", "webhook.admission.handler", "steering_patch", "handle"),
-    ("index.reserve (/validate)", "webhook.model.index", "CapacityIndex.reserve", "handle"),
+    ("guard.reserve (/validate)", "webhook.admission.reservations", "ReservationGuard.reserve", "handle"),
+    ("index.reserve", "webhook.model.index", "CapacityIndex.reserve", "guard.reserve (/validate)"),
     ("steer_warning", "webhook.admission.handler", "steer_warning", "handle"),
     ("denial_message", "webhook.admission.handler", "denial_message", "handle"),
     ("audit_annotations", "webhook.admission.handler", "audit_annotations", "handle"),

@@ -34,6 +34,8 @@ def test_every_key_but_zone_reserves() -> None:
         "maxSteeredNodes": "7",
         "securityGroupsPerENI": "10",
         "rulesPerSecurityGroup": "100",
+        "reservationConfirmSeconds": "4",
+        "maxUnconfirmedReservations": "15",
     }
     assert set(data) == KNOWN_KEYS
     s = Settings.from_configmap(data)
@@ -46,6 +48,8 @@ def test_every_key_but_zone_reserves() -> None:
     assert s.staleness_bound == 60.0
     assert s.max_steered_nodes == 7
     assert (s.groups_per_eni, s.rules_per_group) == (10, 100)
+    assert s.reservation_confirm == 4.0
+    assert s.max_unconfirmed == 15
 
 
 @pytest.mark.parametrize(("key", "text"), [("securityGroupsPerENI", "17"), ("securityGroupsPerENI", "0"),

@@ -680,10 +680,10 @@ async def test_discovery(fk: FakeKube, api: client.ApiClient, http: aiohttp.Clie
     assert version.git_version == "v1.36.2"
     groups = await client.ApisApi(api).get_api_versions()
     assert {g.name for g in groups.groups} == {
-        "apps", "crd.k8s.amazonaws.com", "vpcresources.k8s.aws", "karpenter.k8s.aws"}
+        "admissionregistration.k8s.io", "apps", "crd.k8s.amazonaws.com", "vpcresources.k8s.aws", "karpenter.k8s.aws"}
     async with http.get("/api/v1") as r:
         names = {res["name"] for res in (await r.json())["resources"]}
-    assert {"nodes", "nodes/status", "pods", "pods/status", "namespaces", "configmaps"} <= names
+    assert {"nodes", "nodes/status", "pods", "pods/status", "namespaces", "configmaps", "secrets"} <= names
     async with http.get("/apis/vpcresources.k8s.aws/v1beta1") as r:
         res = (await r.json())["resources"]
     assert res[0]["name"] == "securitygrouppolicies" and res[0]["shortNames"] == ["sgp"] and res[0]["namespaced"]

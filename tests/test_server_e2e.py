@@ -29,6 +29,7 @@ import kubernetes_validate
 import pytest
 
 import webhook.server
+from tests import scrape
 from tests.paths import FIXTURES
 from webhook.admission.handler import AdmissionState
 from webhook.admission.wire import MAX_BODY_BYTES
@@ -37,7 +38,7 @@ from webhook.model.config import Mode, Settings
 from webhook.model.index import CapacityIndex
 from webhook.model.limits import LimitsTable
 from webhook.server import RunningServer, WebhookServer, start_server
-from webhook.tls import CertPaths, CertReloader, write_cert_bundle
+from webhook.tls import CertPaths, CertReloader
 
 SERVER_NAME = "ipguard.ipguard.svc"
 A, B, C = "us-east-1a", "us-east-1b", "us-east-1c"
@@ -149,11 +150,6 @@ def apply_response(obj: dict[str, Any], response: dict[str, Any]) -> dict[str, A
 
 
 # ---- server harness -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
-    return write_cert_bundle(tmp_path_factory.mktemp("certs"), "ipguard", "ipguard", ["127.0.0.1"])
 
 
 @dataclass
@@ -550,23 +546,30 @@ async def test_metrics(make_server: ServerFactory) -> None:
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
     text = body.decode()
     expected = [
-        'ipguard_admission_requests_total{endpoint="mutate",decision="steer",outcome="steered"} 1',
+        ("ipguard_admission_requests_total", {"endpoint": "mutate", "decision": "steer", "outcome": "steered"}, 1),
         # the validate call carries the unsteered fixture pod: a steer decision, allowed (nothing to deny)
-        'ipguard_admission_requests_total{endpoint="validate",decision="steer",outcome="allowed"} 1',
-        'ipguard_admission_requests_total{endpoint="validate",decision="not-applicable",outcome="not-applicable"} 1',
-        'ipguard_bad_requests_total{endpoint="validate",status="400"} 1',
-        "# TYPE ipguard_admission_duration_seconds histogram",
-        'ipguard_admission_duration_seconds_count{endpoint="mutate",decision="steer"} 1',
-        'ipguard_admission_duration_seconds_bucket{endpoint="validate",decision="steer",le="+Inf"} 1',
-        f'ipguard_zone_headroom_pod_ips{{zone="{A}"}} 0',
-        f'ipguard_subnet_free_pod_ips{{subnet="{SUBNETS[B]}",zone="{B}"}} 100',
-        "ipguard_reservations 1",
-        'ipguard_index_age_seconds{source="nodes"} 1.5',
-        "ipguard_certificate_expiry_timestamp_seconds ",
-        "# TYPE ipguard_handler_errors_total counter",
+        ("ipguard_admission_requests_total", {"endpoint": "validate", "decision": "steer", "outcome": "allowed"}, 1),
+        ("ipguard_admission_requests_total",
+         {"endpoint": "validate", "decision": "not-applicable", "outcome": "not-applicable"}, 1),
+        ("ipguard_bad_requests_total", {"endpoint": "validate", "status": "400"}, 1),
+        ("ipguard_admission_duration_seconds_count", {"endpoint": "mutate", "decision": "steer"}, 1),
+        ("ipguard_admission_duration_seconds_bucket", {"endpoint": "validate", "decision": "steer", "le": "+Inf"}, 1),
+        ("ipguard_zone_headroom_pod_ips", {"zone": A}, 0),
+        ("ipguard_subnet_free_pod_ips", {"subnet": SUBNETS[B], "zone": B}, 100),
+        ("ipguard_reservations", {}, 1),
+        ("ipguard_index_age_seconds", {"source": "nodes"}, 1.5),
     ]
-    for line in expected:
-        assert line in text, line
+    for name, labels, number in expected:
+        assert scrape.value(text, name, **labels) == number, (name, labels)
+    types = scrape.families(text)
+    assert types["ipguard_admission_duration_seconds"] == "histogram"
+    assert types["ipguard_handler_errors"] == "counter"
+    assert scrape.value(text, "ipguard_certificate_expiry_timestamp_seconds") == (
+        h.server.reloader.not_after.timestamp() if h.server.reloader and h.server.reloader.not_after else None)
+    # What the library's collectors add: process CPU, memory, file descriptors, Python GC.
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"):
+        assert scrape.value(text, name) is not None, name
+    assert scrape.value(text, "python_gc_collections_total", generation="0") is not None
     zone_b = re.search(rf'ipguard_zone_headroom_pod_ips{{zone="{B}"}} (\d+)', text)
     assert zone_b and int(zone_b.group(1)) == h.index.zone_headroom(B)
 
@@ -700,7 +703,7 @@ async def test_handler_error_is_a_500_with_the_uid(make_server: ServerFactory,
     status, answer = await h.post("/mutate", json.dumps(review).encode())
     assert status == 500 and answer["apiVersion"] == "admission.k8s.io/v1beta1"
     status, _, text = await h.request("GET", "/metrics")
-    assert 'ipguard_handler_errors_total{endpoint="mutate"} 2' in text.decode()
+    assert scrape.value(text.decode(), "ipguard_handler_errors_total", endpoint="mutate") == 2
     monkeypatch.undo()
     await h.healthy()
 

@@ -47,7 +47,7 @@ from webhook.model.pods import POD_ENI_RESOURCE, pod_use, read_record, wants_bra
 from webhook.model.sgp import parse_policy, pod_shape
 from webhook.scheduler import Scheduler, node_fits, node_labels
 
-MUTATING_WEBHOOK = "mutate.ipguard.io"  # the names manifests/webhooks.yaml registers
+MUTATING_WEBHOOK = "mutate.ipguard.io"  # the names manifests/base/webhooks.yaml registers
 VALIDATING_WEBHOOK = "validate.ipguard.io"
 WORKLOADS = ("Deployment", "ReplicaSet", "StatefulSet", "Job", "CronJob", "DaemonSet")
 JUDGED = {k.kind: k for k in (POD, SECURITY_GROUP_POLICY, ENI_CONFIG)}
@@ -358,7 +358,7 @@ class Checker:
         warnings: list[str] = []
         patched, ops = obj, None
         controller_words: tuple[str, ...] = ()
-        if kind is POD:  # manifests/webhooks.yaml registers the mutating webhook for pods only
+        if kind is POD:  # manifests/base/webhooks.yaml registers the mutating webhook for pods only
             # The mutating stage sees no name for a generateName object (DESIGN.md "Wire contract").
             mutated = self._review(clone(obj), kind, namespace, name, "mutate", document)
             warnings.extend(mutated.response.get("warnings", []))

@@ -98,6 +98,12 @@ def _serve_options(args: argparse.Namespace) -> ServeOptionsT:
         ec2_period=args.ec2_period,
         vpc_period=args.vpc_period,
         shutdown_delay=getattr(args, "shutdown_delay", 5.0),
+        manage_certificates=getattr(args, "manage_certificates", False),
+        certificate_secret=getattr(args, "certificate_secret", "ipguard-tls"),
+        service_name=getattr(args, "service_name", "ipguard"),
+        webhook_configuration=getattr(args, "webhook_configuration", "ipguard"),
+        admission_sources=tuple(getattr(args, "admission_source", None) or ()),
+        control_plane_callers=not getattr(args, "no_control_plane_callers", False),
     )
 
 
@@ -143,10 +149,16 @@ def with_live_cluster(args: argparse.Namespace, use: Callable[[AdmissionStateT],
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
+    from webhook.callers import parse_networks
     from webhook.logs import setup_logging
     from webhook.service import serve
     from webhook.sources.kube import api_client
 
+    try:
+        parse_networks(args.admission_source or ())
+    except ValueError as exc:
+        print(f"ipguard: --admission-source: {exc}", file=sys.stderr)
+        return 2
     setup_logging(args.log_level)
 
     async def run() -> None:
@@ -278,6 +290,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sp.add_argument("--shutdown-delay", type=float, default=5.0,
                     help="seconds to stay up, not ready, after SIGTERM (endpoints catch up)")
+    sp.add_argument("--manage-certificates", action="store_true",
+                    help="keep the CA and serving certificate in a Secret of --config-namespace, write them to "
+                         "--tls-cert/--tls-key, publish the caBundle and renew before expiry")
+    sp.add_argument("--certificate-secret", default="ipguard-tls", help="with --manage-certificates: the Secret")
+    sp.add_argument("--service-name", default="ipguard", help="the webhook Service (the certificate's DNS names)")
+    sp.add_argument("--admission-source", action="append", metavar="CIDR",
+                    help="answer /mutate and /validate only from these networks (the control plane's addresses; "
+                         "repeatable or comma-separated); others get 403. Default: any caller")
+    sp.add_argument("--no-control-plane-callers", action="store_true",
+                    help="do not restrict /mutate and /validate to the EKS control plane's network interfaces "
+                         "(learnt from EC2, `Amazon EKS <cluster>`); --admission-source still applies")
+    sp.add_argument("--webhook-configuration", default="ipguard",
+                    help="name of ipguard's Mutating- and ValidatingWebhookConfiguration (caBundle patched)")
     _live_source_args(sp)
     sp.set_defaults(func=_serve)
     return parser

@@ -1,35 +1,26 @@
-"""A small Prometheus text-format registry: counters, gauges and histograms with labels.
+"""ipguard's metrics, exposed by prometheus-client: counters, histograms and gauges read at scrape time.
 
-Small on purpose: the request path only increments dict entries; formatting happens on scrape.
+The request path only adds to dict entries (no lock, no per-call object: the server runs on one event loop);
+prometheus-client turns them into the exposition format on scrape, as custom collectors, beside its own
+process (CPU, memory, file descriptors), platform and Python GC collectors. Figures that live in the sources
+(watch events, EC2 errors, the index's headroom) are read from them on scrape by a callback rather than copied
+on every change; a callback figure named ``*_total`` is a monotonic count and is exposed as a counter.
 """
 
 from __future__ import annotations
 
 import bisect
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 LabelValues = tuple[str, ...]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _labels(names: tuple[str, ...], values: LabelValues, extra: str = "") -> str:
-    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
-def _number(value: float) -> str:
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 
 
 class Counter:
@@ -43,37 +34,11 @@ class Counter:
     def get(self, *labels: str) -> float:
         return self.values.get(labels, 0.0)
 
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} counter"
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.help, labels=self.label_names)
         for labels, value in sorted(self.values.items()):
-            yield f"{self.name}{_labels(self.label_names, labels)} {_number(value)}"
-
-
-class Gauge:
-    """Values set directly, or read from a callback at scrape time (so they are never out of date)."""
-
-    def __init__(
-        self,
-        name: str,
-        help_text: str,
-        labels: tuple[str, ...] = (),
-        collect: Callable[[], Iterable[tuple[LabelValues, float]]] | None = None,
-    ) -> None:
-        self.name, self.help, self.label_names, self.collect = name, help_text, labels, collect
-        self.values: dict[LabelValues, float] = {}
-
-    def set(self, value: float, *labels: str) -> None:
-        self.values[labels] = value
-
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} gauge"
-        items = dict(self.values)
-        if self.collect is not None:
-            items.update(self.collect())
-        for labels, value in sorted(items.items()):
-            yield f"{self.name}{_labels(self.label_names, labels)} {_number(value)}"
+            family.add_metric(list(labels), value)
+        yield family
 
 
 class Histogram:
@@ -95,17 +60,46 @@ class Histogram:
     def count(self, *labels: str) -> int:
         return sum(self.counts.get(labels, ()))
 
-    def render(self) -> Iterable[str]:
-        yield f"# HELP {self.name} {self.help}"
-        yield f"# TYPE {self.name} histogram"
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.help, labels=self.label_names)
+        bounds = [*(repr(float(b)) for b in self.buckets), "+Inf"]
         for labels, counts in sorted(self.counts.items()):
-            running = 0
-            for bound, n in zip((*self.buckets, math.inf), counts, strict=True):
+            running, cumulative = 0, []
+            for bound, n in zip(bounds, counts, strict=True):
                 running += n
-                le = 'le="' + _number(bound) + '"'
-                yield f"{self.name}_bucket{_labels(self.label_names, labels, le)} {running}"
-            yield f"{self.name}_sum{_labels(self.label_names, labels)} {_number(self.sums[labels])}"
-            yield f"{self.name}_count{_labels(self.label_names, labels)} {running}"
+                cumulative.append((bound, float(running)))
+            family.add_metric(list(labels), cumulative, self.sums[labels])
+        yield family
+
+
+class Gauge:
+    """Values set directly, or read from a callback at scrape time (so they are never out of date)."""
+
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        labels: tuple[str, ...] = (),
+        collect: Callable[[], Iterable[tuple[LabelValues, float]]] | None = None,
+    ) -> None:
+        self.name, self.help, self.label_names, self.read = name, help_text, labels, collect
+        self.values: dict[LabelValues, float] = {}
+
+    def set(self, value: float, *labels: str) -> None:
+        self.values[labels] = value
+
+    def collect(self) -> Iterator[Metric]:
+        family: Metric
+        if self.name.endswith("_total"):
+            family = CounterMetricFamily(self.name, self.help, labels=self.label_names)
+        else:
+            family = GaugeMetricFamily(self.name, self.help, labels=self.label_names)
+        items = dict(self.values)
+        if self.read is not None:
+            items.update(self.read())
+        for labels, value in sorted(items.items()):
+            family.add_metric(list(labels), value)
+        yield family
 
 
 M = TypeVar("M", Counter, Gauge, Histogram)
@@ -113,14 +107,17 @@ M = TypeVar("M", Counter, Gauge, Histogram)
 
 class Registry:
     def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self.metrics: list[Counter | Gauge | Histogram] = []
 
     def add(self, metric: M) -> M:
+        self.registry.register(metric)
         self.metrics.append(metric)
         return metric
 
-    def render(self) -> str:
-        lines: list[str] = []
-        for metric in self.metrics:
-            lines.extend(metric.render())
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        """The Prometheus text exposition format (``CONTENT_TYPE``)."""
+        return generate_latest(self.registry)

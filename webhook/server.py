@@ -19,7 +19,8 @@ from aiohttp import web
 
 from webhook.admission.handler import AdmissionState, Stage, handle
 from webhook.admission.wire import MAX_BODY_BYTES, BadReview, parse_review, review_envelope
-from webhook.metrics import Counter, Gauge, Histogram, LabelValues, Registry
+from webhook.callers import CallerFilter
+from webhook.metrics import CONTENT_TYPE, Counter, Gauge, Histogram, LabelValues, Registry
 from webhook.tls import CertReloader
 
 log = logging.getLogger("ipguard.server")
@@ -35,6 +36,8 @@ class ServerMetrics:
     bad_requests: Counter = field(init=False)
     errors: Counter = field(init=False)
     objects: Counter = field(init=False)
+    rejected_callers: Counter = field(init=False)
+    reservations_skipped: Counter = field(init=False)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -49,6 +52,13 @@ class ServerMetrics:
         self.objects = r.add(Counter("ipguard_object_decisions_total",
                                      "Validations of objects other than pods (SecurityGroupPolicy, ENIConfig), "
                                      "by kind and outcome.", ("kind", "outcome")))
+        self.rejected_callers = r.add(Counter("ipguard_rejected_callers_total",
+                                              "Reviews refused (403) from callers outside the allowed sources.",
+                                              ("endpoint",)))
+        self.reservations_skipped = r.add(Counter(
+            "ipguard_reservations_skipped_total",
+            "Pods admitted without a reservation: the zone was at its bound of unconfirmed reservations.",
+            ("zone",)))
 
 
 def _index_gauges(state: AdmissionState, registry: Registry) -> None:
@@ -67,12 +77,18 @@ def _index_gauges(state: AdmissionState, registry: Registry) -> None:
         index = state.index
         return [((z,), float(index.zones[z].waiting)) for z in index.zone_names()]
 
+    def reserves() -> Iterable[tuple[LabelValues, float]]:
+        return [((z,), float(state.settings.reserve_for_zone(z))) for z in state.index.zone_names()]
+
+    registry.add(Gauge("ipguard_zone_headroom_pod_ips", "Pod IPs a zone can still take.", ("zone",), zones))
+    registry.add(Gauge("ipguard_zone_reserve_pod_ips", "Pod IPs a zone keeps back (zoneReserve/zoneReserves).",
+                       ("zone",), reserves))
+
     def branch_zones() -> Iterable[tuple[LabelValues, float]]:
         index = state.index
         index.expire()
         return [((z,), float(max(index.zones[z].branch_headroom, 0))) for z in index.zone_names()]
 
-    registry.add(Gauge("ipguard_zone_headroom_pod_ips", "Pod IPs a zone can still take.", ("zone",), zones))
     registry.add(Gauge("ipguard_zone_branch_headroom", "Branch-ENI pods (security groups for pods) a zone can "
                        "still take: branch room, within its pod subnets' addresses.", ("zone",), branch_zones))
     registry.add(Gauge("ipguard_subnet_free_pod_ips", "Pod IPs a subnet can still supply.", ("subnet", "zone"),
@@ -87,6 +103,11 @@ def _index_gauges(state: AdmissionState, registry: Registry) -> None:
                        lambda: [((), float(sum(1 for n in state.index.nodes.values() if n.known)))]))
     registry.add(Gauge("ipguard_reservations", "Admitted pods holding an IP until the watch shows them.", (),
                        reservations))
+    registry.add(Gauge("ipguard_reservations_unconfirmed", "Reservations whose pod the watch has not shown yet.",
+                       ("zone",), lambda: [((z,), float(n)) for z, n in state.guard.counts().items()]))
+    registry.add(Gauge("ipguard_reservations_unconfirmed_released_total",
+                       "Reservations released because the watch never showed their pod.", (),
+                       lambda: [((), float(state.guard.released))]))
 
 
 @dataclass(slots=True)
@@ -99,6 +120,8 @@ class WebhookServer:
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     log_allows: bool = False
     draining: bool = False  # shutting down: not ready, still answering
+    callers: CallerFilter = field(default_factory=CallerFilter)
+    sweep_period: float = 1.0  # how often unconfirmed reservations are looked at without a review arriving
 
     def __post_init__(self) -> None:
         _index_gauges(self.state, self.metrics.registry)
@@ -135,7 +158,20 @@ class WebhookServer:
         app.router.add_get("/metrics", self._metrics)
         if self.reloader is not None:
             app.cleanup_ctx.append(self._watch_certificates)
+        app.cleanup_ctx.append(self._sweep_reservations)
         return app
+
+    async def _sweep_reservations(self, _app: web.Application) -> AsyncIterator[None]:
+        async def sweep() -> None:
+            while True:
+                await asyncio.sleep(self.sweep_period)
+                self.state.guard.sweep()
+
+        task = asyncio.create_task(sweep())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     async def _watch_certificates(self, _app: web.Application) -> AsyncIterator[None]:
         assert self.reloader is not None
@@ -153,6 +189,8 @@ class WebhookServer:
 
     async def _review(self, request: web.Request, stage: Stage) -> web.Response:
         started = time.perf_counter()
+        if not self.callers.allowed(request.remote):
+            return self._refuse_caller(request, stage)
         uid: str | None = None
         api_version = "admission.k8s.io/v1"
         try:
@@ -179,6 +217,12 @@ class WebhookServer:
         if review.kind != "Pod" and stage == "validate":
             self.metrics.objects.inc(review.kind, answer.outcome)
         self.metrics.latency.observe(elapsed, stage, decision)
+        if answer.reservation == "skipped":
+            zone = answer.decision.reserve_zone or ""
+            self.metrics.reservations_skipped.inc(zone)
+            log.warning("admitted without a reservation: the zone is at its bound of unconfirmed reservations",
+                        extra={"fields": {"zone": zone, "uid": review.uid, "pod": answer.decision.pod,
+                                          "bound": self.state.settings.max_unconfirmed}})
         if answer.outcome not in ("allowed", "not-applicable") or self.log_allows:
             log.info(
                 "admission decision",
@@ -190,6 +234,15 @@ class WebhookServer:
                 }},
             )
         return web.Response(body=payload, content_type=JSON)
+
+    def _refuse_caller(self, request: web.Request, stage: Stage) -> web.Response:
+        counter = self.metrics.rejected_callers
+        counter.inc(stage)
+        if counter.get(stage) in (1, 10, 100) or counter.get(stage) % 1000 == 0:  # a flood logs a few lines
+            log.warning("review refused: the caller is not an allowed source", extra={"fields": {
+                "endpoint": stage, "remote": request.remote, "refused": int(counter.get(stage))}})
+        return web.json_response({"error": "ipguard answers admission reviews from the control plane only",
+                                  "status": 403}, status=403)
 
     async def _body(self, request: web.Request) -> bytes:
         # aiohttp reports a missing Content-Type as application/octet-stream: look at the header itself.
@@ -213,8 +266,8 @@ class WebhookServer:
         return web.Response(text=reason + "\n", status=200 if ok else 503)
 
     async def _metrics(self, _request: web.Request) -> web.Response:
-        return web.Response(text=self.metrics.registry.render(), content_type="text/plain",
-                            headers={"X-Content-Type-Options": "nosniff"})
+        return web.Response(body=self.metrics.registry.render(),
+                            headers={"Content-Type": CONTENT_TYPE, "X-Content-Type-Options": "nosniff"})
 
 
 @dataclass(slots=True)

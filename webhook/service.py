@@ -20,12 +20,14 @@ from pathlib import Path
 from kubernetes_asyncio import client as k8s
 
 from webhook.admission.handler import AdmissionState
+from webhook.callers import AddressSource, CallerFilter, parse_networks
 from webhook.metrics import Gauge, LabelValues
 from webhook.model.config import Settings
 from webhook.model.eniconfig import missing_config_findings
 from webhook.model.index import CapacityIndex
 from webhook.model.vpc import VpcFacts
 from webhook.server import RunningServer, WebhookServer, start_server
+from webhook.sources.certificates import CertificateKeeper
 from webhook.sources.cluster import ClusterFeed
 from webhook.sources.ec2.client import Call
 from webhook.sources.ec2.poller import Ec2Poller
@@ -61,6 +63,18 @@ class ServeOptions:
     watch_timeout: int = WATCH_TIMEOUT
     shutdown_delay: float = 5.0  # not ready, still serving, before the listener closes
     tls: bool = True  # False: the index only (`report --live`), no serving certificate looked for
+    # Certificates kept in a Secret by ipguard itself (the files above are then written, not only read).
+    manage_certificates: bool = False
+    certificate_secret: str = "ipguard-tls"
+    service_name: str = "ipguard"
+    webhook_configuration: str = "ipguard"
+    certificate_days: int = 365
+    certificate_period: float = 60.0
+    certificate_settle: float = 600.0
+    # Callers allowed to POST reviews (CIDRs or addresses); none: every caller (see webhook/callers.py).
+    admission_sources: tuple[str, ...] = ()
+    # With EC2: also the EKS control plane's network interfaces (`Amazon EKS <cluster>`), once they are known.
+    control_plane_callers: bool = True
 
 
 def min_staleness(options: ServeOptions) -> float:
@@ -87,6 +101,7 @@ class Service:
     ec2_loop_errors: int = 0
     settings_changes: int = 0
     server: WebhookServer = field(init=False)
+    certificates: CertificateKeeper | None = field(init=False)
     running: RunningServer | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -117,8 +132,27 @@ class Service:
             if self.poller is not None else None
         )
         reloader = CertReloader(o.tls_cert, o.tls_key, allow_missing=True) if o.tls else None
-        self.server = WebhookServer(self.state, reloader, self.loaded, self.source_ages, self.notes)
+        self.server = WebhookServer(self.state, reloader, self.loaded, self.source_ages, self.notes,
+                                    callers=self._callers())
+        self.certificates = (
+            CertificateKeeper(self.api, o.config_namespace, o.tls_cert, o.tls_key, secret_name=o.certificate_secret,
+                              service=o.service_name, webhook_configuration=o.webhook_configuration,
+                              days=o.certificate_days, settle=o.certificate_settle,
+                              on_served=reloader.maybe_reload)
+            if o.manage_certificates and reloader is not None else None
+        )
         self._add_metrics()
+
+    def _callers(self) -> CallerFilter:
+        o, poller = self.options, self.poller
+        if poller is None or not o.control_plane_callers:
+            return CallerFilter(parse_networks(o.admission_sources))
+
+        def control_plane() -> frozenset[str] | None:
+            view = poller.control_plane
+            return view.addresses if view is not None else None
+
+        return CallerFilter(parse_networks(o.admission_sources), (AddressSource(control_plane),))
 
     # ---- settings ---------------------------------------------------------------------------------------
 
@@ -253,6 +287,15 @@ class Service:
         if self.poller is not None:
             self._tasks.append(asyncio.create_task(self._ec2_loop(), name="ec2"))
         self._tasks.append(asyncio.create_task(self._freeze_when_loaded(), name="gc-freeze"))
+        if self.certificates is not None:
+            # Before listening, so the first handshake already has a certificate when the API server answers.
+            try:
+                await self.certificates.reconcile()
+            except Exception:
+                self.certificates.errors += 1
+                log.exception("certificates not in place yet; retrying")
+            self._tasks.append(asyncio.create_task(self.certificates.run(self.options.certificate_period),
+                                                   name="certificates"))
         assert self.server.reloader is not None
         self.running = await start_server(self.server, self.options.host, self.options.port,
                                           self.server.reloader.context)
@@ -303,6 +346,23 @@ class Service:
                            ec2_errors))
         registry.add(Gauge("ipguard_settings_applied_total", "Settings versions applied since start.", (),
                            lambda: [((), float(self.settings_changes))]))
+
+        def certificate_figures(attr: str) -> Callable[[], Iterable[tuple[LabelValues, float]]]:
+            keeper = self.certificates
+            return lambda: [((), float(getattr(keeper, attr)))] if keeper is not None else []
+
+        registry.add(Gauge("ipguard_certificate_secret_writes_total",
+                           "Writes of the certificate Secret (creation and renewal steps).", (),
+                           certificate_figures("writes")))
+        registry.add(Gauge("ipguard_certificate_secret_conflicts_total",
+                           "Certificate Secret writes lost to another replica (its certificate was taken).", (),
+                           certificate_figures("conflicts")))
+        registry.add(Gauge("ipguard_certificate_ca_bundle_patches_total",
+                           "caBundle patches of ipguard's webhook configurations.", (),
+                           certificate_figures("bundle_patches")))
+        registry.add(Gauge("ipguard_certificate_errors_total",
+                           "Failures keeping the certificate Secret or the caBundle.", (),
+                           certificate_figures("errors")))
 
     async def wait_loaded(self, seconds: float) -> bool:
         """Start only the sources and wait until the index is loaded (for `ipguard report` on a live cluster)."""

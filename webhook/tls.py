@@ -39,6 +39,7 @@ __all__ = [
     "generate_serving_cert",
     "service_dns_names",
     "write_cert_bundle",
+    "write_serving_pair",
 ]
 
 logger = logging.getLogger(__name__)
@@ -85,17 +86,17 @@ def _load_private_key(pem: bytes) -> PrivateKey:
     return key
 
 
-def _validity(days: int) -> tuple[dt.datetime, dt.datetime]:
+def _validity(days: int, now: dt.datetime | None) -> tuple[dt.datetime, dt.datetime]:
     if days < 1:
         raise ValueError(f"certificate validity must be at least 1 day, got {days}")
-    now = dt.datetime.now(dt.UTC)
+    now = now or dt.datetime.now(dt.UTC)
     return now - CLOCK_SKEW, now + dt.timedelta(days=days)
 
 
 def generate_ca(
-    common_name: str = "ipguard-ca", days: int = 3650, key_type: KeyType = "ecdsa"
+    common_name: str = "ipguard-ca", days: int = 3650, key_type: KeyType = "ecdsa", *, now: dt.datetime | None = None
 ) -> tuple[bytes, bytes]:
-    """Create a self-signed CA; returns ``(cert_pem, key_pem)``.
+    """Create a self-signed CA valid from ``now`` (default: the current time); returns ``(cert_pem, key_pem)``.
 
     path_length=0: this CA signs serving certificates only, never another CA.
     """
@@ -103,7 +104,7 @@ def generate_ca(
         raise ValueError(f"CA common name must be 1..{_MAX_CN_LEN} characters, got {len(common_name)}")
     key = _new_key(key_type)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    not_before, not_after = _validity(days)
+    not_before, not_after = _validity(days, now)
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
         x509.CertificateBuilder()
@@ -183,8 +184,11 @@ def generate_serving_cert(
     ip_addresses: Sequence[str] = (),
     days: int = 365,
     key_type: KeyType = "ecdsa",
+    *,
+    now: dt.datetime | None = None,
 ) -> tuple[bytes, bytes]:
-    """Issue a TLS server certificate signed by the CA; returns ``(cert_pem, key_pem)``.
+    """Issue a TLS server certificate signed by the CA, valid from ``now`` (default: the current time); returns
+    ``(cert_pem, key_pem)``.
 
     CN is the first DNS name for humans only: clients (the apiserver, Python with
     ``hostname_checks_common_name=False``) match the SANs.
@@ -205,7 +209,7 @@ def generate_serving_cert(
         raise ValueError("the CA key does not match the CA certificate")
 
     key = _new_key(key_type)
-    not_before, not_after = _validity(days)
+    not_before, not_after = _validity(days, now)
     cn = dns[0] if dns else str(ips[0])
     # An empty subject is allowed only with a critical SAN (RFC 5280 4.2.1.6); used when the name is too long.
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if len(cn) <= _MAX_CN_LEN else [])
@@ -337,11 +341,16 @@ def write_cert_bundle(
     )
     _atomic_write(paths.ca_key, ca_key, 0o600)
     _atomic_write(paths.ca_cert, ca_cert, 0o644)
+    write_serving_pair(paths.tls_cert, paths.tls_key, tls_cert, tls_key)
+    return paths
+
+
+def write_serving_pair(cert_file: Path, key_file: Path, cert_pem: bytes, key_pem: bytes) -> None:
+    """Write a serving certificate and its key (0600) for a ``CertReloader`` watching those files."""
     # Key before certificate: a reloader that looks between the two writes sees a mismatched pair and refuses
     # it (retrying on the next change) rather than serving anything inconsistent.
-    _atomic_write(paths.tls_key, tls_key, 0o600)
-    _atomic_write(paths.tls_cert, tls_cert, 0o644)
-    return paths
+    _atomic_write(key_file, key_pem, 0o600)
+    _atomic_write(cert_file, cert_pem, 0o644)
 
 
 # --- Serving and hot reload ------------------------------------------------------------------------------

@@ -1,15 +1,10 @@
 """A Kubernetes-style API server for tests and benchmarks (plain HTTP, aiohttp).
 
 Serves list (paginated, served "as of" a resourceVersion), watch (ADDED/MODIFIED/DELETED, BOOKMARK, ERROR 410,
-<<<<<<< HEAD
-timeoutSeconds) and simple writes for core/v1 nodes, pods, namespaces, configmaps, apps/v1 daemonsets and the EKS
-CRDs (ENIConfig, SecurityGroupPolicy, CNINode), reproducing the wire format captured from kube-apiserver v1.36 in
-tests/fixtures/apiserver (see the README there, "List/watch facts").
-=======
-timeoutSeconds) and simple writes for core/v1 nodes, pods, namespaces, configmaps, apps/v1 daemonsets, the EKS
-CRDs (ENIConfig, SecurityGroupPolicy, CNINode) and Karpenter's EC2NodeClass, reproducing the wire format
-captured from kube-apiserver v1.36 in ../shared/fixtures/apiserver (see the README there, "List/watch facts").
->>>>>>> aws
+timeoutSeconds) and simple writes for core/v1 nodes, pods, namespaces, configmaps, secrets, apps/v1 daemonsets,
+admissionregistration.k8s.io/v1 mutating/validating webhook configurations, the EKS CRDs (ENIConfig,
+SecurityGroupPolicy, CNINode) and Karpenter's EC2NodeClass, reproducing the wire format captured from
+kube-apiserver v1.36 in tests/fixtures/apiserver (see the README there, "List/watch facts").
 
 Typical use::
 
@@ -38,7 +33,7 @@ import ssl
 import threading
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -142,6 +137,8 @@ class FakeKube:
         self._thread: threading.Thread | None = None
         self._flowschema_uid = str(uuid.uuid4())
         self._prioritylevel_uid = str(uuid.uuid4())
+        #: awaited with (method, path) before each request is handled: lets a test order concurrent requests
+        self.before_request: Callable[[str, str], Awaitable[None]] | None = None
 
     # ==========================================================================================================
     # lifecycle
@@ -453,6 +450,8 @@ class FakeKube:
         if self._paused == "503":
             err = ApiError(503, "ServiceUnavailable", "the server is currently unable to handle the request")
             return _json_response(err.body(), 503)
+        if self.before_request is not None:
+            await self.before_request(request.method, path)
         try:
             return await handler(request)
         except ApiError as exc:

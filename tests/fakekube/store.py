@@ -170,6 +170,15 @@ RESOURCE_TYPES: Final[tuple[ResourceType, ...]] = (
         "configmaps", "configmap", "ConfigMap", "", "v1", namespaced=True, short_names=("cm",),
         status_subresource=False,
     ),
+    ResourceType("secrets", "secret", "Secret", "", "v1", namespaced=True, status_subresource=False),
+    ResourceType(
+        "mutatingwebhookconfigurations", "mutatingwebhookconfiguration", "MutatingWebhookConfiguration",
+        "admissionregistration.k8s.io", "v1", namespaced=False, status_subresource=False, has_generation=True,
+    ),
+    ResourceType(
+        "validatingwebhookconfigurations", "validatingwebhookconfiguration", "ValidatingWebhookConfiguration",
+        "admissionregistration.k8s.io", "v1", namespaced=False, status_subresource=False, has_generation=True,
+    ),
     ResourceType(
         "serviceaccounts", "serviceaccount", "ServiceAccount", "", "v1", namespaced=True, short_names=("sa",),
         status_subresource=False,

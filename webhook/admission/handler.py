@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import orjson
@@ -26,6 +26,7 @@ from webhook.admission.messages import (
     wait_warning,
 )
 from webhook.admission.patch import Steering, steering_patch, without_steering
+from webhook.admission.reservations import ReservationGuard
 from webhook.admission.wire import AdmissionResponse, Review
 from webhook.model.cni import CniSettings
 from webhook.model.config import Mode, Settings
@@ -50,6 +51,10 @@ class AdmissionState:
     policies: PolicyStore = field(default_factory=PolicyStore)  # SecurityGroupPolicies, service accounts
     eni_configs: EniConfigStore = field(default_factory=EniConfigStore)
     vpc: VpcFacts = field(default_factory=VpcFacts)  # security groups, subnets, quotas (EC2)
+    guard: ReservationGuard = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.guard = ReservationGuard(self.index, self.index.clock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +63,7 @@ class Answer:
     decision: Decision
     outcome: str  # allowed | steered | denied | warned | recorded | not-applicable | stale
     patch: list[dict[str, Any]] | None = None
+    reservation: Literal["held", "skipped"] | None = None  # skipped: the zone's unconfirmed bound was reached
 
 
 def _steering(decision: Decision) -> Steering:
@@ -156,5 +162,9 @@ def handle(review: Review, stage: Stage, state: AdmissionState) -> Answer:
         metadata = (review.object or {}).get("metadata")
         name = review.name or (metadata.get("name") if isinstance(metadata, dict) else None)
         if review.namespace and name:
-            state.index.reserve(pod_key(review.namespace, name), decision.reserve_zone, decision.reserve_node)
+            settings = state.settings
+            held = state.guard.reserve(pod_key(review.namespace, name), decision.reserve_zone,
+                                       decision.reserve_node, window=settings.reservation_confirm,
+                                       limit=settings.max_unconfirmed)
+            return replace(answer, reservation="held" if held else "skipped")
     return answer

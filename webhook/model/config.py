@@ -7,6 +7,8 @@ Keys and defaults (documented in README.md):
   nodeReserve              free pod IPs a node keeps back                (default 0)
   exemptNamespaces         comma-separated namespaces never judged        (default kube-system)
   reservationTTLSeconds    how long an admitted pod holds its IP          (default 30)
+  reservationConfirmSeconds  a reservation whose pod the watch has not shown by then is released (default 10)
+  maxUnconfirmedReservations  per zone; past it /validate judges without reserving (default 50)
   stalenessSeconds         data older than this fails open               (default 120; at least 60 with
                            `serve`'s defaults: the watch timeout, 55 s, plus 5 s, and at least the EC2
                            period + 10 s; smaller values are refused, see service.min_staleness)
@@ -41,6 +43,8 @@ KNOWN_KEYS = frozenset(
         "nodeReserve",
         "exemptNamespaces",
         "reservationTTLSeconds",
+        "reservationConfirmSeconds",
+        "maxUnconfirmedReservations",
         "stalenessSeconds",
         "maxSteeredNodes",
         "securityGroupsPerENI",
@@ -59,6 +63,10 @@ class Settings:
     node_reserve: int = 0
     exempt_namespaces: frozenset[str] = frozenset({"kube-system"})
     reservation_ttl: float = 30.0
+    # The apiserver persists an admitted pod within milliseconds and the watch shows it well within this; a
+    # review nobody persisted (made up, or refused by a later admission step) never shows.
+    reservation_confirm: float = 10.0
+    max_unconfirmed: int = 50
     staleness_bound: float = 120.0
     max_steered_nodes: int = 20
     groups_per_eni: int | None = None  # None: not set (Service Quotas or EC2's default decide)
@@ -95,6 +103,8 @@ class Settings:
             node_reserve=_count(data, "nodeReserve", defaults.node_reserve),
             exempt_namespaces=_namespaces(data.get("exemptNamespaces"), defaults.exempt_namespaces),
             reservation_ttl=_seconds(data, "reservationTTLSeconds", defaults.reservation_ttl),
+            reservation_confirm=_seconds(data, "reservationConfirmSeconds", defaults.reservation_confirm),
+            max_unconfirmed=_count(data, "maxUnconfirmedReservations", defaults.max_unconfirmed),
             staleness_bound=staleness_bound,
             max_steered_nodes=_count(data, "maxSteeredNodes", defaults.max_steered_nodes),
             groups_per_eni=_quota(data, "securityGroupsPerENI", 1, 16),

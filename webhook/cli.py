@@ -266,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--json", action="store_true", help="machine-readable output")
     sim.set_defaults(func=_simulate)
 
+    from webhook.plan import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
+
     sp = sub.add_parser("serve", help="run the webhook in a cluster, fed by Kubernetes watches and EC2")
     sp.add_argument("--host", default="0.0.0.0", help="listen address")
     sp.add_argument("--port", type=int, default=8443, help="listen port")

@@ -207,3 +207,49 @@ def test_doctor_live_reads_events_ec2_and_the_control_plane(
     assert "address(es)" in event["indexShows"]
     low = codes["cluster-subnet-low"]["evidence"]
     assert (low["subnet"], low["freeIps"], low["cluster"]) == (ec2c.subnet_a, 2, "demo")
+
+
+async def test_sandbox_events_are_recent_pod_sandbox_failures_only() -> None:
+    """Only reason FailedCreatePodSandBox on Pods, seen within the window; newest first."""
+    from kubernetes_asyncio import client as k8s
+
+    from webhook.sources.events import sandbox_events
+
+    fk = FakeKube()
+    url = await fk.start()
+    now = dt.datetime.now(dt.UTC)
+
+    def at(event: dict[str, Any], seconds_ago: int) -> dict[str, Any]:
+        event["lastTimestamp"] = (now - dt.timedelta(seconds=seconds_ago)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return event
+
+    await fk.create("events", at(_event("new", "p-1", "n-1", "failed to assign an IP address"), 60), namespace="shop")
+    await fk.create("events", at(_event("newer", "p-2", "n-1", "failed to assign an IP address"), 10),
+                    namespace="shop")
+    await fk.create("events", at(_event("old", "p-3", "n-1", "failed to assign an IP address"), 7200),
+                    namespace="shop")
+    other = at(_event("sched", "p-4", "n-1", "0/3 nodes are available"), 5)
+    other["reason"] = "FailedScheduling"
+    await fk.create("events", other, namespace="shop")
+    api = k8s.ApiClient(k8s.Configuration(host=url))
+    try:
+        events = await sandbox_events(api, 3600, now)
+    finally:
+        await api.close()
+        await fk.stop()
+    assert [(e.pod, e.node, e.count) for e in events] == [("p-2", "n-1", 3), ("p-1", "n-1", 3)]
+
+
+def test_event_with_no_address_cause_is_information(tmp_path: Path) -> None:
+    """An event whose message names no address problem, on a node and zone the index shows with room, needs no
+    action from ipguard's side; the pod's node is found from the pod when the event names no host."""
+    from webhook.doctor import event_findings, snapshot_facts
+    from webhook.sources.events import SandboxEvent
+
+    path = _snapshot(tmp_path)
+    facts = snapshot_facts(path)
+    [finding] = event_findings(facts.state, [SandboxEvent("apps", "b-1-app-0", None, "netplugin failed: timeout")])
+    [row] = finding.evidence["events"]
+    assert finding.severity == "info"
+    assert (row["node"], row["zone"], row["cause"], row["indexShows"]) == (
+        "b-1", "us-east-1b", "not an address problem", "no shortage there now")

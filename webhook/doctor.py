@@ -139,6 +139,7 @@ def zone_findings(state: AdmissionState, zones: Sequence[ZoneFigures]) -> list[D
             f"{z.zone}: pod IP headroom {z.headroom} at or below the reserve of {reserve}"
             + (f" ({why})" if why else ""),
             _zone_fix(state, z), {**_zone_evidence(z, reserve), "why": why}))
+    zones_by_name = {z.zone: z for z in zones}
     for s in state.index.subnet_figures():
         reserve = settings.reserve_for_zone(s.zone)
         if s.nodes and s.zone not in exhausted and s.supply <= reserve:
@@ -146,7 +147,8 @@ def zone_findings(state: AdmissionState, zones: Sequence[ZoneFigures]) -> list[D
                 "subnet-low", ACTION,
                 f"{s.subnet_id} ({s.zone}): {s.supply} usable address(es) left for pods, at or below the reserve "
                 f"of {reserve}; its {s.nodes} node(s) get no more IPs once their warm pools are used",
-                f"add or expand pod subnets in {s.zone}, or move pods to the zone's other subnets",
+                _zone_fix(state, zones_by_name[s.zone]) if s.zone in zones_by_name else
+                f"add or expand pod subnets in {s.zone}",
                 {"subnet": s.subnet_id, "zone": s.zone, "cidr": s.cidr, "freeIps": s.free_ips,
                  "freeBlocks": s.free_blocks, "usable": s.supply, "nodes": s.nodes, "reserve": reserve}))
     out = [z for z in zones if _out_of_addresses(z, settings.reserve_for_zone(z.zone))]
@@ -177,7 +179,9 @@ def waiting_findings(state: AdmissionState, waiting: Iterable[tuple[str, str, in
         f"{total} pod(s) on {len(rows)} node(s) have no IP (FailedCreatePodSandBox): "
         + "; ".join(f"{r['node']}: {r['why'] or 'no address for it'}" for r in rows[:3])
         + (" ..." if len(rows) > 3 else ""),
-        "give their zones' pod subnets addresses (see zone-exhausted), or move the pods to nodes with warm IPs",
+        "by each node's cause: more addresses in its pod subnets (zone-exhausted, subnet-low), kubelet max-pods "
+        "within its pod IPs (max-pods-over-ip-capacity), an ENIConfig for its zone; or move the pods to nodes "
+        "with warm IPs",
         {"nodes": rows})]
 
 

@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +21,7 @@ from webhook.model.limits import (
 if TYPE_CHECKING:
     from webhook.admission.handler import AdmissionState as AdmissionStateT
     from webhook.service import ServeOptions as ServeOptionsT
+    from webhook.service import Service as ServiceT
 
 DEFAULT_SNAPSHOT = Path(__file__).resolve().parent.parent / "examples" / "cluster.yaml"
 
@@ -124,6 +125,16 @@ def _report_live(args: argparse.Namespace) -> int:
 def with_live_cluster(args: argparse.Namespace, use: Callable[[AdmissionStateT], int], *, not_loaded: int) -> int:
     """Load the live cluster's (and EC2's) data as `serve` does, then hand the admission state to `use`; its
     exit status, or `not_loaded` when the data did not load in time."""
+
+    async def use_state(service: ServiceT) -> int:
+        # `use` runs without awaiting: no watch event lands in the index meanwhile.
+        return use(service.state)
+
+    return with_live_service(args, use_state, not_loaded=not_loaded)
+
+
+def with_live_service(args: argparse.Namespace, use: Callable[[ServiceT], Awaitable[int]], *, not_loaded: int) -> int:
+    """`with_live_cluster`, handing `use` the loaded service itself (its API client and EC2 poller too)."""
     import asyncio
 
     from webhook.service import Service
@@ -138,8 +149,7 @@ def with_live_cluster(args: argparse.Namespace, use: Callable[[AdmissionStateT],
             if not await service.wait_loaded(args.timeout):
                 print(f"ipguard: the cluster's data did not load within {args.timeout:.0f}s", file=sys.stderr)
                 return not_loaded
-            # `use` runs without awaiting: no watch event lands in the index meanwhile.
-            return use(service.state)
+            return await use(service)
         finally:
             await service.stop()
 
@@ -281,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--mode", choices=["enforce", "warn"], default="enforce", help="ipguard's mode for the replay")
     sim.add_argument("--json", action="store_true", help="machine-readable output")
     sim.set_defaults(func=_simulate)
+
+    from webhook.doctor import add_parser as add_doctor_parser
+    from webhook.plan import add_parser as add_plan_parser
+
+    add_doctor_parser(sub, _live_source_args, DEFAULT_SNAPSHOT, with_live_service)
+
+    add_plan_parser(sub)
 
     sp = sub.add_parser("serve", help="run the webhook in a cluster, fed by Kubernetes watches and EC2")
     sp.add_argument("--host", default="0.0.0.0", help="listen address")

@@ -184,6 +184,10 @@ RESOURCE_TYPES: Final[tuple[ResourceType, ...]] = (
         status_subresource=False,
     ),
     ResourceType(
+        "events", "event", "Event", "", "v1", namespaced=True, short_names=("ev",), status_subresource=False,
+        field_paths=("reason", "involvedObject.kind", "involvedObject.name", "involvedObject.namespace", "type"),
+    ),
+    ResourceType(
         "daemonsets", "daemonset", "DaemonSet", "apps", "v1", namespaced=True, short_names=("ds",),
         has_generation=True, bookmark_extra=_DAEMONSET_BOOKMARK_EXTRA,
     ),

@@ -52,15 +52,20 @@ def judge_object(kind: str, review: Review, stage: Stage, state: AdmissionState)
         return not_applicable(subject, f"{review.kind} objects are judged at validation")
     if review.operation not in ("CREATE", "UPDATE") or review.object is None:
         return not_applicable(subject, f"{review.operation} of a {review.kind} is not judged")
-    bound = state.settings.staleness_bound
     if kind == "sgp":
         policy = parse_policy(review.object, review.namespace)
         return _decision(policy.key, policy_findings(policy, state.policies, state.vpc, quotas(state),
-                                                     _policy_context(state)))
+                                                     policy_context(state)))
     config = parse_eniconfig(review.object)
     old = parse_eniconfig(review.old_object) if review.old_object is not None else None
+    return _decision(config.name, eniconfig_findings(config, old, state.eni_configs, state.vpc, quotas(state),
+                                                     eniconfig_context(state)))
+
+
+def eniconfig_context(state: AdmissionState) -> EniConfigContext:
+    bound = state.settings.staleness_bound
     index = state.index
-    context = EniConfigContext(
+    return EniConfigContext(
         custom_networking=index.cni.custom_networking,
         label_def=index.cni.eni_config_label_def,
         zones=frozenset([*index.zones, *(s.zone for s in state.vpc.subnets.values())]),
@@ -69,8 +74,6 @@ def judge_object(kind: str, review: Review, stage: Stage, state: AdmissionState)
         reserve=_Reserves(state),
         subnet_free={sid: s.addresses for sid, s in index.subnets.items()},
     )
-    return _decision(config.name, eniconfig_findings(config, old, state.eni_configs, state.vpc, quotas(state),
-                                                     context))
 
 
 class _Reserves(Mapping[str, int]):
@@ -89,7 +92,7 @@ class _Reserves(Mapping[str, int]):
         return len(self.settings.zone_reserves)
 
 
-def _policy_context(state: AdmissionState) -> PolicyContext:
+def policy_context(state: AdmissionState) -> PolicyContext:
     index = state.index
     return PolicyContext(
         pod_eni=index.cni.pod_eni,

@@ -39,6 +39,8 @@ is a full example):
     pods:                             # pods with labels, for policy matching (besides the counts per node)
       - {namespace: payments, name: api-0, node: ip-..., labels: {app: api}, serviceAccount: api, branch: true}
     quotas: {securityGroupsPerENI: 5, rulesPerSecurityGroup: 60}   # as Service Quotas would report them
+    clusterName: demo                 # optional: the EKS cluster
+    clusterSubnets: [subnet-...]      # optional: where the control plane's ENIs are (listed under subnets)
 """
 
 from __future__ import annotations
@@ -119,6 +121,8 @@ class Snapshot:
     service_accounts: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     pods: list[SnapshotPod] = field(default_factory=list)
     quotas: Quotas | None = None
+    cluster_name: str | None = None
+    cluster_subnets: list[str] | None = None  # None: not given
 
     def build_objects(self, index: CapacityIndex) -> tuple[PolicyStore, EniConfigStore, VpcFacts]:
         """The policy, ENIConfig and VPC stores, and the labelled pods added to `index` (from build_index)."""
@@ -307,6 +311,14 @@ def parse_snapshot(document: Any, source: str, limits: LimitsTable) -> Snapshot:
             service_account=str(item.get("serviceAccount") or "default"),
             branch=bool(item.get("branch", False)),
         ))
+    if "clusterSubnets" in doc:
+        cluster_subnets = [str(sid) for sid in _list(doc.get("clusterSubnets"), source, "clusterSubnets")]
+        for sid in cluster_subnets:
+            if sid not in known_subnets:
+                raise SnapshotError(f"{source}: clusterSubnets: {sid} is not listed under subnets")
+        snapshot.cluster_subnets = cluster_subnets
+    if doc.get("clusterName") is not None:
+        snapshot.cluster_name = str(doc["clusterName"])
     return snapshot
 
 

@@ -297,13 +297,13 @@ def test_report_on_the_sgp_cluster(capsys: pytest.CaptureFixture[str]) -> None:
 def test_manifests_register_and_allow_what_the_checks_need() -> None:
     """The validating webhook takes SecurityGroupPolicy and ENIConfig CREATE/UPDATE (the mutating one pods
     only); RBAC reads service accounts; the IAM policy lets ipguard read the two quotas (optional)."""
-    configs = list(yaml.safe_load_all((REPO / "manifests" / "webhooks.yaml").read_text()))
+    configs = list(yaml.safe_load_all((REPO / "manifests" / "base" / "webhooks.yaml").read_text()))
     mutating, validating = (c["webhooks"][0] for c in configs)
     assert [r["resources"] for r in mutating["rules"]] == [["pods"]]
     rules = {r["resources"][0]: r for r in validating["rules"]}
     assert rules["securitygrouppolicies"]["operations"] == ["CREATE", "UPDATE"]
     assert (rules["eniconfigs"]["apiGroups"], rules["eniconfigs"]["scope"]) == (["crd.k8s.amazonaws.com"], "Cluster")
-    role = next(d for d in yaml.safe_load_all((REPO / "manifests" / "rbac.yaml").read_text())
+    role = next(d for d in yaml.safe_load_all((REPO / "manifests" / "base" / "rbac.yaml").read_text())
                 if d["kind"] == "ClusterRole")
     assert "serviceaccounts" in role["rules"][0]["resources"]
     iam = json.loads((REPO / "manifests" / "iam-policy.json").read_text())

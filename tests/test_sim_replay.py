@@ -198,22 +198,19 @@ def test_simulate_prints_the_table_and_zones(capsys: pytest.CaptureFixture[str])
 BUNDLED = sorted(p.stem for p in SCENARIOS.glob("*.yaml"))
 # Where ipguard's model does not yet follow what ipamd does; see each reason. Remove an entry when it passes.
 BELOW_TARGET = {
-    "burst-1000": "with no zone open, pods are admitted as if new nodes could take them ('nodes are full in every "
-                  "allowed zone; subnets have addresses') while the scheduler binds them to nodes that cannot give "
-                  "an IP (no autoscaler here, and the nodes have pod slots)",
+    "burst-1000": "with no zone open, pods are admitted as if new nodes could take them while the scheduler binds "
+                  "them to nodes whose warm pools (WARM_IP_TARGET) take the last addresses (no autoscaler here)",
     "zone-near-exhaustion": "the reservation is held in the zone a pod is steered toward, yet the scheduler may place "
                             "it (soft preference) on a node whose last IPs that second's pods take",
     "prefix-fragmented": "as zone-near-exhaustion: one pod in 26 lands on a node whose last prefix slots are taken",
-    "churn": "freed addresses count as warm although they cool down for 30 s",
+    "churn": "pods land on nodes whose free IPs cool down for 30 s (never a reason to deny), and growing nodes "
+             "top their warm pools up (WARM_IP_TARGET) from the last addresses, which the model does not count",
     "two-replicas": "two replicas' reservations do not see each other at reserve 0",
 }
 
 
 # Where ipguard's decisions still deny pods the simulation had room for. Remove an entry when it passes.
-FALSE_DENIALS = {
-    "burst-1000": "in the burst, zones flip between 'out of pod IPs' (deny) and 'new nodes can take it' (admit): "
-                  "about 50 pods are denied while addresses remain, then about 150 admitted that get none",
-}
+FALSE_DENIALS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", [

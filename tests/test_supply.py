@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 from webhook.model.limits import PREFIX_SIZE
 from webhook.model.supply import Demand, UnitKind, subnet_yield
 
-# attached slots (1 address or 1 block per slot) and new ENIs (primary + request, or 1 address + blocks)
-KINDS: list[UnitKind] = [(1, 0, 1), (0, 1, 16), (6, 0, 5), (10, 0, 9), (15, 0, 14), (1, 1, 16), (1, 2, 32)]
+# attached slots (1 address or 1 block per slot) and new ENIs (primary + slots, created with their request; or
+# 1 address + blocks)
+KINDS: list[UnitKind] = [(1, 0, 1, 1), (0, 1, 16, 16), (6, 0, 5, 5), (10, 0, 9, 9), (15, 0, 14, 14),
+                         (15, 0, 14, 5), (10, 0, 9, 2), (1, 1, 16, 16), (1, 2, 32, 32)]
 
 
 @st.composite
@@ -27,7 +29,8 @@ def demands(draw: st.DrawFn) -> dict[UnitKind, Demand]:
 
 
 def cost(kind: UnitKind) -> int:
-    return kind[0] + PREFIX_SIZE * kind[1]
+    """The least a unit can be funded with: a new ENI with secondary IPs needs its primary and its request."""
+    return kind[0] - (kind[2] - kind[3]) + PREFIX_SIZE * kind[1]
 
 
 @settings(max_examples=400, deadline=None)
@@ -69,7 +72,15 @@ def test_a_pod_is_served_exactly_when_a_unit_can_be_paid_whole(demand: dict[Unit
 
 def test_a_full_t3_medium_and_five_free_addresses() -> None:
     """createENI asks for the primary and 5 secondaries at once: 5 free addresses serve nothing, 6 serve 5."""
-    eni: UnitKind = (6, 0, 5)
+    eni: UnitKind = (6, 0, 5, 5)
     demand = {eni: Demand(0, 0, 1, 5)}
     assert subnet_yield(5, 0, demand).new_ips == 0
     assert subnet_yield(6, 0, demand).new_ips == 5
+
+
+def test_a_new_eni_under_warm_ip_target_fills_one_ip_at_a_time_after_its_request() -> None:
+    """GetENIResourcesToAllocate asks for min(short, I - 1) at creation (5 under WARM_IP_TARGET=5 on an
+    m5.2xlarge, 14 slots); tryAssignIPs then adds IPs to it, one at a time if need be, while addresses last."""
+    eni: UnitKind = (15, 0, 14, 5)
+    demand = {eni: Demand(0, 0, 2, 28)}
+    assert [subnet_yield(a, 0, demand).new_ips for a in (5, 6, 10, 15, 16, 21, 30)] == [0, 5, 9, 14, 14, 19, 28]

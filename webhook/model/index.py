@@ -497,7 +497,7 @@ class CapacityIndex:
         if limits is None:
             # An unknown type: judged by its allocatable pods, one address per IP (no ENI figures to go on).
             node.grows = not across
-            kind: UnitKind = (1, 0, 1)
+            kind: UnitKind = (1, 0, 1, 1)
             wants = Demand(node.waiting, node.waiting, node.waiting + beyond, beyond)
             node.units = ((kind, wants),) if node.grows else ()
         else:

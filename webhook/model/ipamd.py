@@ -241,7 +241,7 @@ def growth_units(waiting: int, new: int, held: HeldAddresses, limits: InstanceLi
     wanted = waiting + new
     on_attached = min(wanted, free_slots * size)
     if on_attached:
-        kind: UnitKind = (1, 0, 1) if size == 1 else (0, 1, PREFIX_SIZE)
+        kind: UnitKind = (1, 0, 1, 1) if size == 1 else (0, 1, PREFIX_SIZE, PREFIX_SIZE)
         parts.append((kind, _demand(kind, min(waiting, on_attached), on_attached)))
     rest = wanted - on_attached
     eni_room = max_pod_enis(limits, settings) - held.enis
@@ -249,7 +249,10 @@ def growth_units(waiting: int, new: int, held: HeldAddresses, limits: InstanceLi
         total = held.ips + free_slots * size  # every held slot in use when the node asks for an ENI
         request = new_eni_request(total, total, limits, settings)
         if request > 0:
-            kind = (1 + request, 0, request) if size == 1 else (1, request, request * PREFIX_SIZE)
+            # With secondary IPs the ENI is created with its request and filled one IP at a time after
+            # (tryAssignIPs); with prefixes it holds what it was created with until the next step.
+            gain = request * PREFIX_SIZE
+            kind = (1 + per_eni, 0, per_eni, request) if size == 1 else (1, request, gain, gain)
             served = min(rest, eni_room * kind[2])
             parts.append((kind, _demand(kind, min(max(waiting - on_attached, 0), served), served)))
     return tuple(parts)

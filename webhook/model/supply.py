@@ -19,9 +19,12 @@ from dataclasses import dataclass
 
 from webhook.model.limits import PREFIX_SIZE
 
-# (addresses, /28 blocks, pod IPs gained) of one growth unit: a free slot filled on an attached ENI
-# ((1, 0, 1), or (0, 1, 16) for a prefix), or a new ENI ((1 + n, 0, n), or (1, n, 16 n) with prefixes).
-UnitKind = tuple[int, int, int]
+# (addresses, /28 blocks, pod IPs gained, fewest pod IPs) of one growth unit: a free slot filled on an attached
+# ENI ((1, 0, 1, 1), or (0, 1, 16, 16) for a prefix), or a new ENI: with prefixes (1, n, 16 n, 16 n); with
+# secondary IPs its primary and its slots (1 + s, 0, s, n), created with the n IPs it asks for at once and then
+# filled one IP at a time as addresses allow (so a subnet short of the whole ENI still funds part of it, never
+# less than n).
+UnitKind = tuple[int, int, int, int]
 
 
 @dataclass(slots=True)
@@ -61,16 +64,37 @@ class Yield:
 def new_eni_kind(kind: UnitKind) -> bool:
     """A new ENI (its primary address plus its request), as opposed to a slot on an attached ENI: only a new
     ENI can come from another subnet."""
-    cost_addresses, cost_blocks, _ = kind
+    cost_addresses, cost_blocks, _, _ = kind
     return cost_addresses >= 1 and (cost_blocks > 0 or cost_addresses > 1)
 
 
 def _unit_cost(kind: UnitKind) -> tuple[int, int, int]:
-    return kind[0] + PREFIX_SIZE * kind[1], kind[1], -kind[2]
+    """What the cheapest funding of one unit takes (its fewest IPs, for a new ENI filled later)."""
+    cost_addresses, cost_blocks, gain, least = kind
+    return cost_addresses - (gain - least) + PREFIX_SIZE * cost_blocks, cost_blocks, -gain
+
+
+def _fund(addresses: int, blocks: int, kind: UnitKind, units: int) -> tuple[int, int, int, int]:
+    """Fund up to `units` units: (units funded, pod IPs they give, addresses left, blocks left). A new ENI with
+    secondary IPs the subnet cannot fill whole still comes with its request, and takes one IP at a time after
+    (tryAssignIPs' fallback) while addresses last."""
+    if units <= 0:
+        return 0, 0, addresses, blocks
+    whole = _affordable(addresses, blocks, kind)
+    full = min(units, whole)
+    addresses, blocks = _spend(addresses, blocks, kind, full)
+    ips = full * kind[2]
+    _, cost_blocks, gain, least = kind
+    if full < units and least < gain and not cost_blocks and addresses >= 1 + least:
+        part = min(addresses - 1, gain - 1)
+        addresses -= 1 + part
+        blocks = min(blocks, max(addresses, 0) // PREFIX_SIZE)
+        return full + 1, ips + part, addresses, blocks
+    return full, ips, addresses, blocks
 
 
 def _affordable(addresses: int, blocks: int, kind: UnitKind) -> int:
-    cost_addresses, cost_blocks, _ = kind
+    cost_addresses, cost_blocks, _, _ = kind
     whole = cost_addresses + PREFIX_SIZE * cost_blocks
     count = addresses // whole if whole else 1 << 30
     if cost_blocks:
@@ -79,7 +103,7 @@ def _affordable(addresses: int, blocks: int, kind: UnitKind) -> int:
 
 
 def _spend(addresses: int, blocks: int, kind: UnitKind, units: int) -> tuple[int, int]:
-    cost_addresses, cost_blocks, _ = kind
+    cost_addresses, cost_blocks, _, _ = kind
     addresses -= units * (cost_addresses + PREFIX_SIZE * cost_blocks)
     blocks -= units * cost_blocks
     # Loose addresses taken may break free blocks: never count more blocks than the addresses left can hold.
@@ -95,7 +119,7 @@ def subnet_yield(addresses: int, blocks: int, demand: Mapping[UnitKind, Demand])
         return Yield(shortfall, 0, addresses, blocks)
     # The common case first: the subnet funds every unit its nodes want (one pass, nothing to rank).
     all_addresses = all_blocks = wait_addresses = wait_blocks = waiting = new = 0
-    for (cost_addresses, cost_blocks, _), want in demand.items():
+    for (cost_addresses, cost_blocks, _, _), want in demand.items():
         whole = cost_addresses + PREFIX_SIZE * cost_blocks
         all_addresses += want.all_units * whole
         all_blocks += want.all_units * cost_blocks
@@ -112,28 +136,27 @@ def subnet_yield(addresses: int, blocks: int, demand: Mapping[UnitKind, Demand])
     kinds = sorted(demand, key=_unit_cost)
     funded: dict[UnitKind, int] = {}
     surplus: dict[UnitKind, int] = {}
+    served_waiting: dict[UnitKind, int] = {}
     waiting_served = 0
     for kind in kinds:
         want = demand[kind]
-        units = min(want.wait_units, _affordable(addresses, blocks, kind))
-        addresses, blocks = _spend(addresses, blocks, kind, units)
-        served = min(want.wait_ips, units * kind[2])
+        units, ips, addresses, blocks = _fund(addresses, blocks, kind, want.wait_units)
+        served = min(want.wait_ips, ips)
         waiting_served += served
         funded[kind] = units
-        surplus[kind] = units * kind[2] - served
+        surplus[kind] = ips - served
+        served_waiting[kind] = served
     after_waiting = (addresses, blocks)
     new_ips = 0
     unserved: list[tuple[UnitKind, int, int, int]] = []
     for kind in kinds:
         want = demand[kind]
-        units = max(min(want.all_units - funded[kind], _affordable(addresses, blocks, kind)), 0)
-        addresses, blocks = _spend(addresses, blocks, kind, units)
-        got = min(want.new_ips, surplus[kind] + units * kind[2])
+        units, ips, addresses, blocks = _fund(addresses, blocks, kind, want.all_units - funded[kind])
+        got = min(want.new_ips, surplus[kind] + ips)
         new_ips += got
         missing_units = want.all_units - funded[kind] - units
         if missing_units > 0 and new_eni_kind(kind):
-            waited = want.wait_ips - min(want.wait_ips, funded[kind] * kind[2])
-            unserved.append((kind, missing_units, waited, want.new_ips - got))
+            unserved.append((kind, missing_units, want.wait_ips - served_waiting[kind], want.new_ips - got))
     return Yield(new_ips, waiting_served, after_waiting[0], after_waiting[1], tuple(unserved), (addresses, blocks))
 
 
@@ -155,12 +178,11 @@ def discovery_yield(unserved: Iterable[tuple[UnitKind, int, int, int]],
         for i, (addresses, blocks) in enumerate(pool):
             if units <= 0:
                 break
-            funded = min(units, _affordable(addresses, blocks, kind))
+            funded, ips, addresses, blocks = _fund(addresses, blocks, kind, units)
             if funded <= 0:
                 continue
-            pool[i] = _spend(addresses, blocks, kind, funded)
+            pool[i] = (addresses, blocks)
             units -= funded
-            ips = funded * kind[2]
             served = min(waiting, ips)
             waiting -= served
             waiting_served += served

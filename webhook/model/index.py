@@ -1048,13 +1048,6 @@ class CapacityIndex:
                     break
         return found
 
-    def exhausted_count(self, zone_name: str) -> int:
-        """An upper bound on len(exhausted_nodes(zone)), in O(subnets)."""
-        zone = self.zones.get(zone_name)
-        if zone is None:
-            return 0
-        return len(zone.full_nodes) + sum(len(names) for names in zone.dry_nodes.values())
-
     def zone_figures(self, name: str, *, expire: bool = True) -> ZoneFigures:
         """One zone's figures (`expire=False` when the caller has just expired reservations itself)."""
         if expire:

@@ -323,6 +323,8 @@ def test_pod_pinned_by_hostname_is_judged_on_that_node() -> None:
     index, settings = load(MAXPODS_MISTAKE % 20)
     assert judge(index, settings, pod(hostname="dry-1")).verdict is Verdict.DENY
     assert judge(index, settings, pod(hostname="roomy")).verdict is Verdict.ALLOW
+    text = denial_text(index, settings, pod(hostname="dry-1"))
+    assert "is pinned by its node affinity or kubernetes.io/hostname selector and that node" in text
 
 
 # ---- messages that agree with their figures ------------------------------------------------------------------

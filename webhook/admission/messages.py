@@ -95,8 +95,9 @@ def denial_message(decision: Decision, cni: CniSettings) -> str:
     fixes = "; ".join(remedies(decision, cni))
     if decision.node is not None:
         return (
-            f"ipguard: pod {decision.pod} is pinned by spec.nodeName and that node cannot give it {what}: "
-            f"{_node_phrase(decision.node)}. Fix: remove spec.nodeName so the scheduler can choose a node, or {fixes}."
+            f"ipguard: pod {decision.pod} is pinned by {decision.node.pinned_by} and that node cannot give it {what}: "
+            f"{_node_phrase(decision.node)}. Fix: remove {decision.node.pinned_by} so the scheduler can choose a node, "
+            f"or {fixes}."
         )
     zones = "; ".join(_zone_phrase(c) for c in decision.zones)
     if decision.zones and all(_kept_back(c) for c in decision.zones):

@@ -66,6 +66,7 @@ class NodeCheck:
     branch_room: int
     can_take: bool
     needs: str = ""  # why the subnet's free addresses do not reach the node
+    pinned_by: str = "spec.nodeName"  # what ties the pod to the node, in the pod's own terms
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +136,7 @@ def decide(
     # DaemonSet pods name their node in a matchFields term: affinity cannot steer them, judge their node(s).
     candidates = pods.pinned_nodes(pod)
     if candidates:
-        verdicts = [_decide_pinned(name, node, use, index, settings) for node in candidates]
+        verdicts = [_decide_pinned(name, node, use, index, settings, by=PINNED_BY_AFFINITY) for node in candidates]
         return next((v for v in verdicts if v.verdict is not Verdict.DENY), verdicts[0])
 
     if not index.has_nodes():
@@ -269,7 +270,11 @@ def _preferences(open_checks: list[ZoneCheck]) -> tuple[tuple[str, int], ...]:
     return tuple((zone, max(1, round(100 * free / top))) for zone, free in ranked)
 
 
-def _decide_pinned(name: str, node_name: str, use: PodUse, index: CapacityIndex, settings: Settings) -> Decision:
+PINNED_BY_AFFINITY = "its node affinity or kubernetes.io/hostname selector"
+
+
+def _decide_pinned(name: str, node_name: str, use: PodUse, index: CapacityIndex, settings: Settings,
+                   by: str = "spec.nodeName") -> Decision:
     figures = index.node_figures(node_name)
     node = index.nodes.get(node_name)
     if figures is None or node is None:
@@ -294,6 +299,7 @@ def _decide_pinned(name: str, node_name: str, use: PodUse, index: CapacityIndex,
         branch_room=node.branch_room,
         can_take=can_take,
         needs="" if can_take else index.node_growth_hint(node),
+        pinned_by=by,
     )
     if can_take:
         return Decision(Verdict.ALLOW, name, f"node {node_name} has room", use=use, node=check,

@@ -210,35 +210,35 @@ def test_full_node_needs_a_whole_eni_from_the_subnet() -> None:
     """tryAllocateENI -> createENI: a node whose attached ENIs are full gets another IP only through a new ENI,
     which asks for its primary address plus I - 1 secondaries at once (WARM_ENI_TARGET), with no fallback."""
     held = HeldAddresses(10, 0, 2)
-    cost = growth_cost(1, held, T3M, CniSettings(), assigned=10)
+    cost = growth_cost(1, held, T3M, CniSettings())
     assert cost == GrowthCost(addresses=6, blocks=0, new_enis=1)
 
 
 def test_free_slot_on_an_attached_eni_costs_one_address() -> None:
     """tryAssignIPs: on an attached ENI with free slots ipamd falls back to asking for one IP."""
     held = HeldAddresses(7, 0, 2)
-    assert growth_cost(1, held, T3M, CniSettings(), assigned=7) == GrowthCost(1, 0, 0)
+    assert growth_cost(1, held, T3M, CniSettings()) == GrowthCost(1, 0, 0)
     # 3 free slots, then a new ENI for the 4th IP
-    assert growth_cost(4, held, T3M, CniSettings(), assigned=7) == GrowthCost(3 + 6, 0, 1)
+    assert growth_cost(4, held, T3M, CniSettings()) == GrowthCost(3 + 6, 0, 1)
 
 
 def test_eni_request_under_warm_ip_target_is_the_shortfall() -> None:
     """GetENIResourcesToAllocate: min(short, I - 1) secondaries under WARM_IP_TARGET/MINIMUM_IP_TARGET."""
     cni = CniSettings(warm_ip_target=2)
     assert new_eni_request(10, 10, T3M, cni) == 2
-    assert growth_cost(1, HeldAddresses(10, 0, 2), T3M, cni, assigned=10) == GrowthCost(3, 0, 1)
+    assert growth_cost(1, HeldAddresses(10, 0, 2), T3M, cni) == GrowthCost(3, 0, 1)
 
 
 def test_prefix_delegation_new_eni_takes_one_address_and_whole_blocks() -> None:
     """createENI under prefix delegation: Ipv4PrefixCount prefixes (at least one) plus the ENI's primary."""
     cni = CniSettings(prefix_delegation=True, warm_prefix_target=1)
     full = HeldAddresses(9 * 16, 9, 1)  # m5.large primary ENI full of prefixes
-    assert growth_cost(1, full, M5L, cni, assigned=144) == GrowthCost(1, 1, 1)
-    assert growth_cost(1, HeldAddresses(32, 2, 1), M5L, cni, assigned=32) == GrowthCost(0, 1, 0)
+    assert growth_cost(1, full, M5L, cni) == GrowthCost(1, 1, 1)
+    assert growth_cost(1, HeldAddresses(32, 2, 1), M5L, cni) == GrowthCost(0, 1, 0)
 
 
 def test_eni_slots_full_means_no_growth() -> None:
-    assert growth_cost(1, HeldAddresses(15, 0, 3), T3M, CniSettings(), assigned=15) is None
+    assert growth_cost(1, HeldAddresses(15, 0, 3), T3M, CniSettings()) is None
 
 
 def test_minimum_ip_target_alone_stops_growth() -> None:
@@ -275,7 +275,7 @@ def test_prefix_delegation_falls_back_to_secondary_ips_on_non_nitro() -> None:
     m4 = TABLE.get("m4.large")
     cni = CniSettings(prefix_delegation=True)
     assert not prefix_delegation_on(m4, cni)
-    assert growth_cost(1, HeldAddresses(9, 0, 1), m4, cni, assigned=9) == GrowthCost(10, 0, 1)
+    assert growth_cost(1, HeldAddresses(9, 0, 1), m4, cni) == GrowthCost(10, 0, 1)
 
 
 def test_new_node_needs_its_primary_and_a_first_ip() -> None:
@@ -284,3 +284,15 @@ def test_new_node_needs_its_primary_and_a_first_ip() -> None:
     assert new_node_cost(T3M, CniSettings()) == GrowthCost(2, 0, 0)
     assert new_node_cost(T3M, CniSettings(custom_networking=True)) == GrowthCost(6, 0, 1)
     assert new_node_cost(M5L, CniSettings(prefix_delegation=True)) == GrowthCost(1, 1, 0)
+
+
+def test_a_new_eni_under_warm_ip_target_is_filled_after_its_request() -> None:
+    """GetENIResourcesToAllocate asks for min(short, I - 1) at creation; tryAssignIPs then fills that ENI, one IP
+    at a time if need be: 8 more IPs on an m5.2xlarge whose 2 ENIs are full take one ENI (its primary and 8
+    IPs), not two ENIs of 5."""
+    m5 = TABLE.get("m5.2xlarge")  # 4 ENIs x 15 IPv4: 14 slots per ENI
+    cni = CniSettings(warm_ip_target=5)
+    full = HeldAddresses(28, 0, 2)
+    assert growth_cost(8, full, m5, cni) == GrowthCost(9, 0, 1)
+    assert growth_cost(1, full, m5, cni) == GrowthCost(6, 0, 1)  # the request, at once
+    assert growth_cost(16, full, m5, cni) == GrowthCost(15 + 6, 0, 2)

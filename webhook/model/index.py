@@ -506,8 +506,8 @@ class CapacityIndex:
                 cooling=node.cooling)
             node.units = ipamd.growth_units(node.waiting, beyond, held, limits, self.cni) if node.grows else ()
             if node.grows and node.warm == 0:
-                node.next_cost = ipamd.growth_cost(node.waiting + 1, held, limits, self.cni, assigned=used)
-                node.own_cost = ipamd.growth_cost(node.waiting, held, limits, self.cni, assigned=used)
+                node.next_cost = ipamd.growth_cost(node.waiting + 1, held, limits, self.cni)
+                node.own_cost = ipamd.growth_cost(node.waiting, held, limits, self.cni)
                 node.eni_cost = ipamd.new_eni_cost(held, limits, self.cni)
             else:
                 node.next_cost = node.own_cost = node.eni_cost = None
@@ -989,7 +989,6 @@ class CapacityIndex:
             return "the node is cordoned: ipamd adds no IP to it (AWS_MANAGE_ENIS_NON_SCHEDULABLE is off)"
         if node.limits is None:
             return ""
-        used = node.assigned + node.reserved
         if not node.grows:
             if self.cni.uses_ip_targets and not self.cni.warm_ip_target:
                 return f"MINIMUM_IP_TARGET without WARM_IP_TARGET: ipamd holds {node.held} IPs and adds none"
@@ -997,7 +996,7 @@ class CapacityIndex:
                 return f"ipamd adds no IP once a node holds max-pods ({node.allocatable_pods}) IPs"
             return f"every ENI slot of {node.instance_type} is in use"
         subnet = self.subnets.get(node.pod_subnet) if node.pod_subnet else None
-        cost = ipamd.growth_cost(node.waiting + 1, node.held_addresses, node.limits, self.cni, assigned=used)
+        cost = ipamd.growth_cost(node.waiting + 1, node.held_addresses, node.limits, self.cni)
         if subnet is None or cost is None:
             return ""
         return _cost_phrase(node.instance_type or "the node", cost, subnet)
@@ -1018,8 +1017,7 @@ class CapacityIndex:
                 node = self.nodes[name]
                 if node.limits is None or not node.grows or node.room <= 0:
                     continue
-                cost = ipamd.growth_cost(node.waiting + 1, node.held_addresses, node.limits, self.cni,
-                                         assigned=node.assigned + node.reserved)
+                cost = ipamd.growth_cost(node.waiting + 1, node.held_addresses, node.limits, self.cni)
                 if cost is not None:
                     whole = cost.addresses + PREFIX_SIZE * cost.blocks
                     if cheapest is None or whole < cheapest[0]:

@@ -143,6 +143,12 @@ def predict_held(assigned: int, limits: InstanceLimits, settings: CniSettings,
     return HeldAddresses(slots * size, slots if size == PREFIX_SIZE else 0, _ceil_div(slots, per_eni))
 
 
+def free_attached_slots(held: HeldAddresses, limits: InstanceLimits, settings: CniSettings) -> int:
+    """Slots (IPs, or prefixes) still free on the ENIs the node has attached (`GetAllocatableENIs`)."""
+    held_slots = held.prefixes if prefix_delegation_on(limits, settings) else held.ips
+    return max(held.enis * slots_per_eni(limits) - held_slots, 0)
+
+
 @dataclass(frozen=True, slots=True)
 class GrowthCost:
     """What a node needs from its subnet to serve some more pod IPs beyond what it holds."""
@@ -152,8 +158,7 @@ class GrowthCost:
     new_enis: int
 
 
-def growth_cost(ips: int, held: HeldAddresses, limits: InstanceLimits, settings: CniSettings, *,
-                assigned: int) -> GrowthCost | None:
+def growth_cost(ips: int, held: HeldAddresses, limits: InstanceLimits, settings: CniSettings) -> GrowthCost | None:
     """What it takes from the subnet for ipamd to give this node `ips` more pod IPs, or None when it cannot
     (ENI slots full). Free slots on attached ENIs come first, one IP (one prefix) at a time if need be
     (`tryAssignIPs` / `tryAssignPrefixes` fall back to one); only then new ENIs, each asking for its primary
@@ -163,9 +168,7 @@ def growth_cost(ips: int, held: HeldAddresses, limits: InstanceLimits, settings:
     per_eni = slots_per_eni(limits)
     size = slot_size(limits, settings)
     slots_wanted = _ceil_div(ips, size)
-    held_slots = held.prefixes if size == PREFIX_SIZE else held.ips
-    free_on_attached = max(held.enis * per_eni - held_slots, 0)
-    from_attached = min(free_on_attached, slots_wanted)
+    from_attached = min(free_attached_slots(held, limits, settings), slots_wanted)
     left = slots_wanted - from_attached
     new_enis = 0
     addresses = from_attached if size == 1 else 0
@@ -174,15 +177,21 @@ def growth_cost(ips: int, held: HeldAddresses, limits: InstanceLimits, settings:
     while left > 0:
         if enis >= max_pod_enis(limits, settings):
             return None
-        request = new_eni_request(total, assigned, limits, settings)
+        request = new_eni_request(total, total, limits, settings)  # every held IP in use when it asks
         if request <= 0:
             return None
         new_enis += 1
         enis += 1
-        addresses += 1 + (request if size == 1 else 0)
-        blocks += request if size == PREFIX_SIZE else 0
-        total += request * size
-        left -= request
+        if size == 1:
+            # Created with its request at once, then filled one IP at a time as pods need (tryAssignIPs).
+            take = max(request, min(left, per_eni))
+            addresses += 1 + take
+        else:
+            take = request
+            addresses += 1
+            blocks += request
+        total += take * size
+        left -= take
     return GrowthCost(addresses, blocks, new_enis)
 
 
@@ -209,9 +218,7 @@ def node_grows(held: HeldAddresses, assigned: int, limits: InstanceLimits, setti
     in_use = max(assigned, held.ips - cooling)
     if not pool_too_low(held.ips, in_use, limits, settings, max_pods):
         return False
-    held_slots = held.prefixes if prefix_delegation_on(limits, settings) else held.ips
-    has_free_slot = held.enis * slots_per_eni(limits) > held_slots
-    return has_free_slot or held.enis < max_pod_enis(limits, settings)
+    return free_attached_slots(held, limits, settings) > 0 or held.enis < max_pod_enis(limits, settings)
 
 
 def new_node_cost(limits: InstanceLimits, settings: CniSettings) -> GrowthCost:
@@ -219,7 +226,7 @@ def new_node_cost(limits: InstanceLimits, settings: CniSettings) -> GrowthCost:
     address (it launches into that subnet unless custom networking puts pods elsewhere), then its first pod IP:
     on its primary ENI one IP (one prefix) is enough; under custom networking a whole new ENI's request."""
     empty = HeldAddresses(0, 0, 0 if settings.custom_networking else 1)
-    cost = growth_cost(1, empty, limits, settings, assigned=0)
+    cost = growth_cost(1, empty, limits, settings)
     if cost is None:
         return GrowthCost(1 << 30, 0, 0)  # no ENI can carry pods on this type: a new node gives none
     primary = 0 if settings.custom_networking else 1
@@ -235,8 +242,7 @@ def growth_units(waiting: int, new: int, held: HeldAddresses, limits: InstanceLi
         return ()
     per_eni = slots_per_eni(limits)
     size = slot_size(limits, settings)
-    held_slots = held.prefixes if size == PREFIX_SIZE else held.ips
-    free_slots = max(held.enis * per_eni - held_slots, 0)
+    free_slots = free_attached_slots(held, limits, settings)
     parts: list[tuple[UnitKind, Demand]] = []
     wanted = waiting + new
     on_attached = min(wanted, free_slots * size)

@@ -196,7 +196,7 @@ def test_generatename_pod_allowed_with_room() -> None:
     assert zones_of(d) == [A, B, C]
     assert [z.headroom for z in d.zones] == [83, 27, 15]
     assert d.avoid_zones == ()
-    assert d.reserve_zone == A  # most headroom
+    assert d.reserve_zone == C  # least to spare: a zone about to run out stops first
 
 
 def test_validate_stage_sees_the_generated_name() -> None:
@@ -218,7 +218,7 @@ def test_steer_away_from_exhausted_zone() -> None:
     weights = dict(d.prefer_zones)
     assert weights[B] == 100
     assert weights[B] > weights[C] >= 1
-    assert d.reserve_zone == B
+    assert d.reserve_zone == C  # the open zone with least to spare
     assert A in d.reason
 
 

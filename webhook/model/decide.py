@@ -189,12 +189,16 @@ def decide(
         return Decision(Verdict.STEER, name, reason, use=use, zones=checks, avoid_zones=avoid_zones,
                         avoid_nodes=avoid_nodes, prefer_zones=prefer, soft=soft, waits_for_node=True,
                         reserve_zone=target)
-    best = max(open_checks, key=lambda c: (c.headroom - c.reserve, c.zone))
+    # The scheduler, blind to IPs, may put the pod in any open zone (its zone spreading pulls toward the zone with
+    # fewest of the app's pods, often the one short of addresses). Charge the pod to the open zone with least to
+    # spare: a zone about to run out stops taking pods before the watch shows where this one went, and the total
+    # charged is the same.
+    scarcest = min(open_checks, key=lambda c: (c.headroom - c.reserve, c.zone))
     # Only zones out of addresses are excluded outright; zones whose nodes are merely full stay allowed (new
     # nodes can come there) and are left behind by the preferences toward the zones with room.
     if not avoid_zones and not full_zones and not avoid_nodes and not only_nodes:
         return Decision(Verdict.ALLOW, name, "allowed zones have room", use=use, zones=checks,
-                        reserve_zone=best.zone)
+                        reserve_zone=scarcest.zone)
     reasons = []
     if avoid_zones:
         reasons.append(f"zone(s) {', '.join(avoid_zones)} out of pod IPs")
@@ -213,7 +217,7 @@ def decide(
         avoid_zones=avoid_zones,
         avoid_nodes=avoid_nodes,
         prefer_zones=_preferences(open_checks),
-        reserve_zone=best.zone,
+        reserve_zone=scarcest.zone,
         soft=soft,
         only_nodes=only_nodes,
     )

@@ -14,7 +14,9 @@ from webhook.model.cni import CniSettings
 from webhook.model.ipamd import (
     GrowthCost,
     HeldAddresses,
+    Rules,
     growth_cost,
+    growth_units,
     new_eni_request,
     new_node_cost,
     node_grows,
@@ -296,3 +298,27 @@ def test_a_new_eni_under_warm_ip_target_is_filled_after_its_request() -> None:
     assert growth_cost(8, full, m5, cni) == GrowthCost(9, 0, 1)
     assert growth_cost(1, full, m5, cni) == GrowthCost(6, 0, 1)  # the request, at once
     assert growth_cost(16, full, m5, cni) == GrowthCost(15 + 6, 0, 2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    instance_type=st.sampled_from(["t3.medium", "m5.large", "m5.2xlarge", "m4.large", "c5.18xlarge"]),
+    cni=st.sampled_from([CniSettings(), CniSettings(warm_ip_target=5, minimum_ip_target=10),
+                         CniSettings(prefix_delegation=True), CniSettings(minimum_ip_target=10)]),
+    calls=st.lists(st.tuples(st.integers(0, 120), st.integers(0, 40), st.integers(0, 3), st.booleans(),
+                             st.sampled_from([None, 17, 58, 110])), min_size=1, max_size=30),
+)
+def test_remembered_rules_answer_as_the_rules_do(instance_type: str, cni: CniSettings,
+                                                 calls: list[tuple[int, int, int, bool, int | None]]) -> None:
+    """`Rules` remembers answers by their arguments; whatever the order of calls, and across its bound (here 4
+    entries), each answer is the rule's own."""
+    limits = TABLE.get(instance_type)
+    rules = Rules(cni)
+    rules.LIMIT = 4
+    for assigned, waiting, cooling, cordoned, max_pods in calls:
+        held = rules.predict_held(assigned, limits, max_pods)
+        assert held == predict_held(assigned, limits, cni, max_pods)
+        assert rules.node_grows(held, assigned, limits, max_pods, cordoned, cooling) == node_grows(
+            held, assigned, limits, cni, max_pods=max_pods, cordoned=cordoned, cooling=cooling)
+        assert rules.growth_units(waiting, assigned, held, limits) == growth_units(waiting, assigned, held, limits,
+                                                                                   cni)

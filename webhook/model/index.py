@@ -317,6 +317,7 @@ class CapacityIndex:
     ) -> None:
         self.limits = limits or LimitsTable()
         self.cni = cni or CniSettings()
+        self._rules = ipamd.Rules(self.cni)
         self.node_reserve = node_reserve
         self.clock = clock
         self.nodes: dict[str, Node] = {}
@@ -340,6 +341,7 @@ class CapacityIndex:
     def set_cni(self, cni: CniSettings) -> None:
         """New CNI settings change every node's capacity and warm pool: recompute all (rare)."""
         self.cni = cni
+        self._rules = ipamd.Rules(cni)
         self._cooling = self._retimed(self._cooling, cni.ip_cooldown)
         self._recompute_all()
 
@@ -460,7 +462,7 @@ class CapacityIndex:
         if node.no_eni_config:
             return HeldAddresses(0)
         if node.ec2_held is None:
-            return ipamd.predict_held(used, limits, self.cni, node.allocatable_pods)
+            return self._rules.predict_held(used, limits, node.allocatable_pods)
         prefixes = node.ec2_held // PREFIX_SIZE if ipamd.prefix_delegation_on(limits, self.cni) else 0
         enis = node.ec2_enis
         if enis is None:
@@ -501,10 +503,9 @@ class CapacityIndex:
             wants = Demand(node.waiting, node.waiting, node.waiting + beyond, beyond)
             node.units = ((kind, wants),) if node.grows else ()
         else:
-            node.grows = not node.no_eni_config and not across and ipamd.node_grows(
-                held, used, limits, self.cni, max_pods=node.allocatable_pods, cordoned=node.cordoned,
-                cooling=node.cooling)
-            node.units = ipamd.growth_units(node.waiting, beyond, held, limits, self.cni) if node.grows else ()
+            node.grows = not node.no_eni_config and not across and self._rules.node_grows(
+                held, used, limits, node.allocatable_pods, node.cordoned, node.cooling)
+            node.units = self._rules.growth_units(node.waiting, beyond, held, limits) if node.grows else ()
             if node.grows and node.warm == 0:
                 node.next_cost = ipamd.growth_cost(node.waiting + 1, held, limits, self.cni)
                 node.own_cost = ipamd.growth_cost(node.waiting, held, limits, self.cni)

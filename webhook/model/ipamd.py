@@ -267,3 +267,48 @@ def growth_units(waiting: int, new: int, held: HeldAddresses, limits: InstanceLi
 def _demand(kind: UnitKind, waiting: int, ips: int) -> Demand:
     gain = kind[2]
     return Demand(_ceil_div(waiting, gain), waiting, _ceil_div(ips, gain), ips - waiting)
+
+
+class Rules:
+    """`predict_held`, `node_grows` and `growth_units` under one set of CNI settings, remembered by their
+    arguments: a node's figures are recomputed at every pod event, and across a cluster they take few distinct
+    values (one per instance type and pod count). Make a new one when the settings change."""
+
+    LIMIT = 1 << 16  # entries per rule before it starts afresh (a bound, never reached by real clusters)
+
+    def __init__(self, settings: CniSettings) -> None:
+        self.settings = settings
+        self._held: dict[tuple[int, InstanceLimits, int | None], HeldAddresses] = {}
+        self._grows: dict[tuple[HeldAddresses, int, InstanceLimits, int | None, bool, int], bool] = {}
+        self._units: dict[tuple[int, int, HeldAddresses, InstanceLimits], tuple[tuple[UnitKind, Demand], ...]] = {}
+
+    def predict_held(self, assigned: int, limits: InstanceLimits, max_pods: int | None) -> HeldAddresses:
+        key = (assigned, limits, max_pods)
+        held = self._held.get(key)
+        if held is None:
+            if len(self._held) >= self.LIMIT:
+                self._held.clear()
+            held = self._held[key] = predict_held(assigned, limits, self.settings, max_pods)
+        return held
+
+    def node_grows(self, held: HeldAddresses, assigned: int, limits: InstanceLimits, max_pods: int | None,
+                   cordoned: bool, cooling: int) -> bool:
+        key = (held, assigned, limits, max_pods, cordoned, cooling)
+        grows = self._grows.get(key)
+        if grows is None:
+            if len(self._grows) >= self.LIMIT:
+                self._grows.clear()
+            grows = self._grows[key] = node_grows(held, assigned, limits, self.settings, max_pods=max_pods,
+                                                  cordoned=cordoned, cooling=cooling)
+        return grows
+
+    def growth_units(self, waiting: int, new: int, held: HeldAddresses,
+                     limits: InstanceLimits) -> tuple[tuple[UnitKind, Demand], ...]:
+        """The same units (shared, never changed in place: `add_demand` copies what it adds)."""
+        key = (waiting, new, held, limits)
+        units = self._units.get(key)
+        if units is None:
+            if len(self._units) >= self.LIMIT:
+                self._units.clear()
+            units = self._units[key] = growth_units(waiting, new, held, limits, self.settings)
+        return units

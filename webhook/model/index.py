@@ -329,6 +329,9 @@ class CapacityIndex:
         self._new_node_cost: ipamd.GrowthCost | None = None
         self._type_counts: dict[InstanceLimits, int] = {}  # known nodes by their limits
         self._dirty: list[Subnet] = []  # subnets whose nodes changed, refreshed once the change is whole
+        # What a node detached from its subnet, until it is attached again: if it brings back the same, the
+        # subnet's sums did not move and its supply need not be worked out again (most pod events).
+        self._detached: dict[str, tuple[Subnet | None, bool, int, int, tuple[tuple[UnitKind, Demand], ...]]] = {}
         self._memo: dict[Any, Any] = {}
         self._memo_version = -1
         self._reservations: _ExpiringCache[Reservation] = _ExpiringCache(reservation_ttl, clock, self._released)
@@ -531,6 +534,10 @@ class CapacityIndex:
         self._contribute(node, -1)
 
     def _flush(self) -> None:
+        for subnet, *_ in self._detached.values():
+            if subnet is not None:
+                self._dirty.append(subnet)
+        self._detached.clear()
         dirty, self._dirty = self._dirty, []
         for subnet in dirty:
             if self.subnets.get(subnet.subnet_id) is subnet:  # not removed meanwhile
@@ -577,7 +584,20 @@ class CapacityIndex:
             subnet.demand += sign * node.demand
             subnet.demand_blocks += sign * node.demand_blocks
             add_demand(subnet.wants, node.units, sign)
-            if subnets is None and (not self._dirty or self._dirty[-1] is not subnet):
+        if subnets is None:
+            self._mark_dirty(node, sign, (subnet, counted, node.demand, node.demand_blocks, node.units))
+
+    def _mark_dirty(self, node: Node, sign: int,
+                    brought: tuple[Subnet | None, bool, int, int, tuple[tuple[UnitKind, Demand], ...]]) -> None:
+        """Queue the subnets whose sums a node's detach and attach moved (none when it brought back the same)."""
+        if sign < 0:
+            self._detached[node.name] = brought
+            return
+        taken = self._detached.pop(node.name, None)
+        if taken is not None and taken[0] is brought[0] and taken[1:] == brought[1:]:
+            return
+        for subnet in (taken[0] if taken is not None else None, brought[0]):
+            if subnet is not None and (not self._dirty or self._dirty[-1] is not subnet):
                 self._dirty.append(subnet)
 
     def _zone(self, name: str) -> Zone:

@@ -146,7 +146,8 @@ def decide(
     if not allowed:
         return Decision(Verdict.ALLOW, name, "its node constraints allow no zone ipguard knows: left to the scheduler",
                         use=use)
-    checks = tuple(_zone_check(zone, use, index, settings) for zone in allowed)
+    memo = index.memo
+    checks = tuple(_zone_check(zone, use, index, settings, memo) for zone in allowed)
     # One pass: open zones, zones out of addresses (excluded), zones with full nodes only (preferred against).
     open_checks: list[ZoneCheck] = []
     empty: list[str] = []
@@ -223,22 +224,31 @@ def decide(
     )
 
 
-def _zone_check(zone_name: str, use: PodUse, index: CapacityIndex, settings: Settings) -> ZoneCheck:
-    # Read the zone's aggregates directly: this runs for every allowed zone of every admission request.
+def _zone_check(zone_name: str, use: PodUse, index: CapacityIndex, settings: Settings,
+                memo: dict[Any, Any]) -> ZoneCheck:
+    # Read the zone's aggregates directly: this runs for every allowed zone of every admission request, and is
+    # kept (`memo`) until the index next changes.
+    reserve = settings.reserve_for_zone(zone_name)
+    key = ("zone-check", zone_name, use, reserve)
+    check: ZoneCheck | None = memo.get(key)
+    if check is not None:
+        return check
     zone = index.zones[zone_name]
-    return ZoneCheck(
-        zone=zone_name,
-        headroom=zone.branch_headroom if use is PodUse.BRANCH else zone.headroom,
-        reserve=settings.reserve_for_zone(zone_name),
-        room=zone.branch_room if use is PodUse.BRANCH else zone.room,
-        warm_free=zone.warm,
-        subnet_free=max(0, zone.supply),
-        reservations=zone.reservations + zone.pending,
-        subnets=zone.subnet_tuple,
-        addresses=zone.addresses - zone.unbound_reservations - zone.pending,
-        subnets_known=zone.unknown_subnet_nodes == 0 and bool(zone.subnet_ids),
-        cooling=zone.cooling,
+    check = memo[key] = ZoneCheck(
+        zone_name,
+        zone.branch_headroom if use is PodUse.BRANCH else zone.headroom,
+        reserve,
+        zone.branch_room if use is PodUse.BRANCH else zone.room,
+        zone.warm,
+        max(0, zone.supply),
+        zone.reservations + zone.pending,
+        zone.subnet_tuple,
+        zone.addresses - zone.unbound_reservations - zone.pending,
+        zone.unknown_subnet_nodes == 0 and bool(zone.subnet_ids),
+        "",
+        zone.cooling,
     )
+    return check
 
 
 def _node_steering(index: CapacityIndex, settings: Settings, zones: list[str], *,

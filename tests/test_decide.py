@@ -753,3 +753,55 @@ def test_match_fields_in_one_term_only_does_not_pin() -> None:
                                                            "values": ["linux"]}]})
     d = judge(pod, cluster(pods={N10: 27}), namespace="payments")
     assert d.node is None and d.verdict in (Verdict.ALLOW, Verdict.STEER)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("change", [
+    "upsert_node", "remove_node", "set_node_held", "upsert_subnet", "remove_subnet", "upsert_pod", "remove_pod",
+    "reserve", "release", "reservation_expires", "cooldown_ends", "set_cni", "set_node_reserve",
+])
+def test_figures_kept_between_index_changes_are_never_stale(change: str) -> None:
+    """Decisions reuse a zone's figures (and the nodes to steer around) until the index next changes: each kind of
+    change moves the index's version, so the next decision is worked out afresh."""
+    clock = _Clock()
+    ix = CapacityIndex(clock=clock, reservation_ttl=30.0)
+    for name, zone, itype, alloc in NODES:
+        ix.upsert_node(name, zone=zone, instance_type=itype, pod_subnet=SUBNETS[zone], allocatable_pods=alloc)
+    for zone, subnet in SUBNETS.items():
+        ix.upsert_subnet(subnet, zone=zone, free_ips=40)
+    for i in range(6):
+        ix.upsert_pod(f"apps/p{i}", N10, PodUse.IP)
+    ix.reserve("apps/r", A)
+    pod = {"metadata": {"generateName": "web-", "namespace": "apps"}, "spec": {"containers": [{"name": "web"}]}}
+    settings = Settings(zone_reserve=1)
+    before = decide(pod, ix, settings, namespace="apps")
+    changes: dict[str, Any] = {
+        "upsert_node": lambda: ix.upsert_node(N10, zone=A, instance_type="m5.large", pod_subnet=SUBNETS[A],
+                                              allocatable_pods=8),
+        "remove_node": lambda: ix.remove_node(N11),
+        "set_node_held": lambda: ix.set_node_held(N10, 6),
+        "upsert_subnet": lambda: ix.upsert_subnet(SUBNETS[A], zone=A, free_ips=0),
+        "remove_subnet": lambda: ix.remove_subnet(SUBNETS[A]),
+        "upsert_pod": lambda: ix.upsert_pod("apps/new", N11, PodUse.IP),
+        "remove_pod": lambda: ix.remove_pod("apps/p0"),
+        "reserve": lambda: ix.reserve("apps/r2", A),
+        "release": lambda: ix.release("apps/r"),
+        "reservation_expires": lambda: setattr(clock, "now", 31.0),
+        "cooldown_ends": lambda: (ix.remove_pod("apps/p1"), decide(pod, ix, settings, namespace="apps"),
+                                  setattr(clock, "now", 31.0)),
+        "set_cni": lambda: ix.set_cni(CniSettings(warm_ip_target=1)),
+        "set_node_reserve": lambda: ix.set_node_reserve(25),
+    }
+    changes[change]()
+    kept = decide(pod, ix, settings, namespace="apps")
+    ix._memo.clear()
+    fresh = decide(pod, ix, settings, namespace="apps")
+    assert kept == fresh
+    assert fresh.zones != before.zones or fresh.avoid_nodes != before.avoid_nodes  # the change did change figures

@@ -198,12 +198,15 @@ def test_simulate_prints_the_table_and_zones(capsys: pytest.CaptureFixture[str])
 BUNDLED = sorted(p.stem for p in SCENARIOS.glob("*.yaml"))
 # Where ipguard's model does not yet follow what ipamd does; see each reason. Remove an entry when it passes.
 BELOW_TARGET = {
-    "burst-1000": "with no zone open, pods are admitted as if new nodes could take them while the scheduler binds "
-                  "them to nodes whose warm pools (WARM_IP_TARGET) take the last addresses (no autoscaler here)",
-    "zone-near-exhaustion": "one pod in 74: two nodes of the dry zone each look funded by the same last addresses",
-    "churn": "pods land on nodes whose free IPs cool down for 30 s (never a reason to deny), and growing nodes "
-             "top their warm pools up (WARM_IP_TARGET) from the last addresses, which the model does not count",
-    "two-replicas": "two replicas' reservations do not see each other at reserve 0 (2 failures in 118)",
+    "burst-1000": "the scheduler spreads the last second's pods over every node, so each opens its next ENI (a "
+                  "primary and a request each) where the cheapest-first count packs them into fewer; counting the "
+                  "spread instead leaves the last IPs in warm pools (WARM_IP_TARGET) of nodes no pod then comes to",
+    "zone-near-exhaustion": "one pod in 74: the last addresses went to other nodes' warm pools after the last EC2 "
+                            "refresh (a 10 s refresh period brings it to 0)",
+    "churn": "pods land on nodes whose free IPs cool down for 30 s (ipamd counts them as available and does not "
+             "grow the node; never a reason to deny), and each second's pods crowd the few nodes with addresses",
+    "two-replicas": "two replicas' reservations do not see each other at reserve 0 (2 failures in 118; "
+                    "zoneReserve 4 brings them to 0)",
 }
 
 

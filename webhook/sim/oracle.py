@@ -28,28 +28,29 @@ def held_free(node: ip.Ipamd) -> int:
 
 class Oracle:
     """Played forward once per simulated second; pods created since in that second count as claims on the
-    places left, and so do the denied pods already judged able to run (had they been admitted, they would have
-    taken a place), so a denial is false only if there are more places than all those pods."""
+    places left, and so do the denied pods like this one already judged able to run (had they been admitted,
+    they would have taken a place), so a denial is false only if there are more places than all those pods."""
 
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self._places: dict[str, int] = {}
-        self._claimed = 0  # denied pods judged able to run, since the last settle
+        self._claimed: dict[str, int] = {}  # denied pods judged able to run since the last settle, by shape
         self._settled: tuple[float, int, Cluster] | None = None
 
     def could_have_run(self, pod: dict[str, Any], now: float) -> bool:
         if self._settled is None or self._settled[0] != now:
             self._settled = (now, self.cluster.created, settle(self.cluster, now))
             self._places = {}
-            self._claimed = 0
+            self._claimed = {}
         _, created_then, clone = self._settled
         spec = pod.get("spec") or {}
         key = json.dumps([spec.get(k) for k in ("nodeName", "nodeSelector", "affinity", "tolerations", "containers")],
                          sort_keys=True)
         if key not in self._places:
             self._places[key] = places(clone, pod)
-        if self._places[key] > self.cluster.created - created_then + self._claimed:
-            self._claimed += 1
+        claimed = self._claimed.get(key, 0)
+        if self._places[key] > self.cluster.created - created_then + claimed:
+            self._claimed[key] = claimed + 1
             return True
         return False
 

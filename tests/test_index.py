@@ -907,3 +907,26 @@ def test_node_room_query() -> None:
     for name, node in ix.nodes.items():
         assert ix.node_room(name) == node.room == ix.node_figures(name).room  # type: ignore[union-attr]
     assert ix.node_room("no-such-node") == 0
+
+
+def test_an_entry_set_again_expires_once_from_its_last_setting() -> None:
+    """Reservations and cooldowns expire in the order they were set; one set again lives from its last setting
+    and is released once; one taken out is never released."""
+    from webhook.model.index import _ExpiringCache
+
+    now = [0.0]
+    released: list[str] = []
+    cache: _ExpiringCache[str] = _ExpiringCache(30.0, lambda: now[0], released.append)
+    cache["a"] = "a0"
+    cache["b"] = "b0"
+    now[0] = 10.0
+    cache["a"] = "a1"
+    cache["c"] = "c0"
+    assert cache.pop("c") == "c0"
+    now[0] = 31.0
+    assert cache.get("b") is None and cache.get("a") == "a1"  # past its time: invisible before it is released
+    assert [k for k, _ in cache.expire()] == ["b"] and released == ["b0"]
+    now[0] = 41.0
+    assert len(cache) == 0 and cache.get("a") is None
+    assert [k for k, _ in cache.expire()] == ["a"] and released == ["b0", "a1"]
+    assert cache.expire() == []

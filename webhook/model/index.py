@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import enum
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
-
-from cachetools import TTLCache
+from typing import Any, Generic, TypeVar
 
 from webhook.model import ipamd
 from webhook.model.cni import CniSettings
@@ -274,23 +273,68 @@ class NodeFigures:
 V = TypeVar("V")
 
 
-class _ExpiringCache(TTLCache[str, V]):
-    """A TTL cache that tells the index about every entry it drops, however it drops it."""
+class _ExpiringCache(Generic[V]):
+    """Entries that expire `ttl` seconds after they were set, telling the index about each one that expires.
+    An entry past its time is invisible at once and released by the next `expire` (or set). The TTL is fixed,
+    so entries expire in the order they were set: a queue, not a heap (a pod event sets one)."""
 
     def __init__(self, ttl: float, timer: Clock, on_release: Callable[[V], None]) -> None:
-        super().__init__(maxsize=1_000_000, ttl=ttl, timer=timer)
+        self.ttl = ttl
+        self._timer = timer
         self._on_release = on_release
+        self._entries: dict[str, tuple[float, V]] = {}
+        self._order: deque[tuple[float, str]] = deque()
+
+    def __setitem__(self, key: str, value: V) -> None:
+        now = self._timer()
+        self.expire(now)
+        expires = now + self.ttl
+        self._entries[key] = (expires, value)
+        self._order.append((expires, key))
+
+    def __delitem__(self, key: str) -> None:
+        del self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self.values())
+
+    def _live(self, key: str) -> tuple[float, V] | None:
+        entry = self._entries.get(key)
+        return entry if entry is not None and self._timer() < entry[0] else None
+
+    def get(self, key: str) -> V | None:
+        entry = self._live(key)
+        return entry[1] if entry is not None else None
+
+    def pop(self, key: str, default: V | None = None) -> V | None:
+        """Take an entry out without releasing it (the caller accounts for it)."""
+        entry = self._live(key)
+        if entry is None:
+            return default
+        del self._entries[key]
+        return entry[1]
+
+    def values(self) -> list[V]:
+        now = self._timer()
+        return [value for expires, value in self._entries.values() if now < expires]
+
+    def items(self) -> list[tuple[str, V]]:
+        now = self._timer()
+        return [(key, value) for key, (expires, value) in self._entries.items() if now < expires]
 
     def expire(self, time: float | None = None) -> list[tuple[str, V]]:
-        expired = list(super().expire(time))
+        now = self._timer() if time is None else time
+        order, entries = self._order, self._entries
+        expired: list[tuple[str, V]] = []
+        while order and order[0][0] <= now:
+            expires, key = order.popleft()
+            entry = entries.get(key)
+            if entry is not None and entry[0] == expires:  # not set again or taken out since
+                del entries[key]
+                expired.append((key, entry[1]))
         for _, value in expired:
             self._on_release(value)
         return expired
-
-    def popitem(self) -> tuple[str, V]:
-        key, value = super().popitem()
-        self._on_release(value)
-        return key, value
 
 
 @dataclass(frozen=True, slots=True)

@@ -530,3 +530,60 @@ async def test_without_the_ec2nodeclass_crd_ipguard_stands_aside_quietly(moto: l
         await client.close()
         await service.stop()
         await fk.stop()
+
+
+async def test_relabelled_node_keeps_its_enis_in_the_old_subnet_live(env: Env) -> None:
+    """Custom networking, live: node B's pod ENI (5 IPs, 4 slots free) is in subnet pods-old, its ENIConfig's.
+    Relabelled to ENIConfig `new` (subnet pods-new), it still holds those addresses in pods-old and grows its
+    free slots from there (`tryAssignIPs` on the ENI itself); only a new ENI would come from pods-new
+    (`tryAllocateENI` -> `MyENIConfig`). So pods-old stays debited and pods-new is not; with pods-old out of
+    addresses and ENABLE_SUBNET_DISCOVERY off, a pod pinned to node B is denied (the shortage error stops the
+    step before any new ENI), and admitted once discovery lets ipamd move on to a new ENI in pods-new."""
+    ec2 = env.moto.ec2()
+    index = env.service.index
+    old = ec2.create_subnet(VpcId=env.ec2.vpc, CidrBlock="10.0.3.0/28", AvailabilityZone=B)["Subnet"]["SubnetId"]
+    new = ec2.create_subnet(VpcId=env.ec2.vpc, CidrBlock="10.0.4.0/24", AvailabilityZone=B)["Subnet"]["SubnetId"]
+    eni = ec2.create_network_interface(SubnetId=old, Description=f"aws-K8S-{env.ec2.instance_b}",
+                                       SecondaryPrivateIpAddressCount=5)["NetworkInterface"]["NetworkInterfaceId"]
+    ec2.attach_network_interface(NetworkInterfaceId=eni, InstanceId=env.ec2.instance_b, DeviceIndex=1)
+    for name, subnet in (("old", old), ("new", new)):
+        await env.fk.create("eniconfigs", {"apiVersion": "crd.k8s.amazonaws.com/v1alpha1", "kind": "ENIConfig",
+                                           "metadata": {"name": name}, "spec": {"subnet": subnet}})
+    node_b = live.node(NODE_B, B, env.ec2.instance_b)
+
+    async def select(config: str) -> None:
+        node_b["metadata"]["labels"]["k8s.amazonaws.com/eniConfig"] = config
+        await env.fk.update("nodes", node_b)
+
+    await select("old")
+    cni = {"WARM_ENI_TARGET": "1", "AWS_VPC_K8S_CNI_CUSTOM_NETWORK_CFG": "true", "ENABLE_SUBNET_DISCOVERY": "false"}
+    await env.fk.update("daemonsets", live.aws_node(cni), namespace="kube-system")
+    await until(lambda: index.nodes[NODE_B].pod_subnet == old and index.nodes[NODE_B].ec2_held == 5
+                and old in index.subnets, "node B on ENIConfig old, its ENI counted")
+    assert index.subnets[old].supply == 11 - 6
+
+    await select("new")
+    await until(lambda: index.nodes[NODE_B].pod_subnet == new and new in index.subnets
+                and [p.subnet_id for p in index.nodes[NODE_B].elsewhere] == [old], "node B relabelled")
+    assert env.service.poller is not None
+    subnets = env.service.poller.stats[Call.SUBNETS]
+    seen = subnets.attempts
+    await until(lambda: subnets.attempts > seen + 1, "two more subnet refreshes")
+    assert index.subnets[old].supply == 5 and index.subnets[old].free_ips == 5  # no credit for the relabel
+    assert index.subnets[new].supply == 256 - 5  # and no debit: EC2 took nothing from it
+    await env.consistent()
+    pinned = live.pod("shop", "pinned", NODE_B, phase="Pending")
+    answer = await env.client.post("/validate", live.review(pinned, name="pinned"))
+    assert answer["allowed"] is True
+
+    live.consume(ec2, old, 4)  # another workload takes pods-old's last 5 addresses
+    await until(lambda: index.subnets[old].free_ips == 0, "pods-old empty after a refresh")
+    answer = await env.client.post("/validate", live.review(pinned, name="pinned"))
+    assert answer["allowed"] is False and answer["status"]["code"] == 403  # type: ignore[index]
+
+    await env.fk.update("daemonsets", live.aws_node({**cni, "ENABLE_SUBNET_DISCOVERY": "true"}),
+                        namespace="kube-system")
+    await until(lambda: index.cni.subnet_discovery, "subnet discovery on")
+    answer = await env.client.post("/validate", live.review(pinned, name="pinned"))
+    assert answer["allowed"] is True
+    await env.consistent()

@@ -9,7 +9,8 @@ Quantities, per node n:
   capacity(n)  pod IPs the node's type holds in the CNI mode (or allocatable pods when the type is unknown);
                none under custom networking when no ENIConfig applies to it
   room(n)      max(0, min(capacity - assigned - reserved, allocatable pods - pods - reserved))
-  held(n)      IPs (and ENIs) the node holds from its subnet: EC2's figures when known, else ipamd's prediction
+  held(n)      IPs (and ENIs) the node holds from its subnet: EC2's figures when known, else ipamd's prediction;
+               each ENI's share stays with the subnet it is in (`Placed`: an ENIConfig change moves no ENI)
   warm(n)      max(0, held - assigned - reserved): IPs ready on the node with no subnet call
   waiting(n)   max(0, assigned + reserved - held): pods on the node with no IP yet; ipamd serves them first
   units(n)     what the subnet must fund for the waiting pods and the room beyond warm: free slots on attached
@@ -44,6 +45,7 @@ from webhook.model.supply import (
     Yield,
     add_demand,
     discovery_yield,
+    new_eni_kind,
     new_node_ips,
     subnet_yield,
 )
@@ -84,6 +86,8 @@ class Node:
     branch_cooling: int = 0  # branch ENIs deleted within the branch cooldown: their slot and address still taken
     no_eni_config: bool = False  # custom networking with no ENIConfig for it: no pod ENI, no pod IP
     ec2_enis: int | None = None  # ENIs carrying its pod IPs per EC2, when known
+    # per EC2, what it holds in each subnet its pod ENIs are in (None: all in its pod subnet, as far as known)
+    ec2_subnets: tuple[tuple[str, HeldAddresses], ...] | None = None
     # pod counts
     pods: int = 0
     assigned: int = 0
@@ -107,6 +111,8 @@ class Node:
     own_cost: ipamd.GrowthCost | None = None  # what the waiting pods take
     eni_cost: ipamd.GrowthCost | None = None  # one more ENI (from a discovered subnet)
     known: bool = False  # a Node object has been seen (pods may name a node before it arrives)
+    # its ENIs in subnets other than `pod_subnet` (where new ENIs come from): what they hold and can still grow
+    elsewhere: tuple[Placed, ...] = ()
 
     @property
     def idle(self) -> bool:
@@ -116,6 +122,21 @@ class Node:
     @property
     def held_addresses(self) -> HeldAddresses:
         return HeldAddresses(self.held, self.held_prefixes, self.held_enis)
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """A node's ENIs in a subnet other than the one its new ENIs come from: attached before its ENIConfig (or the
+    ENIConfig's subnet) changed, or created there by subnet discovery. ipamd never moves an attached ENI: what it
+    holds stays taken from that subnet, and its free slots are filled from that subnet (`tryAssignIPs` /
+    `tryAssignPrefixes` call AssignPrivateIpAddresses on the ENI itself); only new ENIs (`tryAllocateENI`) use
+    the ENIConfig's subnet, looked up again (`MyENIConfig`) each time."""
+
+    subnet_id: str
+    demand: int  # loose addresses its ENIs hold there (secondary IPs and each ENI's primary)
+    blocks: int  # /28 prefixes they hold there
+    free_slots: int  # slots (IPs, or prefixes) still free on those ENIs
+    units: tuple[tuple[UnitKind, Demand], ...]  # the node's growth those free slots carry
 
 
 @dataclass(slots=True)
@@ -133,6 +154,7 @@ class Subnet:
     wants: dict[UnitKind, Demand] = field(default_factory=dict)  # its nodes' growth units, summed by kind
     tags: Mapping[str, str] = field(default_factory=dict)  # its EC2 tags, as last fetched
     launchable: bool = False  # an autoscaler (Karpenter's EC2NodeClass) can launch new nodes into it
+    held_only: bool = False  # known only because nodes hold ENIs in it: no ENIConfig or node puts new ENIs there
     # derived from the above by `_refresh_supply`
     supply: int = 0  # free addresses now, less what its nodes drew since the refresh (may be negative)
     supply_blocks: int = 0
@@ -345,6 +367,10 @@ class Cooling:
     branch: bool  # a branch ENI (the resource controller's cooldown), else a warm-pool IP (ipamd's)
 
 
+# What a node's contribution put in the subnets' sums: (pod subnet, counted, demand, /28 blocks, growth units,
+# its parts in other subnets).
+_Brought = tuple[Subnet | None, bool, int, int, tuple[tuple[UnitKind, Demand], ...], tuple[Placed, ...]]
+
 # A pod entry: (node name or None, use, zone it was steered to while unbound or None).
 PodEntry = tuple[str | None, PodUse, str | None]
 
@@ -375,7 +401,7 @@ class CapacityIndex:
         self._dirty: list[Subnet] = []  # subnets whose nodes changed, refreshed once the change is whole
         # What a node detached from its subnet, until it is attached again: if it brings back the same, the
         # subnet's sums did not move and its supply need not be worked out again (most pod events).
-        self._detached: dict[str, tuple[Subnet | None, bool, int, int, tuple[tuple[UnitKind, Demand], ...]]] = {}
+        self._detached: dict[str, _Brought] = {}
         self._memo: dict[Any, Any] = {}
         self._memo_version = -1
         self._reservations: _ExpiringCache[Reservation] = _ExpiringCache(reservation_ttl, clock, self._released)
@@ -480,6 +506,7 @@ class CapacityIndex:
         node.pod_subnet = None
         node.ec2_held = None
         node.ec2_enis = None
+        node.ec2_subnets = None
         if node.idle:
             del self.nodes[name]
             self._flush()
@@ -489,16 +516,29 @@ class CapacityIndex:
         self._types_changed()
         self.version += 1
 
-    def set_node_held(self, name: str, held_ips: int | None, *, enis: int | None = None) -> None:
-        """IPs the node holds according to EC2, and the ENIs that carry them (None: unknown, predict it)."""
+    def set_node_held(self, name: str, held_ips: int | None, *, enis: int | None = None,
+                      subnets: Mapping[str, HeldAddresses] | None = None) -> None:
+        """IPs the node holds according to EC2, and the ENIs that carry them (None: unknown, predict it);
+        `subnets`: what it holds in each subnet its pod ENIs are in (None: all in its pod subnet)."""
         node = self.nodes.get(name)
         if node is None:
             return
         self._detach(node)
         node.ec2_held = held_ips
         node.ec2_enis = enis if held_ips is not None else None
+        node.ec2_subnets = tuple(sorted(subnets.items())) if subnets is not None and held_ips is not None else None
         self._attach(node)
         self.version += 1
+
+    def held_subnets(self) -> set[str]:
+        """Subnets the nodes' ENIs are in, per EC2's last figures (walks the nodes: for a refresh, not a request)."""
+        return {sid for n in self.nodes.values() if n.known and n.ec2_subnets for sid, _ in n.ec2_subnets}
+
+    @staticmethod
+    def _uses(node: Node, subnet_id: str) -> bool:
+        """The node draws on the subnet: its new ENIs come from there, or it has ENIs attached there."""
+        return node.known and (node.pod_subnet == subnet_id or any(sid == subnet_id for sid, _ in
+                                                                   node.ec2_subnets or ()))
 
     def _node_counted(self, node: Node) -> bool:
         return node.known and node.schedulable and node.zone is not None
@@ -564,6 +604,43 @@ class CapacityIndex:
         primaries = held.enis if self.cni.custom_networking else max(held.enis, 1)
         node.demand = (held.ips - held.prefixes * PREFIX_SIZE) + primaries + node.branch + node.branch_cooling
         node.demand_blocks = held.prefixes
+        node.elsewhere = self._place(node, limits) if node.ec2_subnets and limits and not node.no_eni_config else ()
+
+    def _place(self, node: Node, limits: InstanceLimits) -> tuple[Placed, ...]:
+        """Take out of the node's pod-subnet figures what its ENIs in other (known) subnets hold and can still
+        grow, and return it per subnet. Free slots are filled in the pod subnet's ENIs first, then the others
+        (ipamd picks among attached ENIs in no set order); new ENIs stay with the pod subnet."""
+        assert node.ec2_subnets is not None
+        known = self.subnets
+        parts = [(sid, held) for sid, held in node.ec2_subnets if sid != node.pod_subnet and sid in known]
+        if not parts:
+            return ()
+        frees = [ipamd.free_attached_slots(held, limits, self.cni) for _, held in parts]
+        own_free = max(ipamd.free_attached_slots(node.held_addresses, limits, self.cni) - sum(frees), 0)
+        units = list(node.units)
+        split: list[tuple[tuple[UnitKind, Demand], ...]] = [() for _ in parts]
+        if units and not new_eni_kind(units[0][0]):
+            kind, attached = units[0]
+            gain = kind[2]
+            waiting, new = attached.wait_ips, attached.new_ips
+            shares: list[tuple[int, int]] = []
+            for free in (own_free, *frees):
+                room = free * gain
+                w = min(waiting, room)
+                n = min(new, room - w)
+                waiting, new = waiting - w, new - n
+                shares.append((w, n))
+            own_share, *other_shares = shares
+            units[0:1] = [(kind, _attached_demand(gain, *own_share))] if sum(own_share) else []
+            split = [((kind, _attached_demand(gain, w, n)),) if w + n else () for w, n in other_shares]
+        placed = tuple(
+            Placed(sid, held.ips - held.prefixes * PREFIX_SIZE + held.enis, held.prefixes, free, share)
+            for (sid, held), free, share in zip(parts, frees, split, strict=True)
+        )
+        node.units = tuple(units)
+        node.demand -= sum(p.demand for p in placed)
+        node.demand_blocks -= sum(p.blocks for p in placed)
+        return placed
 
     def _attach(self, node: Node) -> None:
         """Add a node's contribution to its zone and subnet (after recomputing it), and bring the subnets it
@@ -578,9 +655,8 @@ class CapacityIndex:
         self._contribute(node, -1)
 
     def _flush(self) -> None:
-        for subnet, *_ in self._detached.values():
-            if subnet is not None:
-                self._dirty.append(subnet)
+        for taken in self._detached.values():
+            self._dirty.extend(self._subnets_of(taken))
         self._detached.clear()
         dirty, self._dirty = self._dirty, []
         for subnet in dirty:
@@ -628,11 +704,16 @@ class CapacityIndex:
             subnet.demand += sign * node.demand
             subnet.demand_blocks += sign * node.demand_blocks
             add_demand(subnet.wants, node.units, sign)
+        elsewhere = node.elsewhere if node.known else ()
+        for part in elsewhere:
+            other = (subnets if subnets is not None else self.subnets)[part.subnet_id]
+            other.demand += sign * part.demand
+            other.demand_blocks += sign * part.blocks
+            add_demand(other.wants, part.units, sign)
         if subnets is None:
-            self._mark_dirty(node, sign, (subnet, counted, node.demand, node.demand_blocks, node.units))
+            self._mark_dirty(node, sign, (subnet, counted, node.demand, node.demand_blocks, node.units, elsewhere))
 
-    def _mark_dirty(self, node: Node, sign: int,
-                    brought: tuple[Subnet | None, bool, int, int, tuple[tuple[UnitKind, Demand], ...]]) -> None:
+    def _mark_dirty(self, node: Node, sign: int, brought: _Brought) -> None:
         """Queue the subnets whose sums a node's detach and attach moved (none when it brought back the same)."""
         if sign < 0:
             self._detached[node.name] = brought
@@ -640,9 +721,18 @@ class CapacityIndex:
         taken = self._detached.pop(node.name, None)
         if taken is not None and taken[0] is brought[0] and taken[1:] == brought[1:]:
             return
-        for subnet in (taken[0] if taken is not None else None, brought[0]):
-            if subnet is not None and (not self._dirty or self._dirty[-1] is not subnet):
+        for subnet in (*(self._subnets_of(taken) if taken is not None else ()), *self._subnets_of(brought)):
+            if not self._dirty or self._dirty[-1] is not subnet:
                 self._dirty.append(subnet)
+
+    def _subnets_of(self, brought: _Brought) -> Iterator[Subnet]:
+        """The subnets whose sums a node's contribution moved: its pod subnet, and those its other ENIs are in."""
+        if brought[0] is not None:
+            yield brought[0]
+        for part in brought[5]:
+            other = self.subnets.get(part.subnet_id)
+            if other is not None:
+                yield other
 
     def _zone(self, name: str) -> Zone:
         zone = self.zones.get(name)
@@ -662,13 +752,15 @@ class CapacityIndex:
         free_blocks: int | None = None,
         tags: Mapping[str, str] | None = None,
         launchable: bool | None = None,
+        held_only: bool = False,
     ) -> None:
-        """A fresh DescribeSubnets figure: what its nodes held until now is already outside `free_ips`."""
+        """A fresh DescribeSubnets figure: what its nodes held until now is already outside `free_ips`.
+        `held_only`: asked for only because nodes hold ENIs there (new ENIs and new nodes use other subnets)."""
         subnet = self.subnets.get(subnet_id)
         users: list[Node] = []
         if subnet is None or subnet.zone != zone:
             # Its nodes change how they count (known supply, or another zone): take them out and back in.
-            users = [n for n in self.nodes.values() if n.known and n.pod_subnet == subnet_id]
+            users = [n for n in self.nodes.values() if self._uses(n, subnet_id)]
             for node in users:
                 self._detach(node)
             if subnet is None:
@@ -684,6 +776,7 @@ class CapacityIndex:
             subnet.tags = dict(tags)
         if launchable is not None:
             subnet.launchable = launchable
+        subnet.held_only = held_only
         self._zone(zone).add_subnet(subnet_id, subnet.discoverable)
         for node in users:
             self._attach(node)
@@ -696,7 +789,7 @@ class CapacityIndex:
         subnet = self.subnets.get(subnet_id)
         if subnet is None:
             return
-        users = [n for n in self.nodes.values() if n.known and n.pod_subnet == subnet_id]
+        users = [n for n in self.nodes.values() if self._uses(n, subnet_id)]
         for node in users:
             self._detach(node)
         self._flush()
@@ -754,7 +847,9 @@ class CapacityIndex:
         served = subnet_yield(addresses, blocks, subnet.wants)
         # A subnet in the index by its discovery tag alone gives new nodes nothing when ipamd does not discover.
         discovery_only = subnet.discoverable and not subnet.nodes and not subnet.launchable
-        new_nodes = 0 if discovery_only and not self.discovery_on() else self._new_node_figure(
+        # One that only holds ENIs attached before an ENIConfig change gives new nodes nothing either.
+        held_only = subnet.held_only and not (subnet.nodes or subnet.launchable or subnet.discoverable)
+        new_nodes = 0 if held_only or (discovery_only and not self.discovery_on()) else self._new_node_figure(
             served.addresses_left, served.blocks_left)
         return addresses, blocks, served, new_nodes
 
@@ -987,12 +1082,45 @@ class CapacityIndex:
             return True
         if not node.grows:
             return False
+        if any(part.free_slots for part in node.elsewhere):
+            return self._placed_ip_at_hand(node)
         subnet = self.subnets.get(node.pod_subnet) if node.pod_subnet else None
         if subnet is None:
             return True
         if node.limits is None:
             return subnet.left > 0
         return self.growth_funded(node, subnet) is True or self.discovery_funds(node)
+
+    def _placed_ip_at_hand(self, node: Node) -> bool:
+        """`_ip_at_hand` for a node with free slots on ENIs in a subnet its new ENIs no longer come from. ipamd
+        fills free slots on attached ENIs first, each from its own ENI's subnet, in no set order
+        (`GetAllocatableENIs` walks a map): one free slot whose subnet has an address (a /28) left is enough.
+        If every such subnet is out, `tryAssignIPs` / `tryAssignPrefixes` return the shortage error before any
+        new ENI, unless subnet discovery lets them move on (`useSubnetDiscovery` and an insufficient-address
+        error: `continue`); then `tryAllocateENI` creates one in the pod subnet (the ENIConfig's)."""
+        limits = node.limits
+        assert limits is not None
+        blocks = 1 if ipamd.prefix_delegation_on(limits, self.cni) else 0
+        slot = PREFIX_SIZE if blocks else 1
+        own_free = ipamd.free_attached_slots(node.held_addresses, limits, self.cni) - sum(
+            part.free_slots for part in node.elsewhere)
+        with_free = [(node.pod_subnet, own_free)] + [(p.subnet_id, p.free_slots) for p in node.elsewhere]
+        for subnet_id, free in with_free:
+            subnet = self.subnets.get(subnet_id) if subnet_id else None
+            if free <= 0:
+                continue
+            if subnet is None or (subnet.left >= slot and subnet.left_blocks >= blocks):
+                return True  # no figures for it: not called dry
+        if not self.cni.subnet_discovery:
+            return False
+        cost = node.eni_cost
+        own = self.subnets.get(node.pod_subnet) if node.pod_subnet else None
+        if cost is None:
+            return False
+        if own is None:
+            return True
+        whole = cost.addresses + PREFIX_SIZE * cost.blocks
+        return (own.left >= whole and own.left_blocks >= cost.blocks) or self.discovery_funds(node)
 
     def discovery_funds(self, node: Node) -> bool:
         """A discovery-tagged subnet of the node's zone has what a new ENI on the node asks for (ipamd moves on
@@ -1201,7 +1329,7 @@ class CapacityIndex:
         nodes = {
             name: Node(n.name, n.zone, n.instance_type, n.pod_subnet, n.allocatable_pods, n.schedulable,
                        n.limits, n.ec2_held, cordoned=n.cordoned, no_eni_config=n.no_eni_config,
-                       ec2_enis=n.ec2_enis, known=n.known)
+                       ec2_enis=n.ec2_enis, ec2_subnets=n.ec2_subnets, known=n.known)
             for name, n in self.nodes.items()
         }
         zones: dict[str, Zone] = {}
@@ -1228,7 +1356,7 @@ class CapacityIndex:
                 nodes.setdefault(reservation.node, Node(reservation.node)).reserved += 1
         subnets = {
             sid: Subnet(sid, s.zone, s.cidr, s.free_ips, s.free_blocks, s.demand_at_refresh, s.blocks_at_refresh,
-                        tags=s.tags, launchable=s.launchable)
+                        tags=s.tags, launchable=s.launchable, held_only=s.held_only)
             for sid, s in self.subnets.items()
         }
         for node in nodes.values():
@@ -1282,6 +1410,11 @@ def _aggregates(zones: dict[str, Zone], subnets: dict[str, Subnet], nodes: dict[
             if not n.idle
         },
     }
+
+def _attached_demand(gain: int, waiting: int, new: int) -> Demand:
+    """Free attached slots of `gain` IPs each serving `waiting` pods with no IP and `new` pods."""
+    return Demand(-(-waiting // gain), waiting, -(-(waiting + new) // gain), new)
+
 
 def _cost_phrase(instance_type: str, cost: ipamd.GrowthCost, subnet: Subnet) -> str:
     left = max(subnet.left, 0)

@@ -66,6 +66,7 @@ class SimNode:
     trunk: str | None = None
     branches: dict[str, str] = field(default_factory=dict)  # pod -> branch ENI
     cooling_branches: list[tuple[str, float]] = field(default_factory=list)  # (ENI, deleted at)
+    eni_config: str | None = None  # custom networking: the ENIConfig it selects
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +154,7 @@ class Cluster:
         taints = [{"key": UNSCHEDULABLE_TAINT, "effect": "NoSchedule"}] if unschedulable else []
         view = NodeView(name, zone, all_labels, taints, allocatable_pods, 0)
         node = SimNode(view, ipamd, instance_type, subnet_id, branch_subnet, {},
-                       offset=self.rng.uniform(0, ip.POOL_INTERVAL))
+                       offset=self.rng.uniform(0, ip.POOL_INTERVAL), eni_config=config_name)
         self.nodes[name] = node
         if cni.pod_eni and limits.trunking:
             self._attach_trunk(node)
@@ -196,6 +197,24 @@ class Cluster:
         node.view.taints = [{"key": UNSCHEDULABLE_TAINT, "effect": "NoSchedule"}]
         node.obj = self._node_obj(node)
         self.emit("nodes", "upsert", node.obj)
+
+    def select_eni_config(self, name: str, config_name: str) -> None:
+        """Relabel a running node to another ENIConfig. ipamd reads the node's ENIConfig again for each new ENI
+        (`tryAllocateENI` -> `MyENIConfig`) and nothing else: attached ENIs stay in their subnet."""
+        node = self.nodes[name]
+        node.eni_config = config_name
+        node.view.labels = {**node.view.labels, self.eni_config_label: config_name}
+        node.ipamd.eni_config_subnet = self.eni_configs.get(config_name)
+        node.obj = self._node_obj(node)
+        self.emit("nodes", "upsert", node.obj)
+
+    def set_eni_config_subnet(self, config_name: str, subnet_id: str) -> None:
+        """An ENIConfig's subnet changed: the nodes selecting it create their next ENIs there; attached ENIs stay."""
+        self.eni_configs[config_name] = subnet_id
+        for node in self.nodes.values():
+            if node.eni_config == config_name:
+                node.ipamd.eni_config_subnet = subnet_id
+        self.emit("eniconfigs", "upsert", {"metadata": {"name": config_name}, "spec": {"subnet": subnet_id}})
 
     # ---- pods -------------------------------------------------------------------------------------------
 

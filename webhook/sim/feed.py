@@ -141,10 +141,10 @@ class Replica:
         by_instance = {iid: inst.primary_subnet for iid, inst in instances.items() if inst.primary_subnet}
         self.feed.set_ec2_node_subnets(
             {node: by_instance[iid] for node, iid in node_instances.items() if iid in by_instance})
-        wanted = frozenset(
-            {n.pod_subnet for n in self.index.nodes.values() if n.known and n.pod_subnet}
-            | set(self.feed.eni_configs.values())
-        )
+        named = ({n.pod_subnet for n in self.index.nodes.values() if n.known and n.pod_subnet}
+                 | set(self.feed.eni_configs.values()))
+        held_only = frozenset(self.index.held_subnets() - named)
+        wanted = frozenset(named | held_only)
         discover = not self.index.cni.custom_networking  # custom networking takes precedence over discovery
         found = [
             SubnetInfo(s.subnet_id, s.zone, s.cidr, s.free, tags=dict(s.tags))
@@ -156,7 +156,7 @@ class Replica:
         prefix_mode = self.index.cni.prefix_delegation
         used = subnet_usage(e for e in enis if e.subnet_id in pod_subnets) if prefix_mode else None
         counted = poller.subnet_provider.with_free_blocks(subnets, pod_subnets, prefix_mode, used, {})
-        poller._apply_subnets(self.index, wanted, counted)
+        poller._apply_subnets(self.index, wanted, counted, held_only=held_only)
 
     # ---- admission --------------------------------------------------------------------------------------
 

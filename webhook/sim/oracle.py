@@ -122,6 +122,8 @@ def places(cluster: Cluster, pod: dict[str, Any]) -> int:
         count += max(0, held_free(node.ipamd) - _waiting(cluster, node.view.name))
         if ip.growth_possible(node.ipamd, cluster.now, ignore_timers=True):
             growable.add(_pod_subnet(node.ipamd))
+            # attached ENIs with free slots grow from their own subnet, wherever new ENIs now go
+            growable.update(e.subnet_id for e in ip.allocatable_enis(node.ipamd, shuffle=False))
     prefix = cluster.settings.cni.prefix_delegation and not branch
     count += sum(max(0, spare.get(s, 0)) * (BLOCK if prefix else 1) for s in growable)
     config = cluster.autoscaler

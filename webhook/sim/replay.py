@@ -18,7 +18,7 @@ from webhook.sim.cluster import Cluster, SimPod
 from webhook.sim.feed import Replica, admit
 from webhook.sim.oracle import Oracle, held_free
 from webhook.sim.scenario import Scenario, build_cluster
-from webhook.sim.workload import Cordon, Create, Delete, Timeline
+from webhook.sim.workload import Cordon, Create, Delete, EniConfigChange, Timeline
 
 
 class Progress(Protocol):
@@ -115,6 +115,10 @@ def run(scenario: Scenario, *, with_ipguard: bool, settings: dict[str, str] | No
                 _delete(cluster, action, now)
             elif isinstance(action, Cordon):
                 cluster.cordon(action.node)
+            elif isinstance(action, EniConfigChange) and action.node is not None:
+                cluster.select_eni_config(action.node, action.config)
+            elif isinstance(action, EniConfigChange) and action.subnet is not None:
+                cluster.set_eni_config_subnet(action.config, action.subnet)
         cluster.step(now, step)
         if progress is not None:
             progress(now, scenario.duration)

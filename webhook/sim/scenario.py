@@ -16,6 +16,8 @@
       - {at: 90, rollout: web, batch: 10, every: 5}      # replace every pod of web, `batch` at a time
       - {at: 120, delete: web, count: 50}
       - {at: 150, cordon: ip-10-0-1-10.ec2.internal}
+      - {at: 160, eniConfig: pods-b, node: ip-10-0-1-10.ec2.internal}  # relabel the node to this ENIConfig
+      - {at: 170, eniConfig: pods-b, subnet: subnet-0c}                # give the ENIConfig another subnet
 
 Snapshot extensions the simulator reads (ipguard's loader ignores them): `tags` on a subnet (e.g.
 kubernetes.io/role/cni), `maxPods` on a node (the kubelet's max-pods when it differs from allocatable pods).

@@ -1,4 +1,5 @@
-"""The controllers' part of a scenario: when pods are created, deleted, completed and nodes cordoned.
+"""The controllers' part of a scenario: when pods are created, deleted, completed, nodes cordoned and ENIConfigs
+changed.
 
 A scenario's events become a timeline of actions, the same for both runs of a replay: a pod created at a given
 second is the same pod (name and template) with or without ipguard, whatever happens to it afterwards.
@@ -40,7 +41,16 @@ class Cordon:
     node: str
 
 
-Action = Create | Delete | Cordon
+@dataclass(frozen=True, slots=True)
+class EniConfigChange:
+    """Custom networking: a node relabelled to another ENIConfig, or an ENIConfig given another subnet."""
+
+    config: str
+    node: str | None = None
+    subnet: str | None = None
+
+
+Action = Create | Delete | Cordon | EniConfigChange
 
 
 def pod_template(name: str, config: dict[str, Any], generation: int = 0) -> dict[str, Any]:
@@ -115,8 +125,13 @@ class Timeline:
             self._push(at, Delete(str(event["delete"]), int(event.get("count", 1))))
         elif "cordon" in event:
             self._push(at, Cordon(str(event["cordon"])))
+        elif "eniConfig" in event and ("node" in event or "subnet" in event):
+            node, subnet = event.get("node"), event.get("subnet")
+            self._push(at, EniConfigChange(str(event["eniConfig"]), str(node) if node else None,
+                                           str(subnet) if subnet else None))
         else:
-            raise ScenarioError(f"{self.scenario.source}: events[{i}]: expected scale, job, rollout, delete or cordon")
+            raise ScenarioError(f"{self.scenario.source}: events[{i}]: expected scale, job, rollout, delete, cordon "
+                                "or eniConfig (with node or subnet)")
 
     def due(self, now: float) -> list[Action]:
         actions = []

@@ -9,11 +9,12 @@ counted apart.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cachetools import TTLCache
 
+from webhook.model.ipamd import HeldAddresses
 from webhook.model.limits import PREFIX_SIZE
 from webhook.sources.ec2.client import Call, Ec2, chunks, vpc_filter
 
@@ -103,6 +104,22 @@ class InstanceEnis:
     branch_enis: int = 0  # security groups for pods: branch ENIs on this instance's trunk
     trunk: bool = False
     primary_subnet: str | None = None  # the node's own subnet (its primary ENI's)
+    # (subnet id, secondary IPs, prefixes, ENIs) of the ENIs counted above, per subnet they are in
+    by_subnet: tuple[tuple[str, int, int, int], ...] = ()
+
+    def held_by_subnet(self, *, custom_networking: bool = False) -> dict[str, HeldAddresses]:
+        """What the node holds in each subnet its pod ENIs are in: an ENI stays in the subnet it was created in
+        (an ENIConfig change or subnet discovery leaves attached ENIs where they are). Under custom networking
+        the primary ENI carries no pod IPs (`held_ips`)."""
+        out: dict[str, HeldAddresses] = {}
+        for subnet_id, ips, prefixes, enis in self.by_subnet:
+            if custom_networking and subnet_id == self.primary_subnet:
+                ips -= self.primary_secondary_ips
+                prefixes -= self.primary_prefixes
+                enis -= 1
+            if enis > 0:
+                out[subnet_id] = HeldAddresses(ips + prefixes * PREFIX_SIZE, prefixes, enis)
+        return out
 
     def held_ips(self, *, custom_networking: bool = False) -> int:
         """Pod IPs held from the pod subnet: secondary IPs plus 16 per /28 (both, in case a node holds both
@@ -129,6 +146,7 @@ class _Tally:
     branch: int = 0
     trunk: bool = False
     primary_subnet: str | None = None
+    by_subnet: dict[str, list[int]] = field(default_factory=dict)  # subnet -> [secondary IPs, prefixes, ENIs]
 
 
 def summarize_instances(enis: Iterable[Eni], instance_ids: Iterable[str]) -> dict[str, InstanceEnis]:
@@ -151,6 +169,10 @@ def summarize_instances(enis: Iterable[Eni], instance_ids: Iterable[str]) -> dic
         t.enis += 1
         t.ips += len(eni.secondary_ips)
         t.prefixes += len(eni.prefixes)
+        here = t.by_subnet.setdefault(eni.subnet_id, [0, 0, 0])
+        here[0] += len(eni.secondary_ips)
+        here[1] += len(eni.prefixes)
+        here[2] += 1
         if eni.is_primary:
             t.primary_subnet = eni.subnet_id
             t.primary_ips += len(eni.secondary_ips)
@@ -170,6 +192,7 @@ def summarize_instances(enis: Iterable[Eni], instance_ids: Iterable[str]) -> dic
             branch_enis=t.branch,
             trunk=t.trunk,
             primary_subnet=t.primary_subnet,
+            by_subnet=tuple((sid, c[0], c[1], c[2]) for sid, c in sorted(t.by_subnet.items())),
         )
         for instance_id, t in tallies.items()
     }

@@ -209,11 +209,10 @@ class Ec2Poller:
         failed: dict[Call, str] = {}
 
         instance_ids = frozenset(node_instances.values())
-        subnet_ids = frozenset(
-            {n.pod_subnet for n in index.nodes.values() if n.known and n.pod_subnet}
-            | set(extra_subnets)
-            | launch_subnets
-        )
+        named = {n.pod_subnet for n in index.nodes.values() if n.known and n.pod_subnet} | set(extra_subnets)
+        # Subnets only the nodes' attached ENIs are in (an ENIConfig changed since): still debited for them.
+        held_only = frozenset(index.held_subnets() - named - launch_subnets)
+        subnet_ids = frozenset(named | launch_subnets | held_only)
         prefix_mode = index.cni.prefix_delegation
 
         # VPC first: the ENI and subnet filters use it.
@@ -299,7 +298,7 @@ class Ec2Poller:
         missing: frozenset[str] = frozenset()
         infos: dict[str, SubnetInfo] = {}
         if subnets is not None:
-            infos, missing = self._apply_subnets(index, subnet_ids, counted, launch_subnets)
+            infos, missing = self._apply_subnets(index, subnet_ids, counted, launch_subnets, held_only)
             self.subnet_provider.remember(subnet_key, infos)
 
         skipped = frozenset(k for k, reason in failed.items() if reason == "backoff")
@@ -359,8 +358,10 @@ class Ec2Poller:
             if held is not None:
                 held_now.add(node_name)
             enis = usage.pod_enis(custom_networking=custom) if usage is not None else None
-            if node.ec2_held != held or node.ec2_enis != enis:
-                index.set_node_held(node_name, held, enis=enis)
+            by_subnet = usage.held_by_subnet(custom_networking=custom) if usage is not None else None
+            placed = tuple(sorted(by_subnet.items())) if by_subnet is not None else None
+            if node.ec2_held != held or node.ec2_enis != enis or node.ec2_subnets != placed:
+                index.set_node_held(node_name, held, enis=enis, subnets=by_subnet)
                 updated += 1
         for node_name in self._held_nodes - held_now:
             node = index.nodes.get(node_name)
@@ -385,13 +386,14 @@ class Ec2Poller:
         wanted: frozenset[str],
         subnets: Iterable[SubnetInfo],
         launch_subnets: frozenset[str] = frozenset(),
+        held_only: frozenset[str] = frozenset(),
     ) -> tuple[dict[str, SubnetInfo], frozenset[str]]:
         infos: dict[str, SubnetInfo] = {}
         for info in subnets:
             infos[info.subnet_id] = info
             index.upsert_subnet(
                 info.subnet_id, zone=info.zone, cidr=info.cidr, free_ips=info.free_ips, free_blocks=info.free_blocks,
-                tags=info.tags, launchable=info.subnet_id in launch_subnets,
+                tags=info.tags, launchable=info.subnet_id in launch_subnets, held_only=info.subnet_id in held_only,
             )  # fmt: skip
         missing = frozenset(wanted - set(infos))
         discovered = frozenset(set(infos) - wanted)

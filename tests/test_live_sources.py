@@ -587,3 +587,48 @@ async def test_relabelled_node_keeps_its_enis_in_the_old_subnet_live(env: Env) -
     answer = await env.client.post("/validate", live.review(pinned, name="pinned"))
     assert answer["allowed"] is True
     await env.consistent()
+
+
+async def test_a_node_group_whose_nodes_cannot_give_an_ip_is_judged_on_them_live(env: Env) -> None:
+    """Over HTTPS, node labels from the watch: a pod selecting node group `gpu` (node A only: its two ENIs are
+    full, its third needs 10 addresses, subnet A has 7) is kept off node A to wait for a new gpu node while
+    subnets have room for one, denied once they have none (although node B, in group `web`, has warm IPs), and
+    admitted once node B is relabelled into the group."""
+    index = env.service.index
+    group = "eks.amazonaws.com/nodegroup"
+    nodes = {NODE_A: live.node(NODE_A, A, env.ec2.instance_a), NODE_B: live.node(NODE_B, B, env.ec2.instance_b)}
+
+    async def label(name: str, value: str) -> None:
+        nodes[name]["metadata"]["labels"][group] = value
+        await env.fk.update("nodes", nodes[name])
+
+    await label(NODE_A, "gpu")
+    await label(NODE_B, "web")
+    await until(lambda: index.nodes_labelled(group, "gpu") == {NODE_A} and bool(index.nodes_labelled(group, "web")),
+                "node groups indexed")
+    gpu_pod = live.pod("shop", "train-1", None, phase="Pending", nodeSelector={group: "gpu"})
+    dry_run = live.review(gpu_pod, name="train-1")
+    dry_run["request"]["dryRun"] = True  # holds no reservation: zone B keeps its 4 warm IPs of headroom
+    answer = await env.client.post("/validate", dry_run)
+    assert answer["allowed"] is True
+    assert answer["warnings"] == [f"ipguard: no node matching {group}=gpu can give it an IP; it waits Pending for a "
+                                  "new node"]
+    mutated = await env.client.post("/mutate", live.review(gpu_pod))
+    assert mutated["auditAnnotations"]["avoid-nodes"] == NODE_A  # type: ignore[index]
+
+    ec2 = env.moto.ec2()
+    live.consume(ec2, env.ec2.subnet_a, 5)  # 1 address left: no new node in zone A
+    b_free = index.subnets[env.ec2.subnet_b].free_ips
+    live.consume(ec2, env.ec2.subnet_b, b_free - 2)  # nor in zone B; node B keeps its 4 warm IPs
+    await until(lambda: index.subnets[env.ec2.subnet_b].free_ips == 1 and index.subnets[env.ec2.subnet_a].free_ips == 1,
+                "both subnets down to one address")
+    assert index.zone_headroom(B) == 4
+    answer = await env.client.post("/validate", live.review(gpu_pod, name="train-1"))
+    assert answer["allowed"] is False
+    assert f"its node selection allows ({group}=gpu)" in str(answer["status"]["message"])  # type: ignore[index]
+
+    await label(NODE_B, "gpu")
+    await until(lambda: index.nodes_labelled(group, "gpu") == {NODE_A, NODE_B}, "node B in group gpu")
+    answer = await env.client.post("/validate", live.review(gpu_pod, name="train-1"))
+    assert answer["allowed"] is True and "warnings" not in answer
+    await env.consistent()

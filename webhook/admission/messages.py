@@ -100,6 +100,12 @@ def denial_message(decision: Decision, cni: CniSettings) -> str:
             f"or {fixes}."
         )
     zones = "; ".join(_zone_phrase(c) for c in decision.zones)
+    if decision.selection:
+        return (
+            f"ipguard: pod {decision.pod} may only run on the {decision.selected_nodes} node(s) its node selection "
+            f"allows ({decision.selection}), none of which can give it {what}, and no subnet in its zones has "
+            f"addresses for a new node: {zones}. Fix: {fixes}."
+        )
     if decision.zones and all(_kept_back(c) for c in decision.zones):
         return (
             f"ipguard: pod {decision.pod} would take {what} that ipguard keeps in reserve in every zone it may "
@@ -122,6 +128,10 @@ def denial_warnings(decision: Decision) -> list[str]:
 
 
 def wait_warning(decision: Decision) -> str:
+    if decision.selection:
+        return clean_warning(
+            f"ipguard: no node matching {decision.selection} can give it an IP; it waits Pending for a new node"
+        )
     zones = ", ".join(c.zone for c in decision.zones if c.exhausted and not c.out_of_addresses)
     return clean_warning(
         f"ipguard: no node in zone(s) {zones} can give it an IP; it waits Pending for a new node"
@@ -162,6 +172,8 @@ def audit_annotations(decision: Decision, mode: str, outcome: str) -> dict[str, 
         notes["only-nodes"] = ",".join(decision.only_nodes)
     if decision.waits_for_node:
         notes["waits-for-node"] = "true"
+    if decision.selection:
+        notes["selection"] = f"{decision.selection} nodes={decision.selected_nodes}"
     if decision.node is not None:
         notes["node"] = f"{decision.node.node} room={decision.node.room} warm={decision.node.warm_free}"
     if decision.stale:

@@ -15,7 +15,8 @@ from typing import Any, NamedTuple
 from webhook.model import pods
 from webhook.model.config import Settings
 from webhook.model.findings import Finding
-from webhook.model.index import CapacityIndex, PodUse
+from webhook.model.index import CapacityIndex, Node, PodUse
+from webhook.model.labels import OPERATORS, Requirement
 
 
 class Verdict(enum.Enum):
@@ -87,6 +88,8 @@ class Decision:
     only_nodes: tuple[str, ...] = ()  # steer onto these nodes (kubernetes.io/hostname In), when avoiding is too long
     waits_for_node: bool = False  # no node in its zones can take it now: it waits Pending for a new node
     findings: tuple[Finding, ...] = ()  # checks other than placement (policies, ENIConfigs): see findings.py
+    selection: str = ""  # the node selection that lists the only nodes it may run on (`pool=gpu`), when judged so
+    selected_nodes: int = 0  # how many nodes that selection allows now
 
     @property
     def open_zones(self) -> tuple[str, ...]:
@@ -148,6 +151,10 @@ def decide(
                         use=use)
     memo = index.memo
     checks = tuple(_zone_check(zone, use, index, settings, memo) for zone in allowed)
+    if use is PodUse.IP:
+        selected = _selection(pod, index, memo)
+        if selected is not None and selected.nodes and not selected.taker:
+            return _decide_selected(name, selected, checks, use, index, settings)
     # One pass: open zones, zones out of addresses (excluded), zones with full nodes only (preferred against).
     open_checks: list[ZoneCheck] = []
     empty: list[str] = []
@@ -284,6 +291,115 @@ def _preferences(open_checks: list[ZoneCheck]) -> tuple[tuple[str, int], ...]:
     return tuple((zone, max(1, round(100 * free / top))) for zone, free in ranked)
 
 
+class Selected(NamedTuple):
+    """The nodes a pod's node selection allows, as far as judging it needs them."""
+
+    description: str  # `pool=gpu`, or `pool in (a,b) or name in (n1)` over its terms
+    nodes: int  # nodes seen that it allows (all of them unless a taker stopped the walk)
+    taker: bool  # one of them can give it an IP
+    dry: tuple[str, ...]  # those that cannot but that the scheduler could still bind it to (a pod slot left)
+
+
+def _anchor(term: pods.NodeTerm, index: CapacityIndex) -> tuple[str, tuple[str, ...]] | None:
+    """The requirement of a term that lists its nodes: `In` on a label other than zone and OS (a node group, a
+    node pool, a hostname) or on metadata.name; of several, the one naming fewest nodes. None: the term allows
+    nodes ipguard cannot list."""
+    best: tuple[int, str, tuple[str, ...]] | None = None
+    for key, operator, values in term:
+        if operator != "In" or not values or key in pods.ZONE_NEUTRAL_KEYS:
+            continue
+        if key in (pods.NODE_NAME_FIELD, pods.HOSTNAME_LABEL):
+            size = len(values)
+        elif key.startswith(pods.FIELD_KEY_PREFIX):
+            continue
+        else:
+            size = sum(len(index.nodes_labelled(key, value)) for value in values)
+        if best is None or size < best[0]:
+            best = (size, key, values)
+    return None if best is None else (best[1], best[2])
+
+
+def _term_allows(node: Node, term: pods.NodeTerm) -> bool:
+    """The scheduler's match of one term against a node's labels (and name). Gt, Lt and other fields count as
+    matching: the list can only grow, which never makes a denial."""
+    for key, operator, values in term:
+        if key == pods.NODE_NAME_FIELD and operator in ("In", "NotIn"):
+            if (node.name in values) != (operator == "In"):
+                return False
+        elif (not key.startswith(pods.FIELD_KEY_PREFIX) and operator in OPERATORS
+              and not Requirement(key, operator, frozenset(values)).matches(node.labels)):
+            return False
+    return True
+
+
+def _selection(pod: Mapping[str, Any], index: CapacityIndex, memo: dict[Any, Any]) -> Selected | None:
+    """The nodes the pod's node selection allows, when every term lists them (None otherwise: a pod with no
+    selection, or one on zone or OS labels only, costs O(1) here). Walks only the listed nodes, and stops at the
+    first that can give the pod an IP; kept until the index changes."""
+    terms = pods.node_terms(pod)
+    if not terms:
+        return None
+    anchors = []
+    for term in terms:
+        anchor = _anchor(term, index)
+        if anchor is None:
+            return None
+        anchors.append(anchor)
+    key = ("selection", terms)
+    cached = memo.get(key)
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    seen: set[str] = set()
+    dry: list[str] = []
+    taker = False
+    for term, (anchor_key, values) in zip(terms, anchors, strict=True):
+        names = values if anchor_key in (pods.NODE_NAME_FIELD, pods.HOSTNAME_LABEL) else chain.from_iterable(
+            index.nodes_labelled(anchor_key, value) for value in values)
+        for node_name in names:
+            node = index.nodes.get(node_name)
+            if node_name in seen or node is None or not node.known or not _term_allows(node, term):
+                continue
+            seen.add(node_name)
+            if index.counted(node) and _gives_ip(node, index):
+                taker = True
+                break
+            if index.counted(node) and index.pod_slot(node):
+                dry.append(node_name)
+        if taker:
+            break
+    described = " or ".join(
+        f"{k.removeprefix(pods.FIELD_KEY_PREFIX)}={v[0]}" if len(v) == 1
+        else f"{k.removeprefix(pods.FIELD_KEY_PREFIX)} in ({','.join(v)})" for k, v in dict.fromkeys(anchors))
+    result = Selected(described, len(seen), taker, tuple(sorted(dry)))
+    memo[key] = result
+    return result
+
+
+def _decide_selected(name: str, selected: Selected, checks: tuple[ZoneCheck, ...], use: PodUse,
+                     index: CapacityIndex, settings: Settings) -> Decision:
+    """A pod whose node selection allows only listed nodes, none of which can give it an IP. Whether the
+    selection is a node group an autoscaler can grow is not known, so new nodes count: denied only when no
+    allowed zone's subnets have addresses for one; otherwise kept off the dry nodes (the scheduler, blind to
+    IPs, would bind it there and its sandbox would fail) to wait Pending for a new node, with a warning."""
+    count = f"none of the {selected.nodes} node(s) its node selection allows ({selected.description})"
+    new_node_zones = [c for c in checks if not (c.subnets_known and c.addresses <= c.reserve)]
+    if checks and not new_node_zones:
+        detailed = tuple(c._replace(needs=index.growth_hint(c.zone)) for c in checks)
+        return Decision(Verdict.DENY, name, f"{count} can give it an IP, and no subnet has addresses for a new node",
+                        use=use, zones=detailed, selection=selected.description, selected_nodes=selected.nodes)
+    avoid = selected.dry if len(selected.dry) <= settings.max_steered_nodes else ()
+    target = max(new_node_zones, key=lambda c: (c.addresses - c.reserve, c.zone)).zone if new_node_zones else None
+    return Decision(Verdict.STEER, name, f"{count} can give it an IP now; it waits for a new node", use=use,
+                    zones=checks, avoid_nodes=avoid, waits_for_node=True, reserve_zone=target,
+                    selection=selected.description, selected_nodes=selected.nodes)
+
+
+def _gives_ip(node: Node, index: CapacityIndex) -> bool:
+    """The node can give one more pod an IP: an IP slot and an IP at hand, or one back from its cooldown within
+    seconds (the kubelet retries the sandbox: no reason to deny). Pod slots are the scheduler's to check."""
+    return index.node_has_address(node) or (node.cooling > 0 and node.capacity - node.assigned > 0)
+
+
 PINNED_BY_AFFINITY = "its node affinity or kubernetes.io/hostname selector"
 
 
@@ -299,9 +415,8 @@ def _decide_pinned(name: str, node_name: str, use: PodUse, index: CapacityIndex,
     if use is PodUse.BRANCH:
         can_take = node.branch_room > 0 and (subnet is None or subnet.supply > 0)
     else:
-        # Only addresses count here: a node out of pod slots is the scheduler's and kubelet's to refuse. An IP in
-        # cooldown is back within seconds (the kubelet retries the sandbox): no reason to deny.
-        can_take = index.node_has_address(node) or (node.cooling > 0 and node.capacity - node.assigned > 0)
+        # Only addresses count here: a node out of pod slots is the scheduler's and kubelet's to refuse.
+        can_take = _gives_ip(node, index)
     check = NodeCheck(
         node=node_name,
         zone=node.zone,

@@ -31,6 +31,7 @@ import enum
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -51,6 +52,7 @@ from webhook.model.supply import (
 )
 
 CNI_SUBNET_TAG = "kubernetes.io/role/cni"  # enhanced subnet discovery: ipamd may create ENIs in such subnets
+HOSTNAME_LABEL = "kubernetes.io/hostname"  # on EKS, the node's name
 
 # The zone headroom rule as `zone_headroom` computes it, in words: `ipguard report` prints it and README states it
 # (a test keeps README's text equal to this one). Change it together with the computation.
@@ -113,6 +115,7 @@ class Node:
     known: bool = False  # a Node object has been seen (pods may name a node before it arrives)
     # its ENIs in subnets other than `pod_subnet` (where new ENIs come from): what they hold and can still grow
     elsewhere: tuple[Placed, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)  # its labels, for pods that select nodes by them
 
     @property
     def idle(self) -> bool:
@@ -293,6 +296,7 @@ class NodeFigures:
 
 
 V = TypeVar("V")
+_NO_NODES: frozenset[str] = frozenset()
 
 
 class _ExpiringCache(Generic[V]):
@@ -398,6 +402,7 @@ class CapacityIndex:
         self.version = 0  # bumped by every change, so a caller can tell if figures moved
         self._new_node_cost: ipamd.GrowthCost | None = None
         self._type_counts: dict[InstanceLimits, int] = {}  # known nodes by their limits
+        self._labelled: dict[tuple[str, str], set[str]] = {}  # (label, value) -> known nodes carrying it
         self._dirty: list[Subnet] = []  # subnets whose nodes changed, refreshed once the change is whole
         # What a node detached from its subnet, until it is attached again: if it brings back the same, the
         # subnet's sums did not move and its supply need not be worked out again (most pod events).
@@ -470,10 +475,11 @@ class CapacityIndex:
         schedulable: bool = True,
         cordoned: bool = False,
         no_eni_config: bool = False,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         """A node as the watch shows it. `schedulable`: new pods may be placed there (Linux, EC2, not
         cordoned); `cordoned`: tainted unschedulable, which also stops ipamd growing it; `no_eni_config`: custom
-        networking finds no ENIConfig for it."""
+        networking finds no ENIConfig for it; `labels`: its labels (None: unchanged)."""
         node = self.nodes.get(name)
         if node is None:
             node = self.nodes[name] = Node(name)
@@ -490,6 +496,10 @@ class CapacityIndex:
         node.schedulable = schedulable
         node.cordoned = cordoned
         node.no_eni_config = no_eni_config
+        if labels is not None and labels != node.labels:
+            self._label(node, -1)
+            node.labels = labels
+        self._label(node, 1)
         self._count_type(node, 1)
         self._attach(node)
         self._types_changed()
@@ -501,6 +511,8 @@ class CapacityIndex:
             return
         self._detach(node)
         self._count_type(node, -1)
+        self._label(node, -1)
+        node.labels = {}
         node.known = False
         node.zone = None
         node.pod_subnet = None
@@ -540,8 +552,32 @@ class CapacityIndex:
         return node.known and (node.pod_subnet == subnet_id or any(sid == subnet_id for sid, _ in
                                                                    node.ec2_subnets or ()))
 
+    def _label(self, node: Node, sign: int) -> None:
+        """Index (sign 1) or unindex (-1) the node's labels; indexing twice is harmless. Not the hostname label:
+        on EKS it is the node's name, one node per value."""
+        for pair in node.labels.items():
+            if pair[0] == HOSTNAME_LABEL:
+                continue
+            names = self._labelled.get(pair)
+            if sign > 0:
+                if names is None:
+                    names = self._labelled[pair] = set()
+                names.add(node.name)
+            elif names is not None:
+                names.discard(node.name)
+                if not names:
+                    del self._labelled[pair]
+
+    def nodes_labelled(self, key: str, value: str) -> AbstractSet[str]:
+        """Known nodes carrying the label `key=value` (O(1): the pods that select nodes by label read this)."""
+        return self._labelled.get((key, value), _NO_NODES)
+
     def _node_counted(self, node: Node) -> bool:
         return node.known and node.schedulable and node.zone is not None
+
+    def counted(self, node: Node) -> bool:
+        """The node counts for new pods: known, schedulable (Linux, not cordoned) and in a zone."""
+        return self._node_counted(node)
 
     def _held(self, node: Node, limits: InstanceLimits, used: int) -> HeldAddresses:
         # IPs in cooldown are held (ipamd frees no ENI that has one) though no pod uses them.
@@ -1226,6 +1262,11 @@ class CapacityIndex:
     def _pod_slot(node: Node) -> bool:
         """The scheduler could still bind a pod to the node: a pod slot left (allocatable pods)."""
         return node.allocatable_pods is None or node.allocatable_pods - node.pods - node.reserved > 0
+
+    @staticmethod
+    def pod_slot(node: Node) -> bool:
+        """The scheduler could still bind a pod to the node (a pod slot left)."""
+        return CapacityIndex._pod_slot(node)
 
     def nodes_that_can_take(self, zones: list[str], most: int) -> list[str]:
         """Up to `most` counted nodes in these zones that can take a pod now. Walks the nodes: only for the

@@ -7,12 +7,12 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from webhook.model.index import HOSTNAME_LABEL as HOSTNAME_LABEL
 from webhook.model.index import PodUse
 
 ZONE_LABEL = "topology.kubernetes.io/zone"
 LEGACY_ZONE_LABEL = "failure-domain.beta.kubernetes.io/zone"
 ZONE_KEYS = (ZONE_LABEL, LEGACY_ZONE_LABEL)
-HOSTNAME_LABEL = "kubernetes.io/hostname"
 OS_LABEL = "kubernetes.io/os"
 POD_ENI_RESOURCE = "vpc.amazonaws.com/pod-eni"
 FARGATE_PROFILE_LABEL = "eks.amazonaws.com/fargate-profile"
@@ -161,6 +161,37 @@ def pinned_nodes(pod: Pod) -> list[str]:
             allowed = [v for v in allowed if v in _list(extra.get("values"))]
         names.extend(v for v in allowed if v not in names and (not by_selector or v in by_selector))
     return names if terms else by_selector
+
+
+# One required node-selection term: (key, operator, values) requirements, ANDed. A matchFields requirement has
+# its field behind FIELD_KEY_PREFIX (a ':' no label key may carry).
+NodeRequirement = tuple[str, str, tuple[str, ...]]
+NodeTerm = tuple[NodeRequirement, ...]
+FIELD_KEY_PREFIX = "field:"
+NODE_NAME_FIELD = FIELD_KEY_PREFIX + "metadata.name"
+
+
+def node_terms(pod: Pod) -> tuple[NodeTerm, ...]:
+    """The pod's required node selection as ORed terms: its nodeSelector ANDed into each required node-affinity
+    term (the scheduler's rule). Empty when the pod selects no nodes at all (the common case: O(1))."""
+    pod_spec = spec(pod)
+    selector = _map(pod_spec.get("nodeSelector"))
+    base: list[NodeRequirement] = [(str(k), "In", (v,)) for k, v in selector.items() if isinstance(v, str)]
+    affinity = _map(_map(pod_spec.get("affinity")).get("nodeAffinity"))
+    terms = _list(_map(affinity.get("requiredDuringSchedulingIgnoredDuringExecution")).get("nodeSelectorTerms"))
+    if not terms:
+        return (tuple(base),) if base else ()
+    out: list[NodeTerm] = []
+    for term in terms:
+        term = _map(term)
+        requirements = list(base)
+        for prefix, entries in (("", term.get("matchExpressions")), (FIELD_KEY_PREFIX, term.get("matchFields"))):
+            for entry in _list(entries):
+                entry = _map(entry)
+                values = tuple(v for v in _list(entry.get("values")) if isinstance(v, str))
+                requirements.append((prefix + _str(entry.get("key")), _str(entry.get("operator")), values))
+        out.append(tuple(requirements))
+    return tuple(out)
 
 
 def allowed_zones(pod: Pod, zones: Iterable[str]) -> list[str]:

@@ -195,6 +195,7 @@ class ClusterFeed:
             cordoned=info.cordoned,
             # MyENIConfig finds none: ipamd attaches no pod ENI, and the node gives no pod IP.
             no_eni_config=self.index.cni.custom_networking and pod_subnet is None,
+            labels=info.labels,
         )
 
     def sync_all_nodes(self) -> None:

@@ -25,6 +25,7 @@ is a full example):
         enis: 3                     # optional, with heldIPs: the ENIs carrying them (default: as few as hold them)
         unschedulable: false        # cordoned: no new pods, and ipamd gives it no new IP
         os: linux
+        labels: {eks.amazonaws.com/nodegroup: web}   # optional: for pods that select nodes by label
         pods: {ip: 20, hostNetwork: 2, completed: 3, branch: 0}   # branch: pods on branch ENIs; the
                                     # branch capacity is the type's (vpc.amazonaws.com/pod-eni), 0 for t3
     # Security groups for pods (all optional). The subnets listed above are taken as all of the VPC's, and
@@ -57,7 +58,7 @@ from webhook.model.config import ConfigError, Settings
 from webhook.model.eniconfig import EniConfig, EniConfigStore
 from webhook.model.index import CapacityIndex, PodUse, pod_key
 from webhook.model.limits import LimitsTable, UnknownInstanceType, max_pods
-from webhook.model.pods import ZONE_LABEL
+from webhook.model.pods import HOSTNAME_LABEL, ZONE_LABEL
 from webhook.model.sgp import PolicyStore, parse_policy
 from webhook.model.vpc import GroupRules, Quotas, VpcFacts, VpcSubnet
 
@@ -83,6 +84,7 @@ class SnapshotNode:
     completed_pods: int
     branch_pods: int
     eni_config: str | None = None  # the ENIConfig it selects (custom networking)
+    labels: Mapping[str, str] = field(default_factory=dict)  # e.g. its node group, for pods that select by it
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +166,7 @@ class Snapshot:
                 schedulable=node.schedulable,
                 cordoned=node.cordoned,
                 no_eni_config=node.pod_subnet is None,
+                labels={ZONE_LABEL: node.zone, HOSTNAME_LABEL: node.name, **node.labels},
             )
             if node.held_ips is not None:
                 index.set_node_held(node.name, node.held_ips, enis=node.held_enis)
@@ -292,6 +295,7 @@ def parse_snapshot(document: Any, source: str, limits: LimitsTable) -> Snapshot:
                 completed_pods=_int(pods, "completed", source, where, 0),
                 branch_pods=_int(pods, "branch", source, where, 0),
                 eni_config=config_name,
+                labels=_labels(item.get("labels"), source, where),
             )
         )
     names = [n.name for n in snapshot.nodes]

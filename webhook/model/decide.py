@@ -151,7 +151,9 @@ def decide(
                         use=use)
     memo = index.memo
     checks = tuple(_zone_check(zone, use, index, settings, memo) for zone in allowed)
-    if use is PodUse.IP:
+    # Only a pod steered softly can select nodes by a label other than zone and OS (the common case skips this).
+    soft = pods.steer_softly(pod)
+    if use is PodUse.IP and soft:
         selected = _selection(pod, index, memo)
         if selected is not None and selected.nodes and not selected.taker:
             return _decide_selected(name, selected, checks, use, index, settings)
@@ -175,7 +177,6 @@ def decide(
     # warm-pool IPs are no reason to keep them away.
     avoid_nodes, only_nodes = ((), ()) if use is PodUse.BRANCH else _node_steering(
         index, settings, reachable, with_takers=bool(open_checks))
-    soft = pods.steer_softly(pod)
     if not open_checks:
         if not full_zones:
             detailed = tuple(c._replace(needs=index.growth_hint(c.zone)) for c in checks)

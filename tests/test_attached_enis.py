@@ -249,3 +249,14 @@ def test_replay_after_a_relabel_denies_nothing_the_old_subnet_can_still_serve() 
         assert ix.subnets[sid].supply == cluster.ec2.subnets[sid].free
     assert ix.subnets["subnet-new"].demand == 0
     assert ix.aggregates() == ix.recount()
+
+
+def test_a_node_relabelled_to_a_missing_eniconfig_keeps_its_addresses_debited() -> None:
+    """Relabelled to an ENIConfig that does not exist, `MyENIConfig` fails and ipamd attaches no new ENI; the
+    attached one still holds its addresses in subnet-old (before: credited back to it)."""
+    f = cluster()
+    f.handlers()["nodes"].upsert(labelled("missing"))
+    ix = f.index
+    assert ix.nodes[NODE].no_eni_config
+    assert ix.subnets[OLD].demand == 6 and ix.subnets[OLD].supply == 20
+    assert ix.aggregates() == ix.recount()

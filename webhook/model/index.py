@@ -640,7 +640,7 @@ class CapacityIndex:
         primaries = held.enis if self.cni.custom_networking else max(held.enis, 1)
         node.demand = (held.ips - held.prefixes * PREFIX_SIZE) + primaries + node.branch + node.branch_cooling
         node.demand_blocks = held.prefixes
-        node.elsewhere = self._place(node, limits) if node.ec2_subnets and limits and not node.no_eni_config else ()
+        node.elsewhere = self._place(node, limits) if node.ec2_subnets and limits else ()
 
     def _place(self, node: Node, limits: InstanceLimits) -> tuple[Placed, ...]:
         """Take out of the node's pod-subnet figures what its ENIs in other (known) subnets hold and can still
@@ -651,6 +651,10 @@ class CapacityIndex:
         parts = [(sid, held) for sid, held in node.ec2_subnets if sid != node.pod_subnet and sid in known]
         if not parts:
             return ()
+        if node.no_eni_config:
+            # Counted as holding nothing (`_held`), but its attached ENIs keep their addresses where they are.
+            return tuple(Placed(sid, held.ips - held.prefixes * PREFIX_SIZE + held.enis, held.prefixes, 0, ())
+                         for sid, held in parts)
         frees = [ipamd.free_attached_slots(held, limits, self.cni) for _, held in parts]
         own_free = max(ipamd.free_attached_slots(node.held_addresses, limits, self.cni) - sum(frees), 0)
         units = list(node.units)

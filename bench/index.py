@@ -133,6 +133,12 @@ def main() -> None:
                  "spec": {"containers": [{"name": "train", "image": "train:1"}],
                           "nodeSelector": {"eks.amazonaws.com/nodegroup": "ng-3"}}}
     group_median_us, group_p99_us, group_decision = timed_decisions(index, settings, group_pod, args.decisions)
+    # Its worst case: no node of the group can take it (cordoned here), so every change of the index makes the
+    # next decision walk the whole group.
+    for entry in [index.nodes[n] for n in index.nodes_labelled("eks.amazonaws.com/nodegroup", "ng-3")]:
+        index.upsert_node(entry.name, zone=entry.zone, instance_type=entry.instance_type,
+                          pod_subnet=entry.pod_subnet, allocatable_pods=110, schedulable=False, cordoned=True)
+    dry_median_us, dry_p99_us, dry_decision = timed_decisions(index, settings, group_pod, args.decisions)
 
     # Memory: the index built again under tracemalloc (slower, so not timed).
     del index
@@ -151,6 +157,9 @@ def main() -> None:
     print(f"decision p99:     {p99_us:8.1f} us       (target < 100 us)")
     print(f"node group median:{group_median_us:8.1f} us       (a pod selecting 1 of {GROUPS} node groups)")
     print(f"node group p99:   {group_p99_us:8.1f} us       ({group_decision.verdict.value})")
+    print(f"dry group median: {dry_median_us:8.1f} us       (none of its {args.nodes // GROUPS} nodes can take it)")
+    print(f"dry group p99:    {dry_p99_us:8.1f} us       ({dry_decision.verdict.value}: walks the group when the "
+          "index changed)")
     print(f"memory per pod:   {per_pod:8.0f} bytes    (target <= 600; whole index {total / 2**20:.1f} MiB)")
     print(f"last decision: {decision.verdict.value} ({decision.reason}); pods indexed {len(index2.pods)}")
 

@@ -320,15 +320,29 @@ def _anchor(term: pods.NodeTerm, index: CapacityIndex) -> tuple[str, tuple[str, 
     return None if best is None else (best[1], best[2])
 
 
-def _term_allows(node: Node, term: pods.NodeTerm) -> bool:
-    """The scheduler's match of one term against a node's labels (and name). Gt, Lt and other fields count as
-    matching: the list can only grow, which never makes a denial."""
+def _term_checks(term: pods.NodeTerm, anchor: tuple[str, tuple[str, ...]]) -> tuple[Requirement, ...]:
+    """A term's requirements as the scheduler matches them against a node's labels, built once per walk; the
+    node name as the label `metadata.name` (labels cannot carry that key). Left out: the anchor, which listing
+    by it already satisfies (but a hostname anchor, listed by node name), and Gt, Lt and other fields, which
+    count as matching: the list can only grow, which never makes a denial."""
+    checks = []
     for key, operator, values in term:
+        if (key, values) == anchor and key != pods.HOSTNAME_LABEL and operator == "In":
+            continue
         if key == pods.NODE_NAME_FIELD and operator in ("In", "NotIn"):
-            if (node.name in values) != (operator == "In"):
-                return False
-        elif (not key.startswith(pods.FIELD_KEY_PREFIX) and operator in OPERATORS
-              and not Requirement(key, operator, frozenset(values)).matches(node.labels)):
+            checks.append(Requirement(NAME_KEY, operator, frozenset(values)))
+        elif not key.startswith(pods.FIELD_KEY_PREFIX) and operator in OPERATORS:
+            checks.append(Requirement(key, operator, frozenset(values)))
+    return tuple(checks)
+
+
+NAME_KEY = "metadata.name"  # the node's name, matched as if a label
+
+
+def _term_allows(node: Node, checks: tuple[Requirement, ...]) -> bool:
+    for check in checks:
+        labels = {NAME_KEY: node.name} if check.key == NAME_KEY else node.labels
+        if not check.matches(labels):
             return False
     return True
 
@@ -353,18 +367,22 @@ def _selection(pod: Mapping[str, Any], index: CapacityIndex, memo: dict[Any, Any
     seen: set[str] = set()
     dry: list[str] = []
     taker = False
-    for term, (anchor_key, values) in zip(terms, anchors, strict=True):
+    for term, anchor in zip(terms, anchors, strict=True):
+        anchor_key, values = anchor
         names = values if anchor_key in (pods.NODE_NAME_FIELD, pods.HOSTNAME_LABEL) else chain.from_iterable(
             index.nodes_labelled(anchor_key, value) for value in values)
+        checks = _term_checks(term, anchor)
         for node_name in names:
             node = index.nodes.get(node_name)
-            if node_name in seen or node is None or not node.known or not _term_allows(node, term):
+            if node_name in seen or node is None or not node.known or (checks and not _term_allows(node, checks)):
                 continue
             seen.add(node_name)
-            if index.counted(node) and _gives_ip(node, index):
+            if not index.counted(node):
+                continue
+            if _gives_ip(node, index):
                 taker = True
                 break
-            if index.counted(node) and index.pod_slot(node):
+            if index.pod_slot(node):
                 dry.append(node_name)
         if taker:
             break

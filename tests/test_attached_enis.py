@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests import live
+from tests.test_ipamd_edges import denial_text
 from webhook.model.config import Settings
 from webhook.model.decide import Verdict, decide
 from webhook.model.index import CapacityIndex, PodUse
@@ -124,6 +125,9 @@ def test_pinned_pod_is_denied_when_the_old_subnet_is_out_and_discovery_is_off() 
     f = cluster({"ENABLE_SUBNET_DISCOVERY": "false"}, old_free=0)
     f.handlers()["nodes"].upsert(labelled("new"))
     assert verdict(f) is Verdict.DENY
+    assert ("its free ENI slots are on ENIs in subnet-old (attached before its ENIConfig changed), out of "
+            "addresses; without ENABLE_SUBNET_DISCOVERY ipamd then creates no new ENI") in denial_text(
+                f.index, CONFIG, pinned())
 
 
 def test_with_subnet_discovery_a_dry_old_subnet_moves_on_to_a_new_eni() -> None:
@@ -135,6 +139,8 @@ def test_with_subnet_discovery_a_dry_old_subnet_moves_on_to_a_new_eni() -> None:
     assert verdict(f) is Verdict.ALLOW
     f.index.upsert_subnet(NEW, zone=A, free_ips=9)  # a new ENI needs 1 + 9 at once
     assert verdict(f) is Verdict.DENY
+    assert "subnet-new has 9 free address(es); a new ENI on m5.large needs 10 address(es) at once" in denial_text(
+        f.index, CONFIG, pinned())
 
 
 def test_a_subnet_only_old_enis_are_in_gives_new_nodes_nothing() -> None:

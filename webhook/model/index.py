@@ -1229,6 +1229,15 @@ class CapacityIndex:
                 return f"ipamd adds no IP once a node holds max-pods ({node.allocatable_pods}) IPs"
             return f"every ENI slot of {node.instance_type} is in use"
         subnet = self.subnets.get(node.pod_subnet) if node.pod_subnet else None
+        placed = ", ".join(p.subnet_id for p in node.elsewhere if p.free_slots)
+        if placed:
+            stuck = (f"its free ENI slots are on ENIs in {placed} (attached before its ENIConfig changed), out of "
+                     "addresses")
+            if not self.cni.subnet_discovery:
+                return f"{stuck}; without ENABLE_SUBNET_DISCOVERY ipamd then creates no new ENI"
+            if subnet is not None and node.eni_cost is not None:
+                return f"{stuck}; {_cost_phrase(node.instance_type or 'the node', node.eni_cost, subnet)}"
+            return stuck
         cost = ipamd.growth_cost(node.waiting + 1, node.held_addresses, node.limits, self.cni)
         if subnet is None or cost is None:
             return ""

@@ -18,7 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from webhook.model.cni import CniSettings
 from webhook.model.index import CapacityIndex, PodUse, pod_key
-from webhook.model.ipamd import predict_held
+from webhook.model.ipamd import HeldAddresses, predict_held
 from webhook.model.limits import LimitsTable, UnknownInstanceType, pod_ip_capacity
 
 TTL = 30.0
@@ -733,13 +733,23 @@ class IndexMachine(RuleBasedStateMachine):
         self.res.pop(key, None)
         self._gc()
 
-    @rule(name=st.sampled_from(NODES), held=st.one_of(st.none(), st.integers(0, 40)))
-    def set_node_held(self, name: str, held: int | None) -> None:
+    @rule(name=st.sampled_from(NODES), held=st.one_of(st.none(), st.integers(0, 40)),
+          elsewhere=st.one_of(st.none(), st.tuples(st.sampled_from(SUBNETS), st.integers(0, 20))))
+    def set_node_held(self, name: str, held: int | None, elsewhere: tuple[str, int] | None) -> None:
         # EC2 figures come for nodes the index knows. (For a pod-only placeholder record the figure is dropped
         # whenever a pod update empties and refills the record: harmless, the next poll sets it again.)
+        # `elsewhere`: one of its ENIs is in that subnet (attached before its ENIConfig changed, or by subnet
+        # discovery) with that many of the IPs; the rest on one ENI in its pod subnet.
         if name not in self.known:
             return
-        self.ix.set_node_held(name, held)
+        if held is not None and elsewhere is not None:
+            other, part = elsewhere[0], min(elsewhere[1], held)
+            own = self.known[name]["subnet"] or "s-none"
+            split = {own: HeldAddresses(held - part, 0, 1)} if own != other else {}
+            split[other] = HeldAddresses(part if own != other else held, 0, 1)
+            self.ix.set_node_held(name, held, enis=len(split), subnets=split)
+        else:
+            self.ix.set_node_held(name, held)
         self.ec2_held[name] = held
 
     @rule(key=st.sampled_from(KEYS), zone=st.sampled_from(ZONES), node=st.sampled_from([*NODES, None]))
@@ -882,6 +892,8 @@ class IndexMachine(RuleBasedStateMachine):
                     return node.grows
                 if node.limits is None:  # an unknown type: one address per IP
                     return node.grows and ix.subnets[sid].left > 0
+                if any(part.free_slots for part in node.elsewhere):  # free slots on ENIs in other subnets
+                    return node.grows and ix.placed_growth_funded(node)
                 return node.grows and (ix.growth_funded(node, ix.subnets[sid]) is True or ix.discovery_funds(node))
 
             def pod_slot(n: str) -> bool:

@@ -586,6 +586,10 @@ class CapacityIndex:
             return HeldAddresses(0)
         if node.ec2_held is None:
             return self._rules.predict_held(used, limits, node.allocatable_pods)
+        if node.ec2_subnets:
+            # The prefixes EC2 counted, subnet by subnet (the parts `_place` takes out are the same figures).
+            parts = [self._in_mode(held, limits) for _, held in node.ec2_subnets]
+            return HeldAddresses(node.ec2_held, sum(p.prefixes for p in parts), sum(p.enis for p in parts))
         prefixes = node.ec2_held // PREFIX_SIZE if ipamd.prefix_delegation_on(limits, self.cni) else 0
         enis = node.ec2_enis
         if enis is None:
@@ -593,6 +597,11 @@ class CapacityIndex:
             per_eni = ipamd.slots_per_eni(limits) or 1
             enis = max(-(-slots // per_eni), 0 if self.cni.custom_networking else 1)
         return HeldAddresses(node.ec2_held, prefixes, enis)
+
+    def _in_mode(self, held: HeldAddresses, limits: InstanceLimits) -> HeldAddresses:
+        """EC2's figures for some ENIs as the node's CNI mode counts them: prefixes only under prefix delegation
+        (otherwise their addresses are loose ones, as `_held` counts them)."""
+        return held if ipamd.prefix_delegation_on(limits, self.cni) else HeldAddresses(held.ips, 0, held.enis)
 
     def _derive(self, node: Node) -> None:
         limits = node.limits
@@ -648,14 +657,18 @@ class CapacityIndex:
         (ipamd picks among attached ENIs in no set order); new ENIs stay with the pod subnet."""
         assert node.ec2_subnets is not None
         known = self.subnets
-        parts = [(sid, held) for sid, held in node.ec2_subnets if sid != node.pod_subnet and sid in known]
+        # (EC2 attaches no ENI from another zone's subnet: such a figure is debited, never grown from.)
+        parts = [(sid, self._in_mode(held, limits)) for sid, held in node.ec2_subnets
+                 if sid != node.pod_subnet and sid in known]
+        apart = {sid for sid, _ in parts if known[sid].zone != node.zone}
         if not parts:
             return ()
-        if node.no_eni_config:
-            # Counted as holding nothing (`_held`), but its attached ENIs keep their addresses where they are.
+        if node.no_eni_config or node.pod_subnet not in known:
+            # No growth to place (no ENIConfig: no new ENI; no figures for its pod subnet: judged on its room
+            # alone, nothing of it counted there), but its attached ENIs keep their addresses where they are.
             return tuple(Placed(sid, held.ips - held.prefixes * PREFIX_SIZE + held.enis, held.prefixes, 0, ())
                          for sid, held in parts)
-        frees = [ipamd.free_attached_slots(held, limits, self.cni) for _, held in parts]
+        frees = [0 if sid in apart else ipamd.free_attached_slots(held, limits, self.cni) for sid, held in parts]
         own_free = max(ipamd.free_attached_slots(node.held_addresses, limits, self.cni) - sum(frees), 0)
         units = list(node.units)
         split: list[tuple[tuple[UnitKind, Demand], ...]] = [() for _ in parts]
@@ -1122,16 +1135,16 @@ class CapacityIndex:
             return True
         if not node.grows:
             return False
-        if any(part.free_slots for part in node.elsewhere):
-            return self._placed_ip_at_hand(node)
         subnet = self.subnets.get(node.pod_subnet) if node.pod_subnet else None
         if subnet is None:
             return True
+        if any(part.free_slots for part in node.elsewhere):
+            return self.placed_growth_funded(node)
         if node.limits is None:
             return subnet.left > 0
         return self.growth_funded(node, subnet) is True or self.discovery_funds(node)
 
-    def _placed_ip_at_hand(self, node: Node) -> bool:
+    def placed_growth_funded(self, node: Node) -> bool:
         """`_ip_at_hand` for a node with free slots on ENIs in a subnet its new ENIs no longer come from. ipamd
         fills free slots on attached ENIs first, each from its own ENI's subnet, in no set order
         (`GetAllocatableENIs` walks a map): one free slot whose subnet has an address (a /28) left is enough.

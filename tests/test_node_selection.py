@@ -181,3 +181,33 @@ def test_the_listed_nodes_are_exactly_those_the_scheduler_would_match(labels: li
     else:
         assert decision.selection == ""
     assert all(index.nodes[n].assigned == 10 and index.nodes[n].warm == 0 for n in index.nodes)
+
+
+operation = st.one_of(
+    st.tuples(st.just("upsert"), st.sampled_from(["n1", "n2", "n3"]), node_labels),
+    st.tuples(st.just("unchanged"), st.sampled_from(["n1", "n2", "n3"]), st.just({})),
+    st.tuples(st.just("remove"), st.sampled_from(["n1", "n2", "n3"]), st.just({})),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(operations=st.lists(operation, max_size=20))
+def test_the_label_index_follows_every_node_upsert_and_removal(operations: list[Any]) -> None:
+    """After any sequence of node upserts (labels changed, or left as they were: None) and removals, the label
+    index lists exactly the known nodes carrying each label."""
+    index = CapacityIndex(TABLE)
+    labels: dict[str, dict[str, str]] = {}
+    for op, name, new in operations:
+        if op == "remove":
+            index.remove_node(name)
+            labels.pop(name, None)
+            continue
+        if op == "upsert":
+            labels[name] = dict(new)
+        else:
+            labels.setdefault(name, {})
+        index.upsert_node(name, zone=A, instance_type="t3.medium", pod_subnet="s", allocatable_pods=17,
+                          labels=dict(new) if op == "upsert" else None)
+    for key, values in (("pool", POOLS), ("arch", ARCH)):
+        for value in values:
+            assert index.nodes_labelled(key, value) == {n for n, got in labels.items() if got.get(key) == value}

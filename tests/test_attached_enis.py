@@ -266,3 +266,23 @@ def test_a_node_relabelled_to_a_missing_eniconfig_keeps_its_addresses_debited() 
     assert ix.nodes[NODE].no_eni_config
     assert ix.subnets[OLD].demand == 6 and ix.subnets[OLD].supply == 20
     assert ix.aggregates() == ix.recount()
+
+
+def test_a_node_relabelled_to_a_missing_eniconfig_still_serves_pods_from_its_attached_enis() -> None:
+    """No ENIConfig stops new ENIs only (`tryAllocateENI` -> `MyENIConfig`); the ENI attached before keeps
+    handing out its IPs and fills its free slots from its own subnet (`tryAssignIPs` reads no ENIConfig). A pod
+    pinned there is admitted while that ENI has a warm IP or a free slot, denied once it is full."""
+    warm = cluster(pods=3, held=5)
+    warm.handlers()["nodes"].upsert(labelled("missing"))
+    assert warm.index.nodes[NODE].no_eni_config and warm.index.nodes[NODE].warm == 2
+    assert verdict(warm) is Verdict.ALLOW
+
+    free_slots = cluster(pods=5, held=5)  # no warm IP, 4 free slots on its ENI
+    free_slots.handlers()["nodes"].upsert(labelled("missing"))
+    assert verdict(free_slots) is Verdict.ALLOW
+
+    full = cluster(pods=9, held=9)  # m5.large under custom networking: 9 pod IPs per ENI, all in use
+    full.handlers()["nodes"].upsert(labelled("missing"))
+    assert verdict(full) is Verdict.DENY
+    assert "no ENIConfig applies to the node" in denial_text(full.index, CONFIG, pinned())
+    assert full.index.aggregates() == full.index.recount()

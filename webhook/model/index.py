@@ -582,10 +582,10 @@ class CapacityIndex:
     def _held(self, node: Node, limits: InstanceLimits, used: int) -> HeldAddresses:
         # IPs in cooldown are held (ipamd frees no ENI that has one) though no pod uses them.
         """What the node holds: EC2's figures when known, else what ipamd would hold for its pods."""
-        if node.no_eni_config:
-            return HeldAddresses(0)
         if node.ec2_held is None:
-            return self._rules.predict_held(used, limits, node.allocatable_pods)
+            # No ENIConfig: no pod ENI is attached (MyENIConfig fails before the first one), unless EC2 shows some.
+            return HeldAddresses(0) if node.no_eni_config else self._rules.predict_held(used, limits,
+                                                                                       node.allocatable_pods)
         if node.ec2_subnets:
             # The prefixes EC2 counted, subnet by subnet (the parts `_place` takes out are the same figures).
             parts = [self._in_mode(held, limits) for _, held in node.ec2_subnets]
@@ -611,8 +611,13 @@ class CapacityIndex:
             node.capacity = node.allocatable_pods or 0
             held = HeldAddresses(node.ec2_held if node.ec2_held is not None else taken)
         else:
-            node.capacity = 0 if node.no_eni_config else pod_ip_capacity(limits, self.cni.mode)
             held = self._held(node, limits, taken)
+            node.capacity = pod_ip_capacity(limits, self.cni.mode)
+            if node.no_eni_config:
+                # No new ENI without an ENIConfig (`tryAllocateENI` -> MyENIConfig fails); the ENIs attached
+                # before keep serving pods from their own subnets (`tryAssignIPs` asks no ENIConfig).
+                slots = held.enis * ipamd.slots_per_eni(limits) * ipamd.slot_size(limits, self.cni)
+                node.capacity = min(node.capacity, slots)
         node.held, node.held_prefixes, node.held_enis = held.ips, held.prefixes, held.enis
         ip_room = node.capacity - used
         if node.allocatable_pods is not None:
@@ -1133,6 +1138,10 @@ class CapacityIndex:
         dry: do not call it exhausted."""
         if node.warm > 0:
             return True
+        if node.no_eni_config and node.ec2_held is not None and node.limits is not None:
+            # Free slots on ENIs attached before its ENIConfig went: ipamd fills them from those ENIs' subnets
+            # (not modelled as growth), so never call such a node dry.
+            return ipamd.free_attached_slots(node.held_addresses, node.limits, self.cni) > 0
         if not node.grows:
             return False
         subnet = self.subnets.get(node.pod_subnet) if node.pod_subnet else None

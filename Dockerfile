@@ -3,7 +3,8 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml constraints.txt README.md ./
 COPY webhook ./webhook
-RUN pip install --no-cache-dir --prefix=/install -c constraints.txt .
+# uvloop: `ipguard serve` runs on it when installed (it logs which loop it runs on).
+RUN pip install --no-cache-dir --prefix=/install -c constraints.txt '.[uvloop]'
 
 FROM python:3.11-slim
 COPY --from=build /install /usr/local

@@ -1,21 +1,25 @@
-"""Admission server benchmark: ipguard's real HTTPS server against a bare aiohttp TLS handler.
+"""Admission server benchmark: ipguard's real HTTPS server beside a bare aiohttp TLS handler and kopf.
 
-Two servers run side by side on 127.0.0.1, each in its own (spawned) process, with the same certificate and
-the same TLS settings (both listen with a `CertReloader` context):
+Three servers run side by side on 127.0.0.1, each in its own (spawned) process, with the same certificate, the
+same TLS settings (all listen with a `CertReloader` context) and the same event loop (--loop: asyncio's, then
+uvloop's, each measured in turn):
 
   A  ipguard   the real `WebhookServer` on the synthetic 5,000-node / 150,000-pod index of bench/index.py,
                mode enforce, a zone reserve that leaves us-east-1a out of pod IPs (so some pods steer and a
                pod pinned there is denied), JSON logs at info written to /dev/null.
   B  bare      an aiohttp TLS handler that parses the review with orjson and answers `allowed: true` with
                the uid echoed: the floor for "an aiohttp webhook over TLS" on this machine.
+  C  kopf      kopf's own admission path (its `WebhookServer` and `serve_admission_request`, wired as its
+               operator wires them, without the watchers) with one validating and one mutating handler that
+               do nothing; its logs as `kopf run` sets them up, to /dev/null.
 
-One load generator drives both with the same payloads (real apiserver review bodies from
+One load generator drives all three with the same payloads (real apiserver review bodies from
 shared/fixtures/apiserver plus Deployment pods built like webhook/demo.py; /mutate and /validate; with and
 without affinity; a fresh uid on every request):
 
   closed loop  N keep-alive connections, each sends its next review as soon as the last is answered, for
-               --duration seconds after a --warmup; throughput, p50/p99 latency, errors. Rounds alternate the
-               order (bare, ipguard / ipguard, bare / ...) and the median of rounds is reported.
+               --duration seconds after a --warmup; throughput, p50/p99 latency, errors. Rounds rotate the
+               order (bare, kopf, ipguard / kopf, ipguard, bare / ...) and the median of rounds is reported.
   open loop    a fixed rate (--rate, default 1,000 reviews/s) against ipguard; each request has a scheduled
                send time and its latency is measured from that time, so queueing behind a slow answer is
                counted (no coordinated omission).
@@ -26,6 +30,7 @@ always the Python client. With 2 cores the servers are pinned to CPU 0 (only one
 and the generator to CPU 1; --no-pin leaves placement to the kernel. See bench/README.md for how to read it.
 
     python bench/server.py [--duration 5] [--connections 32] [--rate 1000] [--rounds 3] [--quick] [--profile]
+                           [--loop asyncio uvloop]
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import functools
 import gc
+import importlib.util
 import inspect
 import io
 import itertools
@@ -52,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -70,6 +78,8 @@ from webhook.admission.handler import AdmissionState
 from webhook.admission.handler import handle as handle_review
 from webhook.admission.wire import parse_review, review_envelope
 from webhook.demo import admission_review, deployment_pod
+from webhook.eventloop import LoopChoice, loop_factory
+from webhook.eventloop import run as run_loop
 from webhook.model.config import Mode, Settings
 from webhook.model.pods import ZONE_LABEL
 from webhook.server import WebhookServer, start_server
@@ -374,7 +384,7 @@ class GcWatch:
 
 
 def server_process(kind: str, cert: str, key: str, sizes: tuple[int, int, int], cpu: int | None, log_mode: str,
-                   profile: bool, micro: list[tuple[str, str, bytes]], conn: Connection) -> None:
+                   profile: bool, micro: list[tuple[str, str, bytes]], loop: LoopChoice, conn: Connection) -> None:
     """Entry point of a server process (spawned): serve until told to stop on `conn`."""
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
@@ -382,14 +392,75 @@ def server_process(kind: str, cert: str, key: str, sizes: tuple[int, int, int], 
         from webhook.logs import setup_logging
 
         setup_logging("info", open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
-    asyncio.run(_serve(kind, cert, key, sizes, profile, micro, conn))
+    if kind == "kopf" and log_mode == "devnull":
+        from kopf._core.actions import loggers
+
+        loggers.configure()  # what `kopf run` does without flags: its formatter, level INFO, to stderr
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setStream(open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the process
+    run_loop(_serve(kind, cert, key, sizes, profile, micro, conn), loop)
+
+
+async def _start_kopf(cert: str, key: str, reloader: CertReloader) -> tuple[int, Callable[[], Awaitable[None]]]:
+    """kopf's own admission path, wired as `kopf.spawn_tasks` wires it, without the watchers: its
+    `admission_webhook_server` runs its `WebhookServer`, which hands each review to `serve_admission_request`
+    (partially bound to the operator's settings, registry, insights, memories and indices). The resource
+    discovery that the operator does against the API server is replaced by the one resource it would find (core
+    v1 pods), revised into the insights by kopf's own `revise_resources`. One validating and one mutating
+    handler, both async and empty, with the ids the bench's paths name (kopf maps /<id> to the handler)."""
+    import kopf
+    from kopf._cogs.aiokits import aiovalues
+    from kopf._cogs.structs import ephemera, references
+    from kopf._core.engines import admission, indexing
+    from kopf._core.reactor import inventory, observation
+
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.validate("pods", id="validate", registry=registry)
+    async def validate(**_: Any) -> None:
+        return None
+
+    @kopf.on.mutate("pods", id="mutate", registry=registry)
+    async def mutate(**_: Any) -> None:
+        return None
+
+    settings = kopf.OperatorSettings()
+    # The same certificate and listener context as the other servers (kopf loads the same pair into it again).
+    settings.admission.server = kopf.WebhookServer(addr=HOST, context=reloader.context, certfile=cert, pkeyfile=key)
+    insights = references.Insights()
+    pods = references.Resource(group="", version="v1", plural="pods", kind="Pod", singular="pod",
+                               shortcuts=frozenset({"po"}), namespaced=True, preferred=True,
+                               verbs=frozenset({"create", "delete", "get", "list", "patch", "update", "watch"}))
+    observation.revise_resources(resources={pods}, insights=insights, registry=registry, group=None)
+    insights.ready_resources.set()
+    indexers = indexing.OperatorIndexers()
+    indexers.ensure(registry._indexing.get_all_handlers())
+    memories = inventory.ResourceMemories()
+    memo = ephemera.AnyMemo(ephemera.Memo())
+    container: aiovalues.Container[Any] = aiovalues.Container()
+    task = asyncio.create_task(admission.admission_webhook_server(
+        container=container, settings=settings, registry=registry, insights=insights,
+        webhookfn=functools.partial(admission.serve_admission_request, settings=settings, registry=registry,
+                                    insights=insights, memories=memories, memobase=memo,
+                                    indices=indexers.indices)))
+    client_config = await asyncio.wait_for(container.wait(), 30)
+    port = urllib.parse.urlsplit(client_config["url"]).port
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    assert port is not None
+    return port, stop
 
 
 async def _serve(kind: str, cert: str, key: str, sizes: tuple[int, int, int], profile: bool,
                  micro: list[tuple[str, str, bytes]], conn: Connection) -> None:
     reloader = CertReloader(cert, key)
     stop: Callable[[], Awaitable[None]]
-    info: dict[str, Any] = {"pid": os.getpid()}
+    info: dict[str, Any] = {"pid": os.getpid(), "loop": type(asyncio.get_running_loop()).__module__}
     timers = StageTimers()
     if kind == "ipguard":
         t = time.perf_counter()
@@ -401,6 +472,8 @@ async def _serve(kind: str, cert: str, key: str, sizes: tuple[int, int, int], pr
             info["micro"] = micro_breakdown(state, micro)  # before the timers go in
         running = await start_server(WebhookServer(state, reloader), HOST, 0, reloader.context)
         port, stop = running.port, running.stop
+    elif kind == "kopf":
+        port, stop = await _start_kopf(cert, key, reloader)
     else:
         logging.getLogger().setLevel(logging.WARNING)
         runner = web.AppRunner(_bare_app(), access_log=None, handle_signals=False)
@@ -921,15 +994,18 @@ def _children_cpu() -> float:
 # --- the run ---------------------------------------------------------------------------------------------
 
 
+SERVERS = ("bare", "kopf", "ipguard")  # the floor, the framework a user would otherwise pick, ipguard
+
+
 def start_servers(paths: Any, sizes: tuple[int, int, int], pin: bool, log_mode: str, profile: bool,
-                  micro: list[tuple[str, str, bytes]]) -> dict[str, ServerHandle]:
+                  micro: list[tuple[str, str, bytes]], loop: LoopChoice) -> dict[str, ServerHandle]:
     ctx = multiprocessing.get_context("spawn")
     handles: dict[str, ServerHandle] = {}
-    for name in ("bare", "ipguard"):
+    for name in SERVERS:
         parent, child = ctx.Pipe()
         process = ctx.Process(target=server_process, name=f"bench-{name}", daemon=True, args=(
             name, str(paths.tls_cert), str(paths.tls_key), sizes, SERVER_CPU if pin else None, log_mode, profile,
-            micro if name == "ipguard" else [], child))
+            micro if name == "ipguard" else [], loop, child))
         process.start()
         child.close()
         handles[name] = ServerHandle(name, process, parent)
@@ -964,6 +1040,19 @@ HEADER = (f"  {'':<18} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'
           f"{'srv cpu':>8} {'gen cpu':>8} {'irq':>8} {'others':>8}")
 
 
+@dataclass
+class LoopResult:
+    """One event loop's medians per server (closed loop) and ipguard's open-loop p99."""
+
+    loop: str
+    med: dict[str, dict[str, float]]
+    open_p99: float | None
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
 async def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     busy0, wall0 = machine_busy()[0], time.perf_counter()
@@ -979,177 +1068,217 @@ async def run(args: argparse.Namespace) -> int:
         print("--generator wrk: wrk is not on PATH (apt-get install wrk; this bench never installs it)")
         return 2
     sizes = (args.nodes, args.pods, args.zones)
+    results: list[LoopResult] = []
 
+    print(f"ipguard server benchmark ({time.strftime('%Y-%m-%d %H:%M:%S')}, {os.cpu_count()} cores, "
+          f"Python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}, kopf {_version('kopf')})")
+    print(f"code: {tree_state()}")
+    print(f"other load before the run: {idle_load * 100:.0f}% of one core (0.5 s sample; the 'others' column "
+          "below gives it for each phase)")
+    print(f"event loops (every server on the same one, one after the other): "
+          f"{', '.join(loop_factory(loop)[0] for loop in args.loop)}")
     with tempfile.TemporaryDirectory(prefix="ipguard-bench-") as tmp:
         paths = write_cert_bundle(Path(tmp), SERVICE, NAMESPACE, [HOST])
         micro = [(t.label, t.path.split("?")[0], t.render(b"0" * UID_LEN, b"0" * SFX_LEN)) for t in distinct]
-        servers = start_servers(paths, sizes, pin, args.log, args.profile, micro if args.profile else [])
-        try:
-            if pin:
-                os.sched_setaffinity(0, {CLIENT_CPU})
-            context = client_context(paths.ca_cert)
-            uids = UidSource()
-            script = Path(tmp) / "review.lua"
-            ip = servers["ipguard"]
-            print(f"ipguard server benchmark ({time.strftime('%Y-%m-%d %H:%M:%S')}, {os.cpu_count()} cores, "
-                  f"Python {sys.version.split()[0]}, aiohttp {aiohttp.__version__})")
-            print(f"code: {tree_state()}")
-            print(f"other load before the run: {idle_load * 100:.0f}% of one core (0.5 s sample; the 'others' column "
-                  "below gives it for each phase)")
-            print(f"index: {args.nodes} nodes, {args.pods} pods, {args.zones} zones (built in "
-                  f"{ip.info['build_s']:.1f} s); settings: mode {SETTINGS.mode.value}, zoneReserve "
-                  f"{SETTINGS.zone_reserve}, zoneReserves us-east-1a={SETTINGS.reserve_for_zone('us-east-1a')}"
-                  f" (1a out of pod IPs); server logs: {args.log}")
-            zones = ip.info["zones"]
-            print("zones at start, headroom/reserve: " + ", ".join(f"{z}={h}/{r}" for z, (h, r) in zones.items()))
-            if all(h <= r for h, r in zones.values()):
-                print("  WARNING: every zone is out of pod IPs: every pod is denied, nothing is steered")
-            print("payloads (each pod shape to /mutate and /validate; fresh uid per request; weights 4:2:3:1):")
-            for template in distinct:
-                print(f"  {template.path.split('?')[0]:<10} {template.size:5d} B  {template.label}")
-            placement = (f"servers pinned to CPU {SERVER_CPU} (one under load at a time), generator to CPU "
-                         f"{CLIENT_CPU}" if pin else "not pinned (--no-pin)")
-            print(f"cores: {placement}")
-            gen_text = {"wrk": f"wrk ({wrk}) -t1 -c{args.connections}, Lua script POSTs the payloads",
-                        "python": f"Python asyncio HTTP/1.1 client, {args.connections} keep-alive connections",
-                        "aiohttp": f"aiohttp ClientSession, pool of {args.connections} keep-alive connections"}
-            print(f"closed loop: {gen_text[generator]}, {args.warmup:g} s warm-up + {args.duration:g} s per server"
-                  f", {args.rounds} round(s), alternating order")
-            print(f"open loop: Python client, {args.rate:g} reviews/s to ipguard, {args.open_warmup:g} s warm-up + "
-                  f"{args.open_duration:g} s, latency from each request's scheduled send time")
-            print("client TLS: ssl.create_default_context(cafile=<generated ca.crt>) -> trusts only that CA; "
-                  f"verify_mode={context.verify_mode.name}, check_hostname={context.check_hostname}, "
-                  f"hostname_checks_common_name={context.hostname_checks_common_name}, "
-                  f"server_hostname={SERVER_NAME} (SNI + SAN check), ALPN http/1.1")
+        context = client_context(paths.ca_cert)
+        uids = UidSource()
+        for n, loop in enumerate(args.loop):
+            profile = args.profile and n == 0
+            servers = start_servers(paths, sizes, pin, args.log, profile, micro if profile else [], loop)
+            try:
+                if pin:
+                    os.sched_setaffinity(0, {CLIENT_CPU})
+                print(f"\n=== event loop: {loop_factory(loop)[0]} (all three servers)")
+                results.append(await run_loop_rounds(args, servers, loop, n == 0, distinct, sequence, uids, context,
+                                                     generator, wrk, Path(tmp) / "review.lua", pin))
+            finally:
+                stop_servers(servers)
+
+    print("\nsummary (median of rounds; per core = reviews per CPU-second of the server process, 1e6 / srv us/req)")
+    print(f"  {'loop':<14} {'server':<8} {'req/s':>8} {'p99 ms':>7} {'errors':>6} {'us/req':>7} {'per core':>9}")
+    for result in results:
+        for name in SERVERS:
+            m = result.med[name]
+            print(f"  {result.loop:<14} {name:<8} {m['rate']:8.0f} {m['p99']:7.2f} {int(m['errors']):6d} "
+                  f"{m['us']:7.0f} {_ratio(1e6, m['us']):9.0f}")
+    met = True
+    for result in results:
+        med = result.med
+        ip_bare, ip_kopf = _ratio(med["ipguard"]["rate"], med["bare"]["rate"]), _ratio(
+            med["ipguard"]["rate"], med["kopf"]["rate"])
+        kopf_bare = _ratio(med["kopf"]["rate"], med["bare"]["rate"])
+        cpu = {k: _ratio(med[a]["us"], med[b]["us"]) for k, a, b in (
+            ("ipguard/bare", "bare", "ipguard"), ("ipguard/kopf", "kopf", "ipguard"), ("kopf/bare", "bare", "kopf"))}
+        print(f"  {result.loop}: throughput ratios ipguard/bare {ip_bare:.2f} (target >= 0.50), ipguard/kopf "
+              f"{ip_kopf:.2f} (target >= 1.7), kopf/bare {kopf_bare:.2f}; by CPU per review (what a whole free core "
+              f"each would give): ipguard/bare {cpu['ipguard/bare']:.2f}, ipguard/kopf {cpu['ipguard/kopf']:.2f}, "
+              f"kopf/bare {cpu['kopf/bare']:.2f}")
+        if result.open_p99 is not None:
+            print(f"  {result.loop}: ipguard p99 at {args.rate:g}/s {result.open_p99:.2f} ms (target <= 5 ms)")
+        met = met and ip_bare >= 0.5 and ip_kopf >= 1.7
+    if len(results) > 1:
+        base = results[0]
+        for result in results[1:]:
+            gains = ", ".join(f"{name} {_ratio(base.med[name]['us'], result.med[name]['us']):.2f}x" for name in SERVERS)
+            print(f"  per-core throughput, {result.loop} / {base.loop}: {gains}")
+    print(f"  targets (ipguard >= 0.50 of bare and >= 1.7x kopf, on every loop): {'MET' if met else 'NOT MET'}")
+    print(f"  run time {time.perf_counter() - started:.0f} s")
+    return 0 if met else 1
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+async def run_loop_rounds(args: argparse.Namespace, servers: dict[str, ServerHandle], loop: LoopChoice, first: bool,
+                          distinct: list[Template], sequence: list[Template], uids: UidSource,
+                          context: ssl.SSLContext, generator: str, wrk: str | None, script: Path,
+                          pin: bool) -> LoopResult:
+    """The closed-loop rounds against the three servers and the open loop against ipguard, on one event loop."""
+    ip = servers["ipguard"]
+    if first:
+        print(f"index: {args.nodes} nodes, {args.pods} pods, {args.zones} zones (built in "
+              f"{ip.info['build_s']:.1f} s); settings: mode {SETTINGS.mode.value}, zoneReserve "
+              f"{SETTINGS.zone_reserve}, zoneReserves us-east-1a={SETTINGS.reserve_for_zone('us-east-1a')}"
+              f" (1a out of pod IPs); server logs: {args.log} (ipguard: its JSON lines at info; kopf: as `kopf run` "
+              "configures them, info, with aiohttp's access log)")
+        zones = ip.info["zones"]
+        print("zones at start, headroom/reserve: " + ", ".join(f"{z}={h}/{r}" for z, (h, r) in zones.items()))
+        if all(h <= r for h, r in zones.values()):
+            print("  WARNING: every zone is out of pod IPs: every pod is denied, nothing is steered")
+        print("payloads (each pod shape to /mutate and /validate; fresh uid per request; weights 4:2:3:1):")
+        for template in distinct:
+            print(f"  {template.path.split('?')[0]:<10} {template.size:5d} B  {template.label}")
+        placement = (f"servers pinned to CPU {SERVER_CPU} (one under load at a time), generator to CPU "
+                     f"{CLIENT_CPU}" if pin else "not pinned (--no-pin)")
+        print(f"cores: {placement}")
+        gen_text = {"wrk": f"wrk ({wrk}) -t1 -c{args.connections}, Lua script POSTs the payloads",
+                    "python": f"Python asyncio HTTP/1.1 client, {args.connections} keep-alive connections",
+                    "aiohttp": f"aiohttp ClientSession, pool of {args.connections} keep-alive connections"}
+        print(f"closed loop: {gen_text[generator]}, {args.warmup:g} s warm-up + {args.duration:g} s per server"
+              f", {args.rounds} round(s), the order rotating")
+        print(f"open loop: Python client, {args.rate:g} reviews/s to ipguard, {args.open_warmup:g} s warm-up + "
+              f"{args.open_duration:g} s, latency from each request's scheduled send time")
+        print("client TLS: ssl.create_default_context(cafile=<generated ca.crt>) -> trusts only that CA; "
+              f"verify_mode={context.verify_mode.name}, check_hostname={context.check_hostname}, "
+              f"hostname_checks_common_name={context.hostname_checks_common_name}, "
+              f"server_hostname={SERVER_NAME} (SNI + SAN check), ALPN http/1.1")
+        if generator == "wrk":
+            print("  (wrk itself does not verify the certificate: the TLS check above is the Python client's)")
+    seen = {name: servers[name].info["loop"] for name in SERVERS}
+    print(f"loop in each server process: {', '.join(f'{k} {v}' for k, v in seen.items())}")
+
+    closed: dict[str, list[Phase]] = {name: [] for name in SERVERS}
+    opened: list[Phase] = []
+    opened_bare: list[Phase] = []
+    tls_seen = ""
+    for r in range(args.rounds):
+        order = [*SERVERS[r % len(SERVERS):], *SERVERS[:r % len(SERVERS)]]
+        for name in order:
+            server = servers[name]
             if generator == "wrk":
-                print("  (wrk itself does not verify the certificate: the TLS check above is the Python client's)")
+                assert wrk is not None
+                # A uid prefix of its own for each wrk run (8-4-4-4, the last group: round and server).
+                prefix = uids.prefix[:19] + f"{r:02x}{'abc'[SERVERS.index(name)]}0"
+                write_lua(script, sequence, prefix, server.port)
+                phase = await asyncio.to_thread(wrk_phase, wrk, script, server, args.connections,
+                                                args.warmup, args.duration)
+            else:
+                client = Client("aiohttp" if generator == "aiohttp" else "raw", server.port, context,
+                                args.connections)
+                await client.open()
+                tls_seen = tls_seen or client.tls
+                try:
+                    phase = await closed_loop(server, client, sequence, uids, args.warmup, args.duration)
+                finally:
+                    await client.close()
+            closed[name].append(phase)
+        for name in (["bare", "ipguard"] if args.open_bare else ["ipguard"]) if args.rate > 0 else []:
+            server = servers[name]
+            client = Client("raw", server.port, context, args.connections)
+            await client.open()
+            tls_seen = tls_seen or client.tls
+            try:
+                phase = await open_loop(server, client, sequence, uids, args.rate, args.open_warmup,
+                                        args.open_duration)
+            finally:
+                await client.close()
+            (opened if name == "ipguard" else opened_bare).append(phase)
+    if tls_seen:
+        print(f"negotiated: {tls_seen}")
 
-            closed: dict[str, list[Phase]] = {"bare": [], "ipguard": []}
-            opened: list[Phase] = []
-            opened_bare: list[Phase] = []
-            tls_seen = ""
-            for r in range(args.rounds):
-                order = ["bare", "ipguard"] if r % 2 == 0 else ["ipguard", "bare"]
-                for name in order:
-                    server = servers[name]
-                    if generator == "wrk":
-                        assert wrk is not None
-                        # A uid prefix of its own for each wrk run (8-4-4-4, the last group: round and server).
-                        prefix = uids.prefix[:19] + f"{r:02x}{'ab'[name == 'ipguard']}0"
-                        write_lua(script, sequence, prefix, server.port)
-                        phase = await asyncio.to_thread(wrk_phase, wrk, script, server, args.connections,
-                                                        args.warmup, args.duration)
-                    else:
-                        client = Client("aiohttp" if generator == "aiohttp" else "raw", server.port, context,
-                                        args.connections)
-                        await client.open()
-                        tls_seen = tls_seen or client.tls
-                        try:
-                            phase = await closed_loop(server, client, sequence, uids, args.warmup, args.duration)
-                        finally:
-                            await client.close()
-                    closed[name].append(phase)
-                for name in (["bare", "ipguard"] if args.open_bare else ["ipguard"]) if args.rate > 0 else []:
-                    server = servers[name]
-                    client = Client("raw", server.port, context, args.connections)
-                    await client.open()
-                    tls_seen = tls_seen or client.tls
-                    try:
-                        phase = await open_loop(server, client, sequence, uids, args.rate, args.open_warmup,
-                                                args.open_duration)
-                    finally:
-                        await client.close()
-                    (opened if name == "ipguard" else opened_bare).append(phase)
-            if tls_seen:
-                print(f"negotiated: {tls_seen}")
+    print("\nclosed loop, per round (srv us/req: server process CPU per review; srv cpu, gen cpu, irq, "
+          "others: share of one core used by the server, the generator, interrupts (the loopback network), "
+          "and every other process on the machine)")
+    print(HEADER)
+    for r in range(args.rounds):
+        for name in SERVERS:
+            print(_fmt_row(f"round {r + 1} {name}", closed[name][r]))
+    med: dict[str, dict[str, float]] = {}
+    for name in SERVERS:
+        phases = closed[name]
+        med[name] = {
+            "rate": statistics.median(p.rate for p in phases),
+            "p50": statistics.median(p.pct(0.5) for p in phases),
+            "p99": statistics.median(p.pct(0.99) for p in phases),
+            "errors": float(sum(p.errors for p in phases)),
+            "us": statistics.median(p.server_us() for p in phases),
+            "srv": statistics.median(p.server_cpu / p.duration for p in phases),
+            "gen": statistics.median(p.client_cpu / p.duration for p in phases),
+            "irq": statistics.median(p.irq_cpu / p.duration for p in phases),
+            "oth": statistics.median(p.other_cpu / p.duration for p in phases),
+        }
+    print(f"\nmedian of {args.rounds} round(s):")
+    print(HEADER)
+    for name in SERVERS:
+        m = med[name]
+        print(f"  {name:<18} {m['rate']:9.0f} {m['p50']:8.2f} {m['p99']:8.2f} {int(m['errors']):7d}"
+              f" {m['us']:10.0f} {m['srv'] * 100:7.0f}% {m['gen'] * 100:7.0f}% {m['irq'] * 100:7.0f}%"
+              f" {m['oth'] * 100:7.0f}%")
+    for name in ("kopf", "ipguard"):
+        total = sum(p.requests for p in closed[name])
+        print(f"  {name} answers: {sum(p.denied for p in closed[name]) / max(total, 1):.0%} denied, "
+              f"{sum(p.patched for p in closed[name]) / max(total, 1):.0%} with a patch")
+    for name in SERVERS:
+        for p in closed[name]:
+            for sample in p.error_samples:
+                print(f"  error ({name}): {sample}")
+    if med["bare"]["gen"] > 0.9 and med["bare"]["srv"] < 0.9:
+        print("  NOTE: the generator used ~all of its core while the bare server did not: generator-bound; "
+              "the bare figure (and so the ratios against it) is a lower bound")
 
-            print("\nclosed loop, per round (srv us/req: server process CPU per review; srv cpu, gen cpu, irq, "
-                  "others: share of one core used by the server, the generator, interrupts (the loopback network), "
-                  "and every other process on the machine)")
-            print(HEADER)
-            for r in range(args.rounds):
-                for name in ("bare", "ipguard"):
-                    print(_fmt_row(f"round {r + 1} {name}", closed[name][r]))
-            med: dict[str, dict[str, float]] = {}
-            for name in ("bare", "ipguard"):
-                phases = closed[name]
-                med[name] = {
-                    "rate": statistics.median(p.rate for p in phases),
-                    "p50": statistics.median(p.pct(0.5) for p in phases),
-                    "p99": statistics.median(p.pct(0.99) for p in phases),
-                    "errors": float(sum(p.errors for p in phases)),
-                    "us": statistics.median(p.server_us() for p in phases),
-                    "srv": statistics.median(p.server_cpu / p.duration for p in phases),
-                    "gen": statistics.median(p.client_cpu / p.duration for p in phases),
-                    "irq": statistics.median(p.irq_cpu / p.duration for p in phases),
-                    "oth": statistics.median(p.other_cpu / p.duration for p in phases),
-                }
-            print(f"\nmedian of {args.rounds} round(s):")
-            print(HEADER)
-            for name in ("bare", "ipguard"):
-                m = med[name]
-                print(f"  {name:<18} {m['rate']:9.0f} {m['p50']:8.2f} {m['p99']:8.2f} {int(m['errors']):7d}"
-                      f" {m['us']:10.0f} {m['srv'] * 100:7.0f}% {m['gen'] * 100:7.0f}% {m['irq'] * 100:7.0f}%"
-                      f" {m['oth'] * 100:7.0f}%")
-            ratios = [i.rate / b.rate for i, b in zip(closed["ipguard"], closed["bare"], strict=True)]
-            ratio = med["ipguard"]["rate"] / med["bare"]["rate"]
-            ipg = closed["ipguard"]
-            total = sum(p.requests for p in ipg)
-            print(f"  ipguard answers: {sum(p.denied for p in ipg) / max(total, 1):.0%} denied, "
-                  f"{sum(p.patched for p in ipg) / max(total, 1):.0%} with a steering patch")
-            for name in ("bare", "ipguard"):
-                for p in closed[name]:
-                    for sample in p.error_samples:
-                        print(f"  error ({name}): {sample}")
-            if med["bare"]["gen"] > 0.9 and med["bare"]["srv"] < 0.9:
-                print("  NOTE: the generator used ~all of its core while the bare server did not: generator-bound; "
-                      "the bare figure (and so the ratio) is a lower bound")
+    open_p99: float | None = None
+    print(f"\nopen loop, {args.rate:g} reviews/s (latency from each request's scheduled send time)")
+    if opened:
+        print(f"  {'':<18} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'srv us/req':>10} "
+              f"{'srv cpu':>8} {'others':>8} {'lag p99':>8}")
+        rows = [(f"round {r + 1} ipguard", p) for r, p in enumerate(opened)]
+        rows += [(f"round {r + 1} bare", p) for r, p in enumerate(opened_bare)]
+        for label, p in rows:
+            print(f"  {label:<18} {p.rate:9.0f} {p.pct(0.5):8.2f} {p.pct(0.99):8.2f} "
+                  f"{p.errors:7d} {p.server_us():10.0f} {p.server_cpu / p.duration * 100:7.0f}% "
+                  f"{p.other_cpu / p.duration * 100:7.0f}% {_percentile(p.lags, 0.99) * 1000:8.2f}")
+            for sample in p.error_samples:
+                print(f"  error: {sample}")
+        open_p50 = statistics.median(p.pct(0.5) for p in opened)
+        open_p99 = statistics.median(p.pct(0.99) for p in opened)
+        pooled = [x for p in opened for x in p.latencies]
+        print(f"  ipguard, median of rounds: p50 {open_p50:.2f} ms, p99 {open_p99:.2f} ms "
+              f"(all rounds pooled: p99 {_percentile(pooled, 0.99) * 1000:.2f} ms, "
+              f"max {max(pooled, default=0) * 1000:.2f} ms); lag p99 = how late the generator sent, "
+              "included in the latency")
+        if opened_bare:
+            print(f"  bare, median of rounds: p50 {statistics.median(p.pct(0.5) for p in opened_bare):.2f} ms"
+                  f", p99 {statistics.median(p.pct(0.99) for p in opened_bare):.2f} ms")
 
-            print(f"\nopen loop, {args.rate:g} reviews/s (latency from each request's scheduled send time)")
-            if opened:
-                print(f"  {'':<18} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'srv us/req':>10} "
-                      f"{'srv cpu':>8} {'others':>8} {'lag p99':>8}")
-                rows = [(f"round {r + 1} ipguard", p) for r, p in enumerate(opened)]
-                rows += [(f"round {r + 1} bare", p) for r, p in enumerate(opened_bare)]
-                for label, p in rows:
-                    print(f"  {label:<18} {p.rate:9.0f} {p.pct(0.5):8.2f} {p.pct(0.99):8.2f} "
-                          f"{p.errors:7d} {p.server_us():10.0f} {p.server_cpu / p.duration * 100:7.0f}% "
-                          f"{p.other_cpu / p.duration * 100:7.0f}% {_percentile(p.lags, 0.99) * 1000:8.2f}")
-                    for sample in p.error_samples:
-                        print(f"  error: {sample}")
-                open_p50 = statistics.median(p.pct(0.5) for p in opened)
-                open_p99 = statistics.median(p.pct(0.99) for p in opened)
-                pooled = [x for p in opened for x in p.latencies]
-                print(f"  ipguard, median of rounds: p50 {open_p50:.2f} ms, p99 {open_p99:.2f} ms "
-                      f"(all rounds pooled: p99 {_percentile(pooled, 0.99) * 1000:.2f} ms, "
-                      f"max {max(pooled, default=0) * 1000:.2f} ms); lag p99 = how late the generator sent, "
-                      "included in the latency")
-                if opened_bare:
-                    print(f"  bare, median of rounds: p50 {statistics.median(p.pct(0.5) for p in opened_bare):.2f} ms"
-                          f", p99 {statistics.median(p.pct(0.99) for p in opened_bare):.2f} ms")
-
-            if args.profile:
-                await profile_phase(servers, context, sequence, uids, args, med["ipguard"]["us"])
-
-            print("\nsummary")
-            print(f"  throughput bare     {med['bare']['rate']:8.0f} req/s   p50 {med['bare']['p50']:.2f} ms   "
-                  f"p99 {med['bare']['p99']:.2f} ms   errors {int(med['bare']['errors'])}")
-            print(f"  throughput ipguard  {med['ipguard']['rate']:8.0f} req/s   p50 {med['ipguard']['p50']:.2f} ms   "
-                  f"p99 {med['ipguard']['p99']:.2f} ms   errors {int(med['ipguard']['errors'])}")
-            print(f"  ratio ipguard/bare  {ratio:8.2f}  (target >= 0.80: {'MET' if ratio >= 0.8 else 'NOT MET'};"
-                  f" per round {', '.join(f'{x:.2f}' for x in ratios)})")
-            cpu_ratio = med["bare"]["us"] / med["ipguard"]["us"] if med["ipguard"]["us"] else float("nan")
-            print(f"  CPU per review      bare {med['bare']['us']:.0f} us / ipguard {med['ipguard']['us']:.0f} us = "
-                  f"{cpu_ratio:.2f}  (the throughput ratio a whole free core would give; less sensitive to "
-                  "other load)")
-            if opened:
-                print(f"  ipguard p99 at {args.rate:g}/s {open_p99:6.2f} ms (target <= 10 ms: "
-                      f"{'MET' if open_p99 <= 10 else 'NOT MET'}; per round "
-                      f"{', '.join(f'{p.pct(0.99):.2f}' for p in opened)})")
-            print(f"  run time {time.perf_counter() - started:.0f} s")
-        finally:
-            stop_servers(servers)
-    return 0
+    if args.profile and first:
+        await profile_phase(servers, context, sequence, uids, args, med["ipguard"]["us"])
+    return LoopResult(loop_factory(loop)[0], med, open_p99)
 
 
 async def profile_phase(servers: dict[str, ServerHandle], context: ssl.SSLContext, sequence: list[Template],
@@ -1260,7 +1389,12 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=None)
     parser.add_argument("--pods", type=int, default=None)
     parser.add_argument("--zones", type=int, default=6)
+    parser.add_argument("--loop", nargs="+", choices=["asyncio", "uvloop"], default=None,
+                        help="event loop(s) of the servers, each measured in turn (default: asyncio uvloop; "
+                        "asyncio alone when uvloop is not installed)")
     args = parser.parse_args()
+    if args.loop is None:
+        args.loop = ["asyncio", "uvloop"] if importlib.util.find_spec("uvloop") else ["asyncio"]
     quick = args.quick
     defaults = {"duration": (5.0, 1.5), "warmup": (1.0, 0.5), "open_duration": (4.0, 1.5),
                 "open_warmup": (0.5, 0.3), "rounds": (3, 1), "nodes": (5000, 500), "pods": (150_000, 15_000)}

@@ -212,6 +212,14 @@ def test_image_runs_ipguard_serve_non_root_with_pinned_dependencies() -> None:
     assert 'ENTRYPOINT ["ipguard"]' in lines and 'CMD ["serve"]' in lines
 
 
+def test_image_installs_uvloop_for_ipguard_serve() -> None:
+    """`ipguard serve` runs on uvloop when it is installed (webhook/eventloop.py): the image installs the uvloop
+    extra, pinned like everything else."""
+    installs = [line for line in (REPO / "Dockerfile").read_text().splitlines() if "pip install" in line]
+    assert any("'.[uvloop]'" in line for line in installs)
+    assert any(line.startswith("uvloop==") for line in (REPO / "constraints.txt").read_text().splitlines())
+
+
 def test_the_deployment_manages_its_certificates_in_a_writable_memory_volume(base: list[dict[str, Any]]) -> None:
     """The base runs --manage-certificates and writes the served pair to an in-memory emptyDir (the root
     filesystem stays read-only); the Secret it keeps is shipped empty, so re-applying never resets it."""

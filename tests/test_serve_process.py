@@ -15,6 +15,7 @@ from pathlib import Path
 from tests import live
 from tests.live import aws_env  # noqa: F401  (autouse fixture)
 from tests.paths import REPO
+from webhook.eventloop import loop_factory
 
 A = "us-east-1a"
 
@@ -97,6 +98,7 @@ async def test_serve_process_end_to_end(moto: live.Moto, tmp_path: Path) -> None
     assert process.returncode == 0, output.decode(errors="replace")[-3000:]
     log = output.decode(errors="replace")
     assert '"msg":"serving"' in log and '"msg":"stopping"' in log
+    assert f'"msg":"event loop","loop":"{loop_factory("auto")[0]}"' in log  # uvloop, installed with the bench extra
     assert log.rstrip().splitlines()[-1].find('"msg":"stopped"') > 0  # the last line says it is done
     assert "ConfigMap ipguard/ipguard refused" in log
 

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from webhook.eventloop import LOOP_CHOICES
 from webhook.model.limits import (
     CapacityMode,
     LimitsTable,
@@ -157,9 +158,9 @@ def with_live_service(args: argparse.Namespace, use: Callable[[ServiceT], Awaita
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import asyncio
-
     from webhook.callers import parse_networks
+    from webhook.eventloop import loop_factory
+    from webhook.eventloop import run as run_on_loop
     from webhook.logs import setup_logging
     from webhook.service import serve
     from webhook.sources.kube import api_client
@@ -169,6 +170,11 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"ipguard: --admission-source: {exc}", file=sys.stderr)
         return 2
+    try:
+        loop_factory(args.event_loop)
+    except ImportError as exc:
+        print(f"ipguard: --event-loop {args.event_loop}: {exc}", file=sys.stderr)
+        return 2
     setup_logging(args.log_level)
 
     async def run() -> None:
@@ -176,7 +182,7 @@ def _serve(args: argparse.Namespace) -> int:
         await serve(api, _serve_options(args))
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run())
+        run_on_loop(run(), args.event_loop)  # uvloop when installed (the image has it): less CPU per review
     return 0
 
 
@@ -305,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tls-cert", default="/tls/tls.crt", help="serving certificate (reloaded when it changes)")
     sp.add_argument("--tls-key", default="/tls/tls.key", help="serving key")
     sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sp.add_argument("--event-loop", default="auto", choices=LOOP_CHOICES,
+                    help="auto: uvloop when installed (the `uvloop` extra), else asyncio's own; logged at start")
     sp.add_argument("--shutdown-delay", type=float, default=5.0,
                     help="seconds to stay up, not ready, after SIGTERM (endpoints catch up)")
     sp.add_argument("--manage-certificates", action="store_true",

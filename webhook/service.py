@@ -21,6 +21,7 @@ from kubernetes_asyncio import client as k8s
 
 from webhook.admission.handler import AdmissionState
 from webhook.callers import AddressSource, CallerFilter, parse_networks
+from webhook.eventloop import describe
 from webhook.metrics import Gauge, LabelValues
 from webhook.model.config import Settings
 from webhook.model.eniconfig import missing_config_findings
@@ -387,6 +388,7 @@ async def serve(api: k8s.ApiClient, options: ServeOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    log.info("event loop", extra={"fields": {"loop": describe(loop)}})
     await service.start()
     try:
         await stop.wait()

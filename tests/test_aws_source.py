@@ -736,33 +736,30 @@ async def test_prefix_delegation_free_blocks(moto_server: Server) -> None:
         poller.close()
 
 
-def test_enis_are_read_across_pages() -> None:
-    """moto answers in one page, so a Stubber serves two and checks MaxResults and NextToken go out."""
+def test_enis_are_read_across_pages_by_attachment_then_branch_enis_by_their_trunk() -> None:
+    """moto answers in one page, so a Stubber serves two and checks MaxResults and NextToken go out. One query
+    by attachment brings every ENI of the nodes (each once: no VPC-wide query by description, which would also
+    bring other clusters' CNI ENIs); the branch ENIs, which hang off a trunk and are attached to no instance,
+    are asked for by their trunk tag, and only when a node has a trunk."""
     ec2 = Ec2(region=REGION, page_size=5)
     provider = EniProvider(ec2, period=30.0)
     stubber = Stubber(ec2.client)
     vpc_filter = {"Name": "vpc-id", "Values": ["vpc-1"]}
-    described = [vpc_filter, {"Name": "description", "Values": ["aws-K8S-*", "aws-k8s-branch-eni"]}]
-    page1 = [raw_eni(f"eni-{i}", description="aws-K8S-i-1", instance="i-1", device=i + 1, ips=2) for i in range(5)]
-    page2 = [raw_eni("eni-5", description="aws-K8S-i-1", instance="i-1", device=6, ips=2)]
-    attached = [
-        raw_eni("eni-p", description="Primary network interface", instance="i-1", device=0, ips=1),
-        page1[0],  # seen twice: counted once
-    ]
+    attached = [vpc_filter, {"Name": "attachment.instance-id", "Values": ["i-1"]}]
+    page1 = [raw_eni("eni-p", description="Primary network interface", instance="i-1", device=0, ips=1)]
+    page1 += [raw_eni(f"eni-{i}", description="aws-K8S-i-1", instance="i-1", device=i + 1, ips=2) for i in range(4)]
+    page2 = [raw_eni("eni-4", description="aws-K8S-i-1", instance="i-1", device=5, ips=2),
+             raw_eni("eni-t", description="aws-k8s-trunk-eni", instance="i-1", device=6, interface_type="trunk")]
+    branches = [raw_eni("eni-b1", description="aws-k8s-branch-eni", interface_type="branch", trunk="eni-t")]
+    stubber.add_response("describe_network_interfaces", {"NetworkInterfaces": page1, "NextToken": "page-2"},
+                         {"Filters": attached, "MaxResults": 5})
+    stubber.add_response("describe_network_interfaces", {"NetworkInterfaces": page2},
+                         {"Filters": attached, "MaxResults": 5, "NextToken": "page-2"})
     stubber.add_response(
         "describe_network_interfaces",
-        {"NetworkInterfaces": page1, "NextToken": "page-2"},
-        {"Filters": described, "MaxResults": 5},
-    )
-    stubber.add_response(
-        "describe_network_interfaces",
-        {"NetworkInterfaces": page2},
-        {"Filters": described, "MaxResults": 5, "NextToken": "page-2"},
-    )
-    stubber.add_response(
-        "describe_network_interfaces",
-        {"NetworkInterfaces": attached},
-        {"Filters": [vpc_filter, {"Name": "attachment.instance-id", "Values": ["i-1"]}], "MaxResults": 5},
+        {"NetworkInterfaces": branches},
+        {"Filters": [vpc_filter, {"Name": "tag:vpcresources.k8s.aws/trunk-eni-id", "Values": ["eni-t"]}],
+         "MaxResults": 5},
     )
     try:
         with stubber:
@@ -770,9 +767,9 @@ def test_enis_are_read_across_pages() -> None:
         stubber.assert_no_pending_responses()
     finally:
         ec2.close()
-    assert len(enis) == 7
+    assert len(enis) == 8
     usage = summarize_instances(enis, ["i-1"])["i-1"]
-    assert (usage.enis, usage.secondary_ips) == (7, 6 * 2 + 1)
+    assert (usage.enis, usage.secondary_ips, usage.trunk, usage.branch_enis) == (6, 5 * 2 + 1, True, 1)
 
 
 async def eventually(predicate: Callable[[], bool]) -> None:
@@ -833,10 +830,10 @@ async def test_node_churn_does_not_multiply_eni_refreshes(moto_server: Server) -
         clock.advance(5)
         result = await poller.refresh(index, instances)
         assert Call.ENIS in result.cached and len(filters) == 1
-        # the period passes: one full refresh (description query + attachments)
+        # the period passes: one full refresh, every node by attachment (no VPC-wide query by description)
         clock.advance(30)
         assert (await poller.refresh(index, instances)).ok
-        assert ["description", "vpc-id"] in filters[1:]
+        assert len(filters) > 1 and all(f == ["attachment.instance-id", "vpc-id"] for f in filters[1:])
     finally:
         poller.close()
 
@@ -1122,3 +1119,74 @@ async def test_launch_subnets_reach_the_index_as_launchable(moto_server: Server)
         assert not index.subnets[cluster.subnets[0]].launchable
     finally:
         poller.close()
+
+
+# ---- the nodes' ENIs fetched and parsed in a worker process ---------------------------------------------
+
+
+def ec2_view(index: CapacityIndex, result: RefreshResult) -> tuple[object, ...]:
+    nodes = {name: (node.ec2_held, node.ec2_enis) for name, node in index.nodes.items()}
+    subnets = {sid: (subnet.free_ips, subnet.free_blocks) for sid, subnet in index.subnets.items()}
+    return dict(result.instances), nodes, subnets, index.aggregates()
+
+
+async def test_a_refresh_fetched_in_a_worker_process_gives_the_thread_figures_and_a_recount(
+    moto_server: Server,
+) -> None:
+    """`serve` fetches and parses the nodes' ENIs (and, under prefix delegation, the pod subnets' ENIs) in a
+    worker process that ships back per-node figures: the index it leaves is the one the thread pool's fetch
+    leaves, and its aggregates equal a fresh recount."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2, secondary=(5, 8, 3))
+    ec2.assign_private_ip_addresses(NetworkInterfaceId=cluster.primary_enis[0], SecondaryPrivateIpAddressCount=2)
+    trunk = ec2.create_network_interface(SubnetId=cluster.subnets[1], Description="aws-k8s-trunk-eni")
+    trunk_id = trunk["NetworkInterface"]["NetworkInterfaceId"]
+    ec2.attach_network_interface(NetworkInterfaceId=trunk_id, InstanceId=cluster.instances[1], DeviceIndex=2)
+    ec2.create_network_interface(
+        SubnetId=cluster.subnets[1], Description="aws-k8s-branch-eni",
+        TagSpecifications=[{"ResourceType": "network-interface",
+                            "Tags": [{"Key": "vpcresources.k8s.aws/trunk-eni-id", "Value": trunk_id}]}],
+    )  # fmt: skip
+    views = {}
+    for in_process in (False, True):
+        index = build_index(cluster, CniSettings(prefix_delegation=True))
+        poller = make_poller(moto_server.url, FakeClock(), fetch_in_process=in_process)
+        try:
+            result = await poller.refresh(index, cluster.node_instances)
+            assert result.ok, result.failed
+            assert {Call.ENIS, Call.SUBNET_ENIS, Call.SUBNETS} <= result.fetched
+            assert index.aggregates() == index.recount()
+            views[in_process] = ec2_view(index, result)
+        finally:
+            poller.close()
+    assert views[True] == views[False]
+    assert result.instances[cluster.instances[1]].branch_enis == 1
+
+
+async def test_worker_process_errors_are_counted_like_thread_errors_and_keep_the_last_figures(
+    moto_server: Server,
+) -> None:
+    """An EC2 error inside the worker process comes back as the same error: classified, counted, backed off,
+    and the index keeps its last good figures."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    index = build_index(cluster)
+    clock = FakeClock()
+    poller = make_poller(moto_server.url, clock, fetch_in_process=True)
+    try:
+        assert (await poller.refresh(index, cluster.node_instances)).ok
+        good_held = {n: index.nodes[n].ec2_held for n in cluster.node_instances}
+        moto_server.stop()
+        clock.advance(31)
+        result = await poller.refresh(index, cluster.node_instances)
+        assert result.failed == {Call.ENIS: "unreachable"}
+        assert poller.stats[Call.ENIS].errors_by_reason == {"unreachable": 1}
+        assert {n: index.nodes[n].ec2_held for n in cluster.node_instances} == good_held
+    finally:
+        poller.close()
+
+
+def test_a_worker_process_makes_its_own_session() -> None:
+    """A given boto3 session cannot cross into another process."""
+    with pytest.raises(ValueError, match="its own boto3 session"):
+        Ec2(region=REGION, session=boto3.session.Session(), fetch_in_process=True)

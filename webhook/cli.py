@@ -98,6 +98,7 @@ def _serve_options(args: argparse.Namespace) -> ServeOptionsT:
         cluster_name=args.cluster_name,
         ec2_endpoint_url=args.ec2_endpoint_url,
         ec2_period=args.ec2_period,
+        ec2_fetch_in_process=getattr(args, "ec2_fetch", "thread") == "process",
         vpc_period=args.vpc_period,
         shutdown_delay=getattr(args, "shutdown_delay", 5.0),
         manage_certificates=getattr(args, "manage_certificates", False),
@@ -311,6 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tls-cert", default="/tls/tls.crt", help="serving certificate (reloaded when it changes)")
     sp.add_argument("--tls-key", default="/tls/tls.key", help="serving key")
     sp.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sp.add_argument("--ec2-fetch", default="process", choices=["process", "thread"],
+                    help="where the nodes' ENIs are fetched and parsed: a worker process (default; botocore's XML "
+                         "parsing would otherwise hold the GIL against the request path for seconds per refresh "
+                         "on a large cluster) or a thread")
     sp.add_argument("--event-loop", default="auto", choices=LOOP_CHOICES,
                     help="auto: uvloop when installed (the `uvloop` extra), else asyncio's own; logged at start")
     sp.add_argument("--shutdown-delay", type=float, default=5.0,

@@ -59,6 +59,9 @@ class ServeOptions:
     cluster_name: str | None = None  # the EKS cluster (default: from the nodes' instances' tags)
     ec2_endpoint_url: str | None = None
     ec2_period: float = 30.0
+    # The nodes' ENIs fetched and parsed in a worker process (`Ec2.fetch`): `serve`'s default, so a large
+    # cluster's refresh does not hold the GIL against the request path.
+    ec2_fetch_in_process: bool = False
     ec2_tick: float = 5.0  # how often the poller is asked; it only calls EC2 for what is due
     vpc_period: float = 300.0  # seconds between listings of the VPC's security groups and subnets
     watch_timeout: int = WATCH_TIMEOUT
@@ -123,7 +126,8 @@ class Service:
         o = self.options
         self.poller = (
             Ec2Poller(region=o.region, vpc_id=o.vpc_id, cluster_name=o.cluster_name, endpoint_url=o.ec2_endpoint_url,
-                      eni_period=o.ec2_period, subnet_period=o.ec2_period, clock=self.clock)
+                      eni_period=o.ec2_period, subnet_period=o.ec2_period, clock=self.clock,
+                      fetch_in_process=o.ec2_fetch_in_process)
             if o.ec2 else None
         )
         # The Service Quotas endpoint follows the EC2 one when that is overridden (a test's moto server).

@@ -1,7 +1,10 @@
 """One place for how ipguard talks to EC2: the boto3 client, the thread pool it blocks in, retries, backoff and
 error classification, shared by every provider in this package.
 
-boto3 blocks and the event loop must not, so each fetch runs in a small dedicated thread pool. Outcomes are
+boto3 blocks and the event loop must not, so each fetch runs in a small dedicated thread pool. The large ones
+(`Ec2.fetch`: every node's ENIs, a few MB of XML per 1,000 ENIs that botocore parses in pure Python) can run in a
+worker process instead, with its own boto3 client, and ship back compact figures: a thread would hold the GIL
+against the event loop for seconds per refresh on a large cluster. Outcomes are
 counted per call kind (`Call`); a kind that fails backs off exponentially and, while it does, is not asked at
 all (`CallFailed("backoff")`), so the index keeps the last good figures. Credentials come from the standard
 boto3 chain (IRSA / Pod Identity env, instance profile, ...); nothing here reads or holds them.
@@ -11,13 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
+import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -128,8 +135,48 @@ def vpc_filter(vpc_id: str | None) -> list[FilterTypeDef]:
     return [{"Name": "vpc-id", "Values": [vpc_id]}] if vpc_id else []
 
 
+@dataclass(frozen=True, slots=True)
+class ClientSpec:
+    """What makes ipguard's boto3 EC2 client: in this process, or in a worker process (picklable)."""
+
+    region: str | None
+    endpoint_url: str | None
+    retry_mode: RetryMode
+    max_attempts: int
+    connect_timeout: float
+    read_timeout: float
+
+    def client(self, session: boto3.session.Session | None = None) -> EC2Client:
+        config = Config(
+            retries={"mode": self.retry_mode, "max_attempts": self.max_attempts},
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            user_agent_extra="ipguard",
+        )
+        session = session or boto3.session.Session()
+        return session.client("ec2", region_name=self.region, endpoint_url=self.endpoint_url, config=config)
+
+
+_worker_client: EC2Client | None = None  # in a worker process: its own client (credentials from the same chain)
+
+
+WORKER_NICENESS = 10  # background work: on a shared core the scheduler serves the event loop's process first
+
+
+def _start_worker(spec: ClientSpec) -> None:
+    global _worker_client
+    os.nice(WORKER_NICENESS)
+    _worker_client = spec.client()
+
+
+def _in_worker(fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    assert _worker_client is not None, "not in an EC2 worker process"
+    return fn(_worker_client, *args)
+
+
 class Ec2:
-    """The shared EC2 connection: one lazily created boto3 client, its thread pool, and per-kind stats."""
+    """The shared EC2 connection: one lazily created boto3 client, its thread pool, and per-kind stats; with
+    `fetch_in_process`, a worker process (started on first use) for `fetch`."""
 
     def __init__(
         self,
@@ -146,34 +193,35 @@ class Ec2:
         max_workers: int = 2,
         clock: Clock = time.monotonic,
         session: boto3.session.Session | None = None,
+        fetch_in_process: bool = False,
     ) -> None:
+        if fetch_in_process and session is not None:
+            raise ValueError("a worker process makes its own boto3 session: fetch_in_process takes no session")
         self.region = region
         self.endpoint_url = endpoint_url
         self.page_size = page_size
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.clock = clock
-        self._botocore_config = Config(
-            retries={"mode": retry_mode, "max_attempts": max_attempts},
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            user_agent_extra="ipguard",
-        )
+        self._client_settings = (retry_mode, max_attempts, connect_timeout, read_timeout)
         self._session = session
         self._client: EC2Client | None = None
         self._client_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="ipguard-ec2")
+        self.fetch_in_process = fetch_in_process
+        self._processes: ProcessPoolExecutor | None = None
         self.stats: dict[Call, CallStats] = {kind: CallStats() for kind in Call}
+
+    @property
+    def spec(self) -> ClientSpec:
+        return ClientSpec(self.region, self.endpoint_url, *self._client_settings)
 
     @property
     def client(self) -> EC2Client:
         """The boto3 EC2 client, created on first use (blocking: call it from the thread pool or tests)."""
         with self._client_lock:
             if self._client is None:
-                session = self._session or boto3.session.Session()
-                self._client = session.client(
-                    "ec2", region_name=self.region, endpoint_url=self.endpoint_url, config=self._botocore_config
-                )
+                self._client = self.spec.client(self._session)
             return self._client
 
     @property
@@ -194,14 +242,35 @@ class Ec2:
         return min(waits) if waits else None
 
     async def call(self, kind: Call, fn: Callable[[], T]) -> T:
-        """Run one blocking fetch in the pool, counting the outcome; raise CallFailed on any error."""
+        """Run one blocking fetch in the thread pool, counting the outcome; raise CallFailed on any error."""
+        return await self._run(kind, self._executor, fn)
+
+    async def fetch(self, kind: Call, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(client, *args)`, blocking, where it holds the event loop least: in the worker process with its
+        own client when `fetch_in_process` (fn a module-level function, args and answer picklable: let fn
+        reduce what it fetched to what the caller needs), else in the thread pool with the shared client.
+        Counted like `call`; raises CallFailed."""
+        if not self.fetch_in_process:
+            return await self._run(kind, self._executor, lambda: fn(self.client, *args))
+        if self._processes is None:
+            # spawn: a fork of a process running an event loop and threads is not safe.
+            self._processes = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                initargs=(self.spec,),
+            )  # fmt: skip
+        return await self._run(kind, self._processes, functools.partial(_in_worker, fn, args))
+
+    async def _run(self, kind: Call, executor: Executor, fn: Callable[[], T]) -> T:
         stats = self.stats[kind]
         if not self.due(kind):
             raise CallFailed("backoff")
         stats.attempts += 1
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+            result = await asyncio.get_running_loop().run_in_executor(executor, fn)
         except Exception as exc:
+            if isinstance(exc, BrokenProcessPool) and executor is self._processes:
+                self._processes = None  # the worker died (killed, out of memory): a new one next time
+                executor.shutdown(wait=False, cancel_futures=True)
             reason = classify_error(exc)
             stats.errors += 1
             stats.errors_by_reason[reason] = stats.errors_by_reason.get(reason, 0) + 1
@@ -225,5 +294,13 @@ class Ec2:
         return result
 
     def close(self) -> None:
-        """Release the thread pool (a running boto3 call finishes in the background)."""
+        """Release the thread pool (a running boto3 call finishes in the background) and the worker process."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._processes is not None:
+            # A worker still fetching is of no use any more, and would hold up this process's exit until its
+            # call ends (Python 3.14's ProcessPoolExecutor.terminate_workers does this).
+            workers: dict[int, multiprocessing.process.BaseProcess] = getattr(self._processes, "_processes", None) or {}
+            for worker in list(workers.values()):
+                worker.terminate()
+            self._processes.shutdown(wait=False, cancel_futures=True)
+            self._processes = None

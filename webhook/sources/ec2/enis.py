@@ -19,6 +19,7 @@ from webhook.model.limits import PREFIX_SIZE
 from webhook.sources.ec2.client import Call, Ec2, chunks, vpc_filter
 
 if TYPE_CHECKING:
+    from mypy_boto3_ec2 import EC2Client
     from mypy_boto3_ec2.type_defs import FilterTypeDef, NetworkInterfaceTypeDef
 
 CNI_ENI_PREFIX = "aws-K8S-"  # ipamd's description for the ENIs it creates: aws-K8S-<instance-id>
@@ -208,52 +209,78 @@ def subnet_usage(enis: Iterable[Eni]) -> dict[str, list[str]]:
     return out
 
 
+def describe(client: EC2Client, filters: Sequence[FilterTypeDef], page_size: int) -> list[NetworkInterfaceTypeDef]:
+    """Every page of one DescribeNetworkInterfaces (blocking)."""
+    paginator = client.get_paginator("describe_network_interfaces")
+    out: list[NetworkInterfaceTypeDef] = []
+    for page in paginator.paginate(Filters=list(filters), PaginationConfig={"PageSize": page_size}):
+        out.extend(page.get("NetworkInterfaces", []))
+    return out
+
+
+def fetch_instance_enis(
+    client: EC2Client, instance_ids: Iterable[str], vpc_id: str | None, page_size: int
+) -> list[Eni]:
+    """The nodes' ENIs (blocking): every ENI attached to the instances (primary, CNI, trunk and any other), then
+    the branch ENIs hanging off the trunks among them, by their trunk tag. Only this cluster's ENIs, each
+    asked for once: a VPC-wide query by description would also bring the other clusters' CNI ENIs in a shared
+    VPC, and this cluster's again; unattached CNI ENIs (being set up, or leaked) are no node's anyway."""
+    vpc = vpc_filter(vpc_id)
+    seen: dict[str, Eni] = {}
+    for chunk in chunks(instance_ids):
+        for raw in describe(client, [*vpc, {"Name": "attachment.instance-id", "Values": chunk}], page_size):
+            eni = parse_eni(raw)
+            seen[eni.eni_id] = eni
+    trunks = [eni.eni_id for eni in seen.values() if eni.is_trunk]
+    for chunk in chunks(trunks):
+        for raw in describe(client, [*vpc, {"Name": f"tag:{TRUNK_ENI_TAG}", "Values": chunk}], page_size):
+            eni = parse_eni(raw)
+            seen[eni.eni_id] = eni
+    return list(seen.values())
+
+
+def instance_summaries(
+    client: EC2Client, instance_ids: frozenset[str], vpc_id: str | None, page_size: int
+) -> dict[str, InstanceEnis]:
+    """What each instance holds (blocking): fetched, parsed and summed where it runs, so that a worker process
+    ships back a few figures per node instead of every ENI."""
+    return summarize_instances(fetch_instance_enis(client, instance_ids, vpc_id, page_size), instance_ids)
+
+
+def fetch_subnet_enis(client: EC2Client, subnet_ids: Iterable[str], page_size: int) -> list[Eni]:
+    """Every ENI in the subnets, whoever owns it (load balancers, NAT gateways, Lambda, other clusters)."""
+    out: list[Eni] = []
+    for chunk in chunks(subnet_ids):
+        out.extend(parse_eni(raw) for raw in describe(client, [{"Name": "subnet-id", "Values": chunk}], page_size))
+    return out
+
+
+def subnet_usage_of(client: EC2Client, subnet_ids: frozenset[str], page_size: int) -> dict[str, list[str]]:
+    """Subnet id -> every address and prefix in use there (blocking)."""
+    return subnet_usage(fetch_subnet_enis(client, subnet_ids, page_size))
+
+
 class EniProvider:
     """The nodes' ENIs, cached for one period: one full refresh per period whatever the node churn (EC2's
     request quota is the account's, shared with the CNI's own ipamd); nodes that joined since are fetched on
-    their own, by attachment only."""
+    their own. Fetching and parsing run where `Ec2.fetch` puts them (a worker process, or the thread pool)."""
 
     def __init__(self, ec2: Ec2, period: float) -> None:
         self.ec2 = ec2
         self._cache: TTLCache[tuple[object, ...], dict[str, InstanceEnis]] = TTLCache(8, period, ec2.clock)
         self._asked: set[str] = set()  # instance ids the cached view covers
 
+    @property
+    def page_size(self) -> int:
+        return self.ec2.size(5, 1000)
+
     def describe(self, filters: Sequence[FilterTypeDef]) -> list[NetworkInterfaceTypeDef]:
         """Every page of one DescribeNetworkInterfaces (blocking: thread pool only)."""
-        paginator = self.ec2.client.get_paginator("describe_network_interfaces")
-        out: list[NetworkInterfaceTypeDef] = []
-        pages = paginator.paginate(Filters=list(filters), PaginationConfig={"PageSize": self.ec2.size(5, 1000)})
-        for page in pages:
-            out.extend(page.get("NetworkInterfaces", []))
-        return out
+        return describe(self.ec2.client, filters, self.page_size)
 
-    def fetch_instance_enis(
-        self, instance_ids: Iterable[str], vpc_id: str | None = None, *, by_description: bool = True
-    ) -> list[Eni]:
-        """The nodes' ENIs: CNI and branch ENIs by description (VPC-wide), and every ENI attached to the
-        instances. `by_description=False` asks by attachment only (nodes that just joined)."""
-        vpc = vpc_filter(vpc_id)
-        seen: dict[str, Eni] = {}
-        described: list[FilterTypeDef] = [
-            *vpc,
-            {"Name": "description", "Values": [f"{CNI_ENI_PREFIX}*", BRANCH_ENI_DESCRIPTION]},
-        ]
-        for raw in self.describe(described) if by_description else ():
-            eni = parse_eni(raw)
-            seen[eni.eni_id] = eni
-        for chunk in chunks(instance_ids):
-            # The primary (and trunk) ENIs are not described aws-K8S-*; ask for them by attachment.
-            for raw in self.describe([*vpc, {"Name": "attachment.instance-id", "Values": chunk}]):
-                eni = parse_eni(raw)
-                seen[eni.eni_id] = eni
-        return list(seen.values())
-
-    def fetch_subnet_enis(self, subnet_ids: Iterable[str]) -> list[Eni]:
-        """Every ENI in the subnets, whoever owns it (load balancers, NAT gateways, Lambda, other clusters)."""
-        out: list[Eni] = []
-        for chunk in chunks(subnet_ids):
-            out.extend(parse_eni(raw) for raw in self.describe([{"Name": "subnet-id", "Values": chunk}]))
-        return out
+    def fetch_instance_enis(self, instance_ids: Iterable[str], vpc_id: str | None = None) -> list[Eni]:
+        """The nodes' ENIs (blocking: thread pool only); see `fetch_instance_enis`."""
+        return fetch_instance_enis(self.ec2.client, instance_ids, vpc_id, self.page_size)
 
     async def instances(
         self, instance_ids: frozenset[str], vpc_id: str | None, *, full: bool = False
@@ -262,16 +289,13 @@ class EniProvider:
         some joined since, else None (the cached view is current). Raises CallFailed."""
         key = (vpc_id,)
         cached = self._cache.get(key)
-        new_ids = instance_ids - self._asked
+        new_ids = frozenset(instance_ids - self._asked)
         if full or cached is None:
-            enis = await self.ec2.call(Call.ENIS, lambda: self.fetch_instance_enis(instance_ids, vpc_id))
-            fresh = summarize_instances(enis, instance_ids)
+            fresh = await self.ec2.fetch(Call.ENIS, instance_summaries, instance_ids, vpc_id, self.page_size)
             self._asked = set(instance_ids)
         elif new_ids:
-            enis = await self.ec2.call(
-                Call.ENIS, lambda: self.fetch_instance_enis(new_ids, vpc_id, by_description=False)
-            )
-            fresh = {**cached, **summarize_instances(enis, new_ids)}
+            joined = await self.ec2.fetch(Call.ENIS, instance_summaries, new_ids, vpc_id, self.page_size)
+            fresh = {**cached, **joined}
             self._asked |= new_ids
         else:
             return None
@@ -280,5 +304,4 @@ class EniProvider:
 
     async def subnet_usage(self, subnet_ids: frozenset[str]) -> dict[str, list[str]]:
         """Subnet id -> every address and prefix in use there. Raises CallFailed."""
-        enis = await self.ec2.call(Call.SUBNET_ENIS, lambda: self.fetch_subnet_enis(subnet_ids))
-        return subnet_usage(enis)
+        return await self.ec2.fetch(Call.SUBNET_ENIS, subnet_usage_of, subnet_ids, self.page_size)

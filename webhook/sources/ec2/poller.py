@@ -80,6 +80,7 @@ class Ec2Poller:
         max_workers: int = 2,
         clock: Clock = time.monotonic,
         session: boto3.session.Session | None = None,
+        fetch_in_process: bool = False,
     ) -> None:
         self.eni_period = eni_period
         self.subnet_period = subnet_period
@@ -97,6 +98,7 @@ class Ec2Poller:
             max_workers=max_workers,
             clock=clock,
             session=session,
+            fetch_in_process=fetch_in_process,
         )
         self.vpc = VpcProvider(self.ec2, vpc_id, cluster_name)
         self.instance_types = InstanceTypeProvider(self.ec2, instance_type_ttl)

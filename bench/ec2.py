@@ -59,6 +59,7 @@ from bench.server import (  # noqa: E402
     ServerHandle,
     Template,
     UidSource,
+    _percentile,
     build_payloads,
     client_context,
     open_loop,
@@ -187,7 +188,7 @@ def webhook_process(url: str, nodes: int, pods: int, zones: int, plan: str, cpu:
                                      reloader.context)
         clock = Clock()
         poller = Ec2Poller(region=REGION, endpoint_url=url, vpc_id=VPC, cluster_name="bench", clock=clock,
-                           read_timeout=120, fetch_in_process=plan == "process")
+                           read_timeout=120, fetch_in_process=plan.startswith("process"))
         if plan == "two-queries":
             poller.enis = TwoQueryEnis(poller.ec2, poller.eni_period)  # the plan before, for comparison
         calls: collections.Counter[str] = collections.Counter()
@@ -211,8 +212,8 @@ def webhook_process(url: str, nodes: int, pods: int, zones: int, plan: str, cpu:
 
         async def refresh_loop() -> None:
             while True:
+                totals["refreshes"] += 1  # started: a refresh may outlast the window
                 figures = await refresh_once()
-                totals["refreshes"] += 1
                 for k in ("cpu", "wall", "worker_cpu"):
                     totals[k] += figures[k]
 
@@ -225,6 +226,10 @@ def webhook_process(url: str, nodes: int, pods: int, zones: int, plan: str, cpu:
             op = message[0]
             if op == "cpu":
                 conn.send(time.process_time())
+            elif op == "worker-any-core":  # the worker inherited this process's pin: free it
+                for pid in children():
+                    os.sched_setaffinity(int(pid), range(os.cpu_count() or 1))
+                conn.send(True)
             elif op == "refresh":
                 async def reply() -> None:
                     figures = await refresh_once()
@@ -326,15 +331,17 @@ def scale(args: argparse.Namespace) -> int:
         parent.send("stop")
         endpoint.join(10)
     print(f"\n{'plan':<14} {'calls':>6} {'MB parsed':>10} {'CPU s':>7} {'worker CPU s':>13} {'wall s':>7} "
-          f"{'p99 without':>12} {'p99 during':>11} {'ratio':>6} {'refreshes':>10} {'recount':>8}")
+          f"{'p99 without':>12} {'p99 during':>11} {'p99 after':>10} {'ratio':>6} {'refreshes':>10} {'recount':>8}")
     for plan, r in rows:
         print(f"{plan:<14} {r['calls']:6d} {r['bytes'] / 1e6:10.1f} {r['cpu']:7.2f} {r['worker_cpu']:13.2f} "
-              f"{r['wall']:7.2f} {r['p99_without']:10.2f}ms {r['p99_during']:9.2f}ms {r['ratio']:6.2f} "
+              f"{r['wall']:7.2f} {r['p99_without']:10.2f}ms {r['p99_during']:9.2f}ms {r['p99_after']:8.2f}ms "
+              f"{r['ratio']:6.2f} "
               f"{r['refreshes']:10d} {'equal' if r['recount'] else 'DIFFERS':>8}")
     print("(calls, MB parsed, CPU s, worker CPU s, wall s: one full refresh with no reviews arriving; CPU s is the "
           "webhook process's own, worker CPU s the ENI worker process's; p99 at "
           f"{args.rate:g} reviews/s, open loop, latency from each request's due time; during: refreshes back to "
-          "back for the whole window; recount: the index's aggregates equal a fresh recount after a refresh)")
+          "back for the whole window; after: without again, after them; recount: the index's aggregates equal a "
+          "fresh recount after a refresh)")
     for plan, r in rows:
         print(f"p99 ratio (during refresh / without) [{plan}]: {r['ratio']:.2f}")
     last = rows[-1][1]
@@ -356,6 +363,8 @@ async def measure_plan(args: argparse.Namespace, plan: str, url: str, paths: Any
         warm = server.ask("refresh")  # cold: instance types, subnets; then the index holds EC2's figures
         if not warm["ok"]:
             raise RuntimeError(f"refresh failed: {warm['failed']}")
+        if plan == "process-any-core":
+            server.ask("worker-any-core")
         _fetch_json(stats_url)
         one = server.ask("refresh")
         served = _fetch_json(stats_url)
@@ -368,7 +377,7 @@ async def measure_plan(args: argparse.Namespace, plan: str, url: str, paths: Any
         uids = UidSource()
         p99: dict[str, float] = {}
         totals: dict[str, Any] = {}
-        for label in ("without", "during"):
+        for label in ("without", "during", "after"):  # after: without again, to see drift over the run
             client = Client("raw", port, context, 32)
             await client.open()
             try:
@@ -381,14 +390,16 @@ async def measure_plan(args: argparse.Namespace, plan: str, url: str, paths: Any
             finally:
                 await client.close()
             p99[label] = phase.pct(0.99)
-            print(f"   {label:<8} a refresh: {phase.rate:6.0f} reviews/s, p50 {phase.pct(0.5):6.2f} ms, p99 "
-                  f"{phase.pct(0.99):7.2f} ms, max {max(phase.latencies, default=0) * 1000:7.1f} ms, errors "
+            print(f"   {label:<8} {'refreshes' if label == 'after' else 'a refresh'}: {phase.rate:6.0f} reviews/s, p50 "
+                  f"{phase.pct(0.5):6.2f} ms, p99 "
+                  f"{phase.pct(0.99):7.2f} ms, max {max(phase.latencies, default=0) * 1000:7.1f} ms (the generator "
+                  f"sent late by p99 {_percentile(phase.lags, 0.99) * 1000:.2f} ms, in these), errors "
                   f"{phase.errors}, denied {phase.denied}, patched {phase.patched}"
-                  + (f"; {totals['refreshes']} refreshes in the window" if label == "during" else ""))
+                  + (f"; {totals['refreshes']} refresh(es) ran in the window" if label == "during" else ""))
         return {"calls": sum(v for k, v in served.items() if k.endswith("calls")),
                 "bytes": sum(v for k, v in served.items() if k.endswith("bytes")), "cpu": one["cpu"],
                 "worker_cpu": one["worker_cpu"], "wall": one["wall"], "p99_without": p99["without"],
-                "p99_during": p99["during"], "ratio": p99["during"] / p99["without"],
+                "p99_during": p99["during"], "p99_after": p99["after"], "ratio": p99["during"] / p99["without"],
                 "refreshes": totals.get("refreshes", 0), "recount": one["recount"], "ok": one["ok"]}
     finally:
         with contextlib.suppress(OSError):
@@ -422,11 +433,12 @@ def main() -> int:
                         help="--scale: CNI ENIs of another cluster in the same VPC")
     parser.add_argument("--rate", type=float, default=1000.0, help="--scale: reviews/s of the open loop")
     parser.add_argument("--duration", type=float, default=8.0, help="--scale: seconds of each open-loop window")
-    parser.add_argument("--plan", nargs="+", default=["two-queries", "one-query", "process"],
-                        choices=["two-queries", "one-query", "process"],
+    parser.add_argument("--plan", nargs="+", default=["two-queries", "one-query", "process", "process-any-core"],
+                        choices=["two-queries", "one-query", "process", "process-any-core"],
                         help="--scale: the ENI refreshes to measure, in one run: two-queries (the plan before, "
                         "kept in this bench), one-query (the poller's, threads), process (the poller's, parsed in "
-                        "a worker process)")
+                        "a worker process on ipguard's core, as on a one-core machine), process-any-core (the "
+                        "worker free to run on any core, as in a pod without a cpuset)")
     parser.add_argument("--no-pin", action="store_true", help="--scale: leave CPU placement to the kernel")
     args = parser.parse_args()
     if args.scale:

@@ -160,12 +160,17 @@ class ClientSpec:
 _worker_client: EC2Client | None = None  # in a worker process: its own client (credentials from the same chain)
 
 
-WORKER_NICENESS = 10  # background work: on a shared core the scheduler serves the event loop's process first
+WORKER_NICENESS = 19  # where SCHED_IDLE is not available
 
 
 def _start_worker(spec: ClientSpec) -> None:
+    """Background work: on a shared core, the worker runs only when the event loop's process does not want
+    the CPU (Linux's SCHED_IDLE, which any process may take for itself; else the lowest priority)."""
     global _worker_client
-    os.nice(WORKER_NICENESS)
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(WORKER_NICENESS)
     _worker_client = spec.client()
 
 

@@ -38,7 +38,14 @@ from typing import Any, Generic, TypeVar
 from webhook.model import ipamd
 from webhook.model.cni import CniSettings
 from webhook.model.ipamd import HeldAddresses
-from webhook.model.limits import PREFIX_SIZE, InstanceLimits, LimitsTable, UnknownInstanceType, pod_ip_capacity
+from webhook.model.limits import (
+    PREFIX_SIZE,
+    InstanceLimits,
+    LimitsTable,
+    UnknownInstanceType,
+    pod_ip_capacity,
+    without_lost_slots,
+)
 from webhook.model.supply import (
     Demand,
     UnitKind,
@@ -90,6 +97,7 @@ class Node:
     ec2_enis: int | None = None  # ENIs carrying its pod IPs per EC2, when known
     # per EC2, what it holds in each subnet its pod ENIs are in (None: all in its pod subnet, as far as known)
     ec2_subnets: tuple[tuple[str, HeldAddresses], ...] | None = None
+    lost_enis: int = 0  # ENI slots taken by attached ENIs that carry no pod IPs, per EC2 (no_manage, excluded)
     # pod counts
     pods: int = 0
     assigned: int = 0
@@ -519,6 +527,7 @@ class CapacityIndex:
         node.ec2_held = None
         node.ec2_enis = None
         node.ec2_subnets = None
+        node.lost_enis = 0
         if node.idle:
             del self.nodes[name]
             self._flush()
@@ -529,9 +538,10 @@ class CapacityIndex:
         self.version += 1
 
     def set_node_held(self, name: str, held_ips: int | None, *, enis: int | None = None,
-                      subnets: Mapping[str, HeldAddresses] | None = None) -> None:
+                      subnets: Mapping[str, HeldAddresses] | None = None, lost_enis: int = 0) -> None:
         """IPs the node holds according to EC2, and the ENIs that carry them (None: unknown, predict it);
-        `subnets`: what it holds in each subnet its pod ENIs are in (None: all in its pod subnet)."""
+        `subnets`: what it holds in each subnet its pod ENIs are in (None: all in its pod subnet); `lost_enis`:
+        the ENI slots its other attached ENIs take without carrying pod IPs."""
         node = self.nodes.get(name)
         if node is None:
             return
@@ -539,6 +549,7 @@ class CapacityIndex:
         node.ec2_held = held_ips
         node.ec2_enis = enis if held_ips is not None else None
         node.ec2_subnets = tuple(sorted(subnets.items())) if subnets is not None and held_ips is not None else None
+        node.lost_enis = lost_enis if held_ips is not None else 0
         self._attach(node)
         self.version += 1
 
@@ -603,8 +614,14 @@ class CapacityIndex:
         (otherwise their addresses are loose ones, as `_held` counts them)."""
         return held if ipamd.prefix_delegation_on(limits, self.cni) else HeldAddresses(held.ips, 0, held.enis)
 
+    def _slot_limits(self, node: Node) -> InstanceLimits | None:
+        """The node's limits less the ENI slots its ENIs that carry no pod IPs take (`hasRoomForEni`)."""
+        if node.limits is None or not node.lost_enis:
+            return node.limits
+        return without_lost_slots(node.limits, node.lost_enis, self.cni.mode)
+
     def _derive(self, node: Node) -> None:
-        limits = node.limits
+        limits = self._slot_limits(node)
         used = node.assigned + node.reserved
         taken = used + node.cooling  # IPs in cooldown are held but no pod can have them yet
         if limits is None:
@@ -1249,7 +1266,8 @@ class CapacityIndex:
                 return f"MINIMUM_IP_TARGET without WARM_IP_TARGET: ipamd holds {node.held} IPs and adds none"
             if node.allocatable_pods is not None and node.held >= node.allocatable_pods:
                 return f"ipamd adds no IP once a node holds max-pods ({node.allocatable_pods}) IPs"
-            return f"every ENI slot of {node.instance_type} is in use"
+            lost = f" ({node.lost_enis} by ENIs that carry no pod IPs)" if node.lost_enis else ""
+            return f"every ENI slot of {node.instance_type} is in use{lost}"
         subnet = self.subnets.get(node.pod_subnet) if node.pod_subnet else None
         placed = ", ".join(p.subnet_id for p in node.elsewhere if p.free_slots)
         if placed:
@@ -1260,7 +1278,9 @@ class CapacityIndex:
             if subnet is not None and node.eni_cost is not None:
                 return f"{stuck}; {_cost_phrase(node.instance_type or 'the node', node.eni_cost, subnet)}"
             return stuck
-        cost = ipamd.growth_cost(node.waiting + 1, node.held_addresses, node.limits, self.cni)
+        limits = self._slot_limits(node)
+        assert limits is not None
+        cost = ipamd.growth_cost(node.waiting + 1, node.held_addresses, limits, self.cni)
         if subnet is None or cost is None:
             return ""
         return _cost_phrase(node.instance_type or "the node", cost, subnet)
@@ -1279,9 +1299,10 @@ class CapacityIndex:
             cheapest: tuple[int, str, ipamd.GrowthCost] | None = None
             for name in zone.dry_nodes.get(subnet_id, ()):
                 node = self.nodes[name]
-                if node.limits is None or not node.grows or node.room <= 0:
+                limits = self._slot_limits(node)
+                if limits is None or not node.grows or node.room <= 0:
                     continue
-                cost = ipamd.growth_cost(node.waiting + 1, node.held_addresses, node.limits, self.cni)
+                cost = ipamd.growth_cost(node.waiting + 1, node.held_addresses, limits, self.cni)
                 if cost is not None:
                     whole = cost.addresses + PREFIX_SIZE * cost.blocks
                     if cheapest is None or whole < cheapest[0]:
@@ -1405,7 +1426,7 @@ class CapacityIndex:
         nodes = {
             name: Node(n.name, n.zone, n.instance_type, n.pod_subnet, n.allocatable_pods, n.schedulable,
                        n.limits, n.ec2_held, cordoned=n.cordoned, no_eni_config=n.no_eni_config,
-                       ec2_enis=n.ec2_enis, ec2_subnets=n.ec2_subnets, known=n.known)
+                       ec2_enis=n.ec2_enis, ec2_subnets=n.ec2_subnets, lost_enis=n.lost_enis, known=n.known)
             for name, n in self.nodes.items()
         }
         zones: dict[str, Zone] = {}

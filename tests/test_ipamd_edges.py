@@ -406,3 +406,49 @@ def test_lost_eni_slots_come_off_max_eni_not_off_the_type_limit() -> None:
     index, _ = load(LOST_SLOT % ("2", 1))
     assert index.nodes["n1"].capacity == 1 * 9
 
+
+# ---- where new nodes can go -------------------------------------------------------------------------------
+
+AUTOSCALED = """
+settings: {mode: enforce}
+subnets:
+  - {id: subnet-a, zone: us-east-1a, free: 0}
+  - {id: subnet-k, zone: us-east-1a, free: %d, launchable: true}
+  - {id: subnet-kb, zone: us-east-1b, free: %d, launchable: true}
+nodes:
+  - {name: n1, zone: us-east-1a, type: t3.medium, subnet: subnet-a, heldIPs: 15, enis: 3, pods: {ip: 15}}
+"""
+
+
+def test_full_nodes_and_dry_autoscaler_subnets_deny_naming_them() -> None:
+    """A zone whose nodes are all full is the autoscaler's to fix only if it can launch there with addresses:
+    with the node's subnet empty and Karpenter's subnets (EC2NodeClass status.subnets) empty too, the pod is
+    denied, and the message says no autoscaler subnet in the allowed zones has addresses."""
+    index, settings = load(AUTOSCALED % (0, 0))
+    text = denial_text(index, settings, pod(zone=A))
+    assert ("no autoscaler subnet in the allowed zones has addresses (subnet-k (us-east-1a) 0 free)"
+            in text), text
+    assert "EC2NodeClass subnetSelectorTerms" in text
+    # Both zones allowed: the other zone's autoscaler subnet counts too.
+    text = denial_text(index, settings, pod())
+    assert "subnet-k (us-east-1a) 0 free, subnet-kb (us-east-1b) 0 free" in text
+
+
+def test_full_nodes_with_an_autoscaler_subnet_with_addresses_are_not_denied() -> None:
+    """The same full node, with Karpenter's subnet in the zone holding addresses: a new node takes the pod
+    (it waits Pending for it), never a denial."""
+    index, settings = load(AUTOSCALED % (100, 0))
+    decision = judge(index, settings, pod(zone=A))
+    assert decision.verdict is not Verdict.DENY and decision.waits_for_node
+
+
+def test_denials_without_autoscaler_subnets_do_not_speak_of_them() -> None:
+    """No EC2NodeClass known: nothing said about autoscaler subnets."""
+    index, settings = load("""
+settings: {mode: enforce}
+subnets:
+  - {id: subnet-a, zone: us-east-1a, free: 0}
+nodes:
+  - {name: n1, zone: us-east-1a, type: t3.medium, subnet: subnet-a, heldIPs: 15, enis: 3, pods: {ip: 15}}
+""")
+    assert "autoscaler" not in denial_text(index, settings, pod(zone=A))

@@ -1285,6 +1285,18 @@ class CapacityIndex:
             return ""
         return _cost_phrase(node.instance_type or "the node", cost, subnet)
 
+    def launch_subnets(self, zone_name: str) -> tuple[tuple[str, int], ...]:
+        """The zone's subnets an autoscaler launches new nodes into (Karpenter's EC2NodeClass status subnets),
+        with the pod IPs new nodes could still get from each (for a denial: walks the zone's subnets)."""
+        zone = self.zones.get(zone_name)
+        if zone is None:
+            return ()
+        return tuple((sid, self.subnets[sid].addresses) for sid in zone.subnet_tuple if self.subnets[sid].launchable)
+
+    def autoscaler_known(self) -> bool:
+        """Some subnet is known as an autoscaler's launch target (for a denial: walks the subnets)."""
+        return any(subnet.launchable for subnet in self.subnets.values())
+
     def growth_hint(self, zone_name: str) -> str:
         """Why a zone's free addresses are not pod IPs, in words: the cheapest step its nodes need next, and
         what a new node needs, against what is left (for a denial only: walks the zone's dry nodes)."""

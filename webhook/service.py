@@ -22,6 +22,7 @@ from kubernetes_asyncio import client as k8s
 from webhook.admission.handler import AdmissionState
 from webhook.callers import AddressSource, CallerFilter, parse_networks
 from webhook.metrics import Gauge, LabelValues
+from webhook.model.cni import IPV6_STAND_ASIDE
 from webhook.model.config import Settings
 from webhook.model.eniconfig import missing_config_findings
 from webhook.model.index import CapacityIndex
@@ -172,7 +173,7 @@ class Service:
 
     def notes(self) -> list[str]:
         problem = self.feed.config_problem()
-        return [problem] if problem else []
+        return [*([problem] if problem else []), *([IPV6_STAND_ASIDE] if self.index.cni.ipv6 else [])]
 
     def loaded(self) -> bool:
         """Every watched resource listed once (an absent CRD counts as listed; a forbidden one does not: the CNI

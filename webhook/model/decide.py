@@ -13,6 +13,7 @@ from itertools import chain, islice
 from typing import Any, NamedTuple
 
 from webhook.model import pods
+from webhook.model.cni import IPV6_STAND_ASIDE
 from webhook.model.config import Settings
 from webhook.model.findings import Finding
 from webhook.model.index import CapacityIndex, Node, PodUse
@@ -127,7 +128,7 @@ def decide(
     if pods.targets_windows(pod):
         return not_applicable(name, "Windows pod: a different IPAM, not modelled")
     if index.cni.ipv6:
-        return not_applicable(name, "IPv6 cluster: pod addresses are not the constraint")
+        return not_applicable(name, IPV6_STAND_ASIDE)
     # pods.pod_use() without the checks made above
     # `branch`: policies select it and it will get a pod-eni request (see admission.objects.branch_policies).
     use = PodUse.BRANCH if branch or pods.wants_branch_eni(pod) else PodUse.IP
@@ -442,6 +443,8 @@ def _decide_pinned(name: str, node_name: str, use: PodUse, index: CapacityIndex,
         return Decision(Verdict.ALLOW, name, f"pinned to node {node_name}, which ipguard does not know yet",
                         use=use, node=NodeCheck(node_name, None, False, 0, 0, None, settings.node_reserve, 0,
                                                 True))
+    if node.windows:
+        return not_applicable(name, f"pinned to Windows node {node_name}: a different IPAM, not modelled")
     subnet = index.subnets.get(node.pod_subnet) if node.pod_subnet else None
     if use is PodUse.BRANCH:
         can_take = node.branch_room > 0 and (subnet is None or subnet.supply > 0)

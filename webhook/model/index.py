@@ -124,6 +124,7 @@ class Node:
     # its ENIs in subnets other than `pod_subnet` (where new ENIs come from): what they hold and can still grow
     elsewhere: tuple[Placed, ...] = ()
     labels: Mapping[str, str] = field(default_factory=dict)  # its labels, for pods that select nodes by them
+    windows: bool = False  # a Windows node: its own IPAM, never judged on ipamd's
 
     @property
     def idle(self) -> bool:
@@ -484,6 +485,7 @@ class CapacityIndex:
         cordoned: bool = False,
         no_eni_config: bool = False,
         labels: Mapping[str, str] | None = None,
+        windows: bool = False,
     ) -> None:
         """A node as the watch shows it. `schedulable`: new pods may be placed there (Linux, EC2, not
         cordoned); `cordoned`: tainted unschedulable, which also stops ipamd growing it; `no_eni_config`: custom
@@ -508,6 +510,7 @@ class CapacityIndex:
             self._label(node, -1)
             node.labels = labels
         self._label(node, 1)
+        node.windows = windows
         self._count_type(node, 1)
         self._attach(node)
         self._types_changed()
@@ -1428,6 +1431,7 @@ class CapacityIndex:
             waiting_nodes=tuple(sorted(
                 (n.name, n.zone or "", n.waiting) for n in self.nodes.values() if n.known and n.waiting > 0
             )),
+            ipv6=self.cni.ipv6,
         )
 
     # ---- checking -------------------------------------------------------------------------------------
@@ -1547,6 +1551,7 @@ class IndexSnapshot:
     reservations: int
     unknown_types: tuple[str, ...]
     waiting_nodes: tuple[tuple[str, str, int], ...] = ()  # (node, zone, pods on it waiting for an IP)
+    ipv6: bool = False  # an IPv6 cluster: ipguard stands aside
 
 
 def pod_key(namespace: str, name: str) -> str:

@@ -89,6 +89,7 @@ class SnapshotNode:
     eni_config: str | None = None  # the ENIConfig it selects (custom networking)
     labels: Mapping[str, str] = field(default_factory=dict)  # e.g. its node group, for pods that select by it
     lost_enis: int = 0  # ENI slots taken by ENIs that carry no pod IPs
+    windows: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +172,7 @@ class Snapshot:
                 cordoned=node.cordoned,
                 no_eni_config=node.pod_subnet is None,
                 labels={ZONE_LABEL: node.zone, HOSTNAME_LABEL: node.name, **node.labels},
+                windows=node.windows,
             )
             if node.held_ips is not None:
                 index.set_node_held(node.name, node.held_ips, enis=node.held_enis, lost_enis=node.lost_enis)
@@ -303,6 +305,7 @@ def parse_snapshot(document: Any, source: str, limits: LimitsTable) -> Snapshot:
                 eni_config=config_name,
                 labels=_labels(item.get("labels"), source, where),
                 lost_enis=_int(item, "lostEnis", source, where, 0),
+                windows=item.get("os", "linux") == "windows",
             )
         )
     names = [n.name for n in snapshot.nodes]

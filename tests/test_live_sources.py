@@ -699,3 +699,25 @@ async def test_ipv6_cluster_stands_aside_and_says_so_once(env: Env, caplog: pyte
     await env.fk.update("daemonsets", live.aws_node({**ipv6, "WARM_IP_TARGET": "1"}), namespace="kube-system")
     await until(lambda: env.service.index.cni.warm_ip_target == 1, "the second env change applied")
     assert [r.getMessage() for r in caplog.records].count(IPV6_STAND_ASIDE) == 1
+
+
+async def test_own_subnet_tagged_out_sends_the_nodes_growth_to_the_tagged_subnets(env: Env) -> None:
+    """Enhanced subnet discovery with the node's own subnet tagged kubernetes.io/role/cni=0: ipamd's createENI
+    skips it (isSubnetValidForENICreation) and creates the node's next ENI in the zone's tagged subnet with most
+    free addresses (GetVpcSubnets' order). Zone A's subnet is empty and its pods are denied; once it is tagged 0
+    and a tagged subnet with room exists in zone A, node A's pod IPs come from there: admitted, not denied."""
+    index = env.service.index
+    live.consume(env.moto.ec2(), env.ec2.subnet_a, 5)
+    await until(lambda: index.zone_figures(A).new_node_ips <= 3, "zone A out of addresses")
+    assert (await env.validate("web-1", A))["allowed"] is False
+    ec2 = env.moto.ec2()
+    ec2.create_tags(Resources=[env.ec2.subnet_a], Tags=[{"Key": "kubernetes.io/role/cni", "Value": "0"}])
+    tagged = ec2.create_subnet(VpcId=env.ec2.vpc, CidrBlock="10.0.64.0/24", AvailabilityZone=A)["Subnet"]["SubnetId"]
+    ec2.create_tags(Resources=[tagged], Tags=[{"Key": "kubernetes.io/role/cni", "Value": "1"}])
+    await until(lambda: index.nodes[NODE_A].pod_subnet == tagged, "node A's pod IPs from the tagged subnet")
+    assert env.service.poller is not None and env.ec2.subnet_a in env.service.poller.excluded_subnets
+    assert index.zone_headroom(A) == 9  # a third ENI from the tagged subnet
+    assert (await env.validate("web-2", A))["allowed"] is True
+    answer = await env.client.post("/validate", live.review(live.pod("shop", "pinned", NODE_A), name="pinned"))
+    assert answer["allowed"] is True
+    await env.consistent()

@@ -237,7 +237,8 @@ class Service:
         result = await self.poller.refresh(self.index, node_instances, set(self.feed.eni_configs.values()),
                                            self.feed.launch_subnets())
         if result.instances:
-            by_instance = {iid: inst.primary_subnet for iid, inst in result.instances.items() if inst.primary_subnet}
+            zones = {iid: self.feed.nodes[node].zone for node, iid in node_instances.items() if node in self.feed.nodes}
+            by_instance = self.poller.pod_subnets(result.instances, zones, discovery=self.index.cni.subnet_discovery)
             subnets = {node: by_instance[iid] for node, iid in node_instances.items() if iid in by_instance}
             before = set(self.feed.ec2_node_subnets.values())
             self.feed.set_ec2_node_subnets(subnets)

@@ -129,7 +129,7 @@ class ClusterFeed:
     config_namespace: str = "ipguard"
     min_staleness: float = 0.0  # the least stalenessSeconds the sources support (smaller is refused)
     nodes: dict[str, NodeInfo] = field(default_factory=dict)
-    ec2_node_subnets: dict[str, str] = field(default_factory=dict)  # node -> subnet of its primary ENI
+    ec2_node_subnets: dict[str, str] = field(default_factory=dict)  # node -> its pod IPs' subnet per EC2
     eni_configs: dict[str, str] = field(default_factory=dict)  # ENIConfig name -> subnet
     namespaces: set[str] = field(default_factory=set)
     security_group_policies: dict[str, dict[str, Any]] = field(default_factory=dict)

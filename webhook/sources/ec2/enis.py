@@ -119,6 +119,13 @@ class EniHold:
     prefixes: int  # /28 prefixes
     primary: bool  # the node's primary ENI
 
+    def excluded_by(self, excluded: AbstractSet[str]) -> bool:
+        """In a subnet ipamd excludes, and holding no pod IP: an excluded ENI's free addresses go back to EC2
+        (`checkAndHandleAllENIExclusion`, `deallocateEmptyCIDR`), so what one still holds are running pods'
+        IPs, which ipamd's own counts leave out. Such an ENI is taken as a pod ENI until it is empty: its pods
+        keep their addresses, and ipguard errs toward admitting rather than count them twice."""
+        return self.subnet_id in excluded and not (self.secondary_ips or self.prefixes)
+
 
 @dataclass(frozen=True, slots=True)
 class InstanceEnis:
@@ -146,7 +153,7 @@ class InstanceEnis:
         """The ENIs whose IPs are pod IPs: under custom networking not the primary ENI (it stays in the node's own
         subnet), and not those in subnets ipamd excludes (`IsExcludedForPodIPs`: left out of its IP counts)."""
         for hold in self.holds:
-            if not (custom_networking and hold.primary) and hold.subnet_id not in excluded:
+            if not (custom_networking and hold.primary) and not hold.excluded_by(excluded):
                 yield hold
 
     def held_ips(self, *, custom_networking: bool = False, excluded: AbstractSet[str] = frozenset()) -> int:
@@ -172,11 +179,19 @@ class InstanceEnis:
         return {sid: HeldAddresses(ips + prefixes * PREFIX_SIZE, prefixes, enis)
                 for sid, (ips, prefixes, enis) in sorted(sums.items())}
 
+    def own_subnet_excluded_elsewhere(self, excluded: AbstractSet[str]) -> str | None:
+        """With the node's own subnet excluded, the subnet of its pod ENIs elsewhere (the one holding most, when
+        several): where ipamd finds free slots before it attaches another ENI. None when it has none yet."""
+        holds = [h for h in self.holds if h.subnet_id not in excluded]
+        if not holds:
+            return None
+        return max(holds, key=lambda h: (h.secondary_ips + h.prefixes, h.subnet_id)).subnet_id
+
     def lost_enis(self, *, custom_networking: bool = False, excluded: AbstractSet[str] = frozenset()) -> int:
         """ENI slots taken by attached ENIs that never carry pod IPs: unmanaged ones, and those in excluded
         subnets (`hasRoomForEni` takes both off maxENI). Under custom networking the primary ENI's slot is
         already outside the pod ENIs the type allows, excluded or not."""
-        in_excluded = sum(1 for h in self.holds if h.subnet_id in excluded and not (custom_networking and h.primary))
+        in_excluded = sum(1 for h in self.holds if h.excluded_by(excluded) and not (custom_networking and h.primary))
         return self.unmanaged_enis + in_excluded
 
 

@@ -387,6 +387,33 @@ class Ec2Poller:
         self._held_nodes = held_now
         return updated
 
+    def pod_subnets(
+        self, instances: Mapping[str, InstanceEnis], zones: Mapping[str, str | None], *, discovery: bool
+    ) -> dict[str, str]:
+        """Instance id -> the subnet its pod IPs come from: its own (its primary ENI's). With subnet discovery on
+        and that subnet tagged kubernetes.io/role/cni=0, ipamd keeps the primary ENI from pods
+        (`excludedENIBasedOnSubnetTags`) and creates ENIs only in the zone's other tagged subnets
+        (`createENI` skips it: `isSubnetValidForENICreation`): then the subnet of its pod ENIs elsewhere, else
+        the zone's tagged subnet with most free addresses (`GetVpcSubnets`' order), where its next ENI goes.
+        `zones`: instance id -> its node's zone."""
+        excluded = self.excluded_subnets if discovery else frozenset()
+        out: dict[str, str] = {}
+        for instance_id, usage in instances.items():
+            own = usage.primary_subnet
+            if own is None:
+                continue
+            if own not in excluded:
+                out[instance_id] = own
+                continue
+            elsewhere = usage.own_subnet_excluded_elsewhere(excluded)
+            if elsewhere is None:
+                zone = zones.get(instance_id)
+                tagged = [s for s in self.subnets.values() if s.zone == zone and s.cni_discoverable]
+                elsewhere = max(tagged, key=lambda s: (s.free_ips, s.subnet_id)).subnet_id if tagged else None
+            # No tagged subnet: ipamd creates no ENI at all ("no valid subnets"); the own subnet stays named.
+            out[instance_id] = elsewhere or own
+        return out
+
     def _kept(self, index: CapacityIndex, info: SubnetInfo) -> bool:
         """Whether a subnet not asked for by id feeds the index: every one with `all_vpc_subnets`; one found by
         its discovery tag when ipamd may use it: tagged other than `0`, and in a zone with nodes (ipamd picks

@@ -323,6 +323,52 @@ def test_summarize_instances() -> None:
     assert usage.held_ips(custom_networking=True) == 9 + 2 * 16
 
 
+def test_enis_that_carry_no_pod_ips_take_slots() -> None:
+    """filterUnmanagedENIs / hasRoomForEni: an ENI tagged node.k8s.amazonaws.com/no_manage=true (exactly "true")
+    or EFA-only takes an ENI slot and holds no pod IP, the primary ENI is always managed; with subnet discovery
+    on, ENIs in a subnet tagged kubernetes.io/role/cni=0 (the primary ENI too) are excluded from pod IPs but
+    keep their slot (excludedENIBasedOnSubnetTags). ENIs on another network card are not ipamd's (no multi-NIC)."""
+
+    def tagged(raw: dict[str, Any], value: str) -> dict[str, Any]:
+        raw["TagSet"] = [{"Key": "node.k8s.amazonaws.com/no_manage", "Value": value}]
+        return raw
+
+    def in_subnet(raw: dict[str, Any], subnet: str) -> dict[str, Any]:
+        raw["SubnetId"] = subnet
+        return raw
+
+    other_card = raw_eni("eni-nc1", description="aws-K8S-i-1", instance="i-1", device=0, ips=7)
+    other_card["Attachment"]["NetworkCardIndex"] = 1
+    raws = [
+        tagged(raw_eni("eni-p", description="Primary network interface", instance="i-1", device=0), "true"),
+        in_subnet(raw_eni("eni-c", description="aws-K8S-i-1", instance="i-1", device=1, ips=9), "subnet-b"),
+        tagged(raw_eni("eni-u", description="storage", instance="i-1", device=2, ips=3), "true"),
+        tagged(raw_eni("eni-m", description="storage", instance="i-1", device=4), "false"),  # managed, not ours
+        raw_eni("eni-efa", instance="i-1", device=5, interface_type="efa-only"),
+        in_subnet(raw_eni("eni-x", description="aws-K8S-i-1", instance="i-1", device=3), "subnet-zero"),
+        other_card,
+    ]
+    usage = summarize_instances([parse_eni(raw) for raw in raws], ["i-1"])["i-1"]
+    assert (usage.enis, usage.unmanaged_enis, usage.primary_subnet) == (3, 2, "subnet-a")
+    assert (usage.pod_enis(), usage.held_ips(), usage.lost_enis()) == (3, 9, 2)
+    zero = frozenset({"subnet-zero"})
+    assert (usage.pod_enis(excluded=zero), usage.held_ips(excluded=zero), usage.lost_enis(excluded=zero)) == (
+        2, 9, 3)
+    # The node's own subnet tagged 0: its primary ENI carries no pod IP and keeps its slot; its pods' IPs come
+    # from its ENI in subnet-b.
+    own = frozenset({"subnet-a"})
+    assert (usage.pod_enis(excluded=own), usage.held_ips(excluded=own), usage.lost_enis(excluded=own)) == (
+        2, 9, 2 + 1)
+    assert usage.own_subnet_excluded_elsewhere(own) == "subnet-b"
+    # Under custom networking the primary ENI's slot is already outside the pod ENIs: not lost twice.
+    assert usage.lost_enis(custom_networking=True, excluded=own) == 2
+    # An excluded ENI still holding running pods' IPs stays a pod ENI until it is empty (errs toward admitting).
+    busy = in_subnet(raw_eni("eni-x", description="aws-K8S-i-1", instance="i-1", device=3, ips=5), "subnet-zero")
+    usage = summarize_instances([parse_eni(raw) for raw in [*raws[:5], busy]], ["i-1"])["i-1"]
+    assert (usage.pod_enis(excluded=zero), usage.held_ips(excluded=zero), usage.lost_enis(excluded=zero)) == (
+        3, 9 + 5, 2)
+
+
 def test_parse_eni_takes_primary_from_the_address_list() -> None:
     eni = parse_eni(raw_eni("eni-1", description="aws-K8S-i-1", instance="i-1", device=1, ips=2))
     assert eni.primary_ip == "10.0.0.10"
@@ -892,6 +938,73 @@ async def test_subnets_tagged_for_discovery_reach_the_index_with_their_tags(moto
         assert index.zones[ZONES[0]].subnet_ids == {cluster.subnets[0]}
     finally:
         poller.close()
+
+
+@pytest.mark.parametrize("discovery", [True, False])
+async def test_enis_that_carry_no_pod_ips_reach_the_index_as_lost_eni_slots(
+    moto_server: Server, discovery: bool
+) -> None:
+    """hasRoomForEni takes the slots of unmanaged ENIs (tagged node.k8s.amazonaws.com/no_manage=true:
+    setUnmanagedENIs) and of ENIs in subnets tagged kubernetes.io/role/cni=0 (IsSubnetExcluded, marked in
+    setupENI only with subnet discovery on) off maxENI: node-0 (m5.large, 3 slots) with a no_manage ENI keeps two
+    pod ENIs; node-1, whose own subnet is tagged 0, loses its primary ENI's slot (it carries no pod IP)."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    storage = ec2.create_network_interface(
+        SubnetId=cluster.subnets[0], Description="storage", SecondaryPrivateIpAddressCount=2,
+        TagSpecifications=[{"ResourceType": "network-interface",
+                            "Tags": [{"Key": "node.k8s.amazonaws.com/no_manage", "Value": "true"}]}],
+    )["NetworkInterface"]["NetworkInterfaceId"]  # fmt: skip
+    ec2.attach_network_interface(NetworkInterfaceId=storage, InstanceId=cluster.instances[0], DeviceIndex=2)
+    ec2.create_tags(Resources=[cluster.subnets[1]], Tags=[{"Key": "kubernetes.io/role/cni", "Value": "0"}])
+    index = build_index(cluster, cni=CniSettings(subnet_discovery=discovery))
+    result = await refresh_once(make_poller(moto_server.url, FakeClock()), index, cluster.node_instances)
+    assert result.ok, result.failed
+    node0, node1 = index.nodes["node-0"], index.nodes["node-1"]
+    assert (node0.ec2_held, node0.ec2_enis, node0.lost_enis, node0.capacity) == (5, 2, 1, 2 * 9)
+    if discovery:  # its primary ENI, empty, is excluded; its CNI ENI there still holds running pods' IPs
+        assert (node1.ec2_held, node1.ec2_enis, node1.lost_enis, node1.capacity) == (8, 1, 1, 2 * 9)
+    else:  # no exclusion without subnet discovery
+        assert (node1.ec2_held, node1.ec2_enis, node1.lost_enis, node1.capacity) == (8, 2, 0, 3 * 9)
+
+
+@pytest.mark.parametrize("discovery", [True, False])
+async def test_a_node_in_a_subnet_tagged_out_takes_pod_ips_from_the_tagged_ones(
+    moto_server: Server, discovery: bool
+) -> None:
+    """The node subnets tagged kubernetes.io/role/cni=0, pods in subnets tagged 1 (the layout subnet discovery
+    is for): createENI skips the node's own subnet (isSubnetValidForENICreation) and tries the zone's tagged
+    subnets most free first (GetVpcSubnets). A node whose pod ENI is in a tagged subnet draws from it; a node
+    with no pod ENI yet from the zone's tagged subnet with most free addresses. Without discovery, the own."""
+    ec2 = ec2_client(moto_server.url)
+    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+    nodes_subnet = tagged_subnet(ec2, vpc, "10.0.1.0/24", ZONES[0], "0")
+    small = tagged_subnet(ec2, vpc, "10.0.64.0/26", ZONES[0], "1")
+    large = tagged_subnet(ec2, vpc, "10.0.128.0/20", ZONES[0], "1")
+    instances = []
+    for _ in range(2):
+        run = ec2.run_instances(ImageId=AMI, MinCount=1, MaxCount=1, InstanceType="m5.large", SubnetId=nodes_subnet)
+        instances.append(run["Instances"][0]["InstanceId"])
+    eni = ec2.create_network_interface(SubnetId=small, Description=f"aws-K8S-{instances[0]}",
+                                       SecondaryPrivateIpAddressCount=4)["NetworkInterface"]["NetworkInterfaceId"]
+    ec2.attach_network_interface(NetworkInterfaceId=eni, InstanceId=instances[0], DeviceIndex=1)
+    node_instances = {"with-eni": instances[0], "fresh": instances[1]}
+    index = CapacityIndex(None, CniSettings(subnet_discovery=discovery))
+    for name in node_instances:
+        index.upsert_node(name, zone=ZONES[0], instance_type="m5.large", pod_subnet=nodes_subnet,
+                          allocatable_pods=29)
+    poller = make_poller(moto_server.url, FakeClock())
+    try:
+        result = await poller.refresh(index, node_instances)
+        assert result.ok, result.failed
+        chosen = poller.pod_subnets(result.instances, dict.fromkeys(instances, ZONES[0]), discovery=discovery)
+    finally:
+        poller.close()
+    if discovery:
+        assert chosen == {instances[0]: small, instances[1]: large}
+        assert (index.nodes["with-eni"].lost_enis, index.nodes["with-eni"].ec2_held) == (1, 4)
+    else:
+        assert chosen == dict.fromkeys(instances, nodes_subnet)
 
 
 async def test_custom_networking_ignores_the_discovery_tag(moto_server: Server) -> None:

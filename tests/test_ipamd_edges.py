@@ -369,3 +369,86 @@ nodes:
     answer = validate(index, settings, p)
     assert answer["allowed"] is True
     assert any("waits Pending for a new node" in w for w in answer.get("warnings", []))
+
+
+# ---- ENI slots that carry no pod IPs ----------------------------------------------------------------------
+
+LOST_SLOT = """
+cni: {MAX_ENI: "%s"}
+subnets:
+  - {id: subnet-a, zone: us-east-1a, free: 200}
+nodes:
+  - {name: n1, zone: us-east-1a, type: m5.large, subnet: subnet-a, heldIPs: 18, enis: 2, lostEnis: %d,
+     pods: {ip: 18}}
+"""
+
+
+def test_an_eni_that_carries_no_pod_ips_takes_the_last_eni_slot() -> None:
+    """hasRoomForEni: maxENI less unmanaged ENIs (no_manage=true, EFA-only; filterUnmanagedENIs) and excluded
+    ones (excludedENIBasedOnSubnetTags). An m5.large (3 ENIs) with a no_manage ENI attached and its two pod
+    ENIs full gets no third pod ENI, whatever its subnet has: the 19th pod on it is denied."""
+    index, settings = load(LOST_SLOT % ("", 1))
+    node = index.nodes["n1"]
+    assert (node.capacity, node.grows) == (2 * 9, False)
+    assert judge(index, settings, pod(node="n1")).verdict is Verdict.DENY
+    assert "every ENI slot of m5.large is in use (1 by ENIs that carry no pod IPs)" in denial_text(
+        index, settings, pod(node="n1"))
+    index, settings = load(LOST_SLOT % ("", 0))  # no such ENI: the third slot takes a new ENI
+    assert index.nodes["n1"].capacity == 3 * 9
+    assert judge(index, settings, pod(node="n1")).verdict is Verdict.ALLOW
+
+
+def test_lost_eni_slots_come_off_max_eni_not_off_the_type_limit() -> None:
+    """getMaxENI then hasRoomForEni: maxENI = min(type limit, MAX_ENI), and the slots of ENIs that carry no pod
+    IPs come off that: MAX_ENI=3 on an m5.large (3) with one lost slot leaves 2 pod ENIs; MAX_ENI=2 leaves 1."""
+    index, _ = load(LOST_SLOT % ("3", 1))
+    assert index.nodes["n1"].capacity == 2 * 9
+    index, _ = load(LOST_SLOT % ("2", 1))
+    assert index.nodes["n1"].capacity == 1 * 9
+
+
+# ---- where new nodes can go -------------------------------------------------------------------------------
+
+AUTOSCALED = """
+settings: {mode: enforce}
+subnets:
+  - {id: subnet-a, zone: us-east-1a, free: 0}
+  - {id: subnet-k, zone: us-east-1a, free: %d, launchable: true}
+  - {id: subnet-kb, zone: us-east-1b, free: %d, launchable: true}
+nodes:
+  - {name: n1, zone: us-east-1a, type: t3.medium, subnet: subnet-a, heldIPs: 15, enis: 3, pods: {ip: 15}}
+"""
+
+
+def test_full_nodes_and_dry_autoscaler_subnets_deny_naming_them() -> None:
+    """A zone whose nodes are all full is the autoscaler's to fix only if it can launch there with addresses:
+    with the node's subnet empty and Karpenter's subnets (EC2NodeClass status.subnets) empty too, the pod is
+    denied, and the message says no autoscaler subnet in the allowed zones has addresses."""
+    index, settings = load(AUTOSCALED % (0, 0))
+    text = denial_text(index, settings, pod(zone=A))
+    assert ("no autoscaler subnet in the allowed zones has addresses (subnet-k (us-east-1a) 0 free)"
+            in text), text
+    assert "EC2NodeClass subnetSelectorTerms" in text
+    # Both zones allowed: the other zone's autoscaler subnet counts too.
+    text = denial_text(index, settings, pod())
+    assert "subnet-k (us-east-1a) 0 free, subnet-kb (us-east-1b) 0 free" in text
+
+
+def test_full_nodes_with_an_autoscaler_subnet_with_addresses_are_not_denied() -> None:
+    """The same full node, with Karpenter's subnet in the zone holding addresses: a new node takes the pod
+    (it waits Pending for it), never a denial."""
+    index, settings = load(AUTOSCALED % (100, 0))
+    decision = judge(index, settings, pod(zone=A))
+    assert decision.verdict is not Verdict.DENY and decision.waits_for_node
+
+
+def test_denials_without_autoscaler_subnets_do_not_speak_of_them() -> None:
+    """No EC2NodeClass known: nothing said about autoscaler subnets."""
+    index, settings = load("""
+settings: {mode: enforce}
+subnets:
+  - {id: subnet-a, zone: us-east-1a, free: 0}
+nodes:
+  - {name: n1, zone: us-east-1a, type: t3.medium, subnet: subnet-a, heldIPs: 15, enis: 3, pods: {ip: 15}}
+""")
+    assert "autoscaler" not in denial_text(index, settings, pod(zone=A))

@@ -23,8 +23,10 @@ from tests import live
 from tests.fakekube import FakeKube
 from tests.fakekube.server import PauseMode
 from tests.live import aws_env  # noqa: F401  (autouse fixture)
+from webhook.model.cni import IPV6_STAND_ASIDE
 from webhook.model.config import Mode
 from webhook.model.index import PodUse
+from webhook.report import report_text
 from webhook.service import ServeOptions, Service
 from webhook.sources.ec2.client import Call
 from webhook.sources.kube import PROBE_DELAY, WATCH_GRACE, api_client
@@ -631,4 +633,91 @@ async def test_a_node_group_whose_nodes_cannot_give_an_ip_is_judged_on_them_live
     await until(lambda: index.nodes_labelled(group, "gpu") == {NODE_A, NODE_B}, "node B in group gpu")
     answer = await env.client.post("/validate", live.review(gpu_pod, name="train-1"))
     assert answer["allowed"] is True and "warnings" not in answer
+    await env.consistent()
+
+
+# ---- clusters and nodes ipguard stands aside in ---------------------------------------------------------
+
+WINDOWS_NODE = "ip-10-0-1-99.ec2.internal"
+
+
+def _windows_pod(name: str, **spec: Any) -> dict[str, Any]:
+    return live.pod("shop", name, None, phase="Pending", **spec)
+
+
+async def test_windows_pods_are_never_judged_on_the_linux_warm_pool(env: Env) -> None:
+    """Windows nodes have their own IPAM (vpc.amazonaws.com/PrivateIPv4Address from the VPC resource
+    controller), not ipamd's warm pools: with zone A out of addresses for Linux pods, pods selected onto
+    Windows nodes (node selector, or required node affinity on kubernetes.io/os) and a pod pinned to a Windows
+    node by name are admitted unjudged, over HTTPS."""
+    windows = live.node(WINDOWS_NODE, A, "i-0123456789abcdef0")
+    windows["metadata"]["labels"]["kubernetes.io/os"] = "windows"
+    await env.fk.create("nodes", windows)
+    await until(lambda: env.service.index.nodes.get(WINDOWS_NODE) is not None, "the Windows node seen")
+    live.consume(env.moto.ec2(), env.ec2.subnet_a, 5)
+    await until(lambda: env.service.index.zone_figures(A).new_node_ips <= 3, "zone A out of addresses")
+    assert (await env.validate("linux-1", A))["allowed"] is False
+
+    zone = {"topology.kubernetes.io/zone": A}
+    by_selector = _windows_pod("win-1", nodeSelector={**zone, "kubernetes.io/os": "windows"})
+    by_affinity = _windows_pod("win-2", nodeSelector=zone, affinity={"nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "kubernetes.io/os", "operator": "In", "values": ["windows"]}]}]}}})
+    pinned = _windows_pod("win-3", nodeName=WINDOWS_NODE)
+    for obj in (by_selector, by_affinity, pinned):
+        name = obj["metadata"]["name"]
+        for stage in ("/mutate", "/validate"):
+            answer = await env.client.post(stage, live.review(obj, name=name))
+            assert answer["allowed"] is True and "patch" not in answer, (name, stage, answer)
+            notes = answer["auditAnnotations"]
+            assert notes["outcome"] == "not-applicable" and "Windows" in notes["reason"], (name, notes)
+
+
+async def test_ipv6_cluster_stands_aside_and_says_so_once(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """An IPv6 cluster (ENABLE_IPv6=true: ipamd gives each node a /80 prefix, no warm-pool growth to model):
+    addresses are not the constraint. ipguard admits every pod, even in a zone out of IPv4 addresses, and
+    says so once in the log, in `report` and in /readyz."""
+    caplog.set_level(logging.INFO)
+    live.consume(env.moto.ec2(), env.ec2.subnet_a, 5)
+    await until(lambda: env.service.index.zone_figures(A).new_node_ips <= 3, "zone A out of addresses")
+    assert (await env.validate("web-1", A))["allowed"] is False
+    ipv6 = {"ENABLE_IPv6": "true", "ENABLE_IPv4": "false", "ENABLE_PREFIX_DELEGATION": "true"}
+    await env.fk.update("daemonsets", live.aws_node(ipv6), namespace="kube-system")
+    await until(lambda: env.service.index.cni.ipv6, "IPv6 picked up")
+
+    for name in ("web-2", "web-3"):
+        answer = await env.validate(name, A)
+        assert answer["allowed"] is True and "warnings" not in answer
+        assert answer["auditAnnotations"]["reason"] == IPV6_STAND_ASIDE  # type: ignore[index]
+        mutated = await env.mutate(name, None)
+        assert mutated["allowed"] is True and "patch" not in mutated
+    status, text = await env.client.get("/readyz")
+    assert status == 200 and IPV6_STAND_ASIDE in text
+    report = report_text(env.service.index.snapshot(), env.service.state.settings)
+    assert report.splitlines()[0] == IPV6_STAND_ASIDE
+    # Another change to the aws-node env, still IPv6: nothing more said.
+    await env.fk.update("daemonsets", live.aws_node({**ipv6, "WARM_IP_TARGET": "1"}), namespace="kube-system")
+    await until(lambda: env.service.index.cni.warm_ip_target == 1, "the second env change applied")
+    assert [r.getMessage() for r in caplog.records].count(IPV6_STAND_ASIDE) == 1
+
+
+async def test_own_subnet_tagged_out_sends_the_nodes_growth_to_the_tagged_subnets(env: Env) -> None:
+    """Enhanced subnet discovery with the node's own subnet tagged kubernetes.io/role/cni=0: ipamd's createENI
+    skips it (isSubnetValidForENICreation) and creates the node's next ENI in the zone's tagged subnet with most
+    free addresses (GetVpcSubnets' order). Zone A's subnet is empty and its pods are denied; once it is tagged 0
+    and a tagged subnet with room exists in zone A, node A's pod IPs come from there: admitted, not denied."""
+    index = env.service.index
+    live.consume(env.moto.ec2(), env.ec2.subnet_a, 5)
+    await until(lambda: index.zone_figures(A).new_node_ips <= 3, "zone A out of addresses")
+    assert (await env.validate("web-1", A))["allowed"] is False
+    ec2 = env.moto.ec2()
+    ec2.create_tags(Resources=[env.ec2.subnet_a], Tags=[{"Key": "kubernetes.io/role/cni", "Value": "0"}])
+    tagged = ec2.create_subnet(VpcId=env.ec2.vpc, CidrBlock="10.0.64.0/24", AvailabilityZone=A)["Subnet"]["SubnetId"]
+    ec2.create_tags(Resources=[tagged], Tags=[{"Key": "kubernetes.io/role/cni", "Value": "1"}])
+    await until(lambda: index.nodes[NODE_A].pod_subnet == tagged, "node A's pod IPs from the tagged subnet")
+    assert env.service.poller is not None and env.ec2.subnet_a in env.service.poller.excluded_subnets
+    assert index.zone_headroom(A) == 9  # a third ENI from the tagged subnet
+    assert (await env.validate("web-2", A))["allowed"] is True
+    answer = await env.client.post("/validate", live.review(live.pod("shop", "pinned", NODE_A), name="pinned"))
+    assert answer["allowed"] is True
     await env.consistent()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from webhook.model.cni import IPV6_STAND_ASIDE
 from webhook.model.config import Settings
 from webhook.model.eniconfig import missing_config_findings
 from webhook.model.index import HEADROOM_RULE, IndexSnapshot
@@ -102,6 +103,7 @@ def report_text(snapshot: IndexSnapshot, settings: Settings, state: AdmissionSta
         for s in snapshot.subnets
     ]
     out = [
+        *([IPV6_STAND_ASIDE, ""] if snapshot.ipv6 else []),
         "Zones (pod IPs)",
         format_table(
             ["ZONE", "NODES", "NODE-ROOM", "WARM-FREE", "SUBNET-FREE", "RESERVED", "WAITING", "HEADROOM",
@@ -128,6 +130,7 @@ def report_json(snapshot: IndexSnapshot, settings: Settings, state: AdmissionSta
     extra = {"securityGroupsForPods": objects_json(snapshot, state)} if state is not None else {}
     return {
         **extra,
+        "standsAside": IPV6_STAND_ASIDE if snapshot.ipv6 else None,
         "zones": [
             {
                 "zone": z.zone,

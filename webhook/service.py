@@ -23,6 +23,7 @@ from webhook.admission.handler import AdmissionState
 from webhook.callers import AddressSource, CallerFilter, parse_networks
 from webhook.eventloop import describe
 from webhook.metrics import Gauge, LabelValues
+from webhook.model.cni import IPV6_STAND_ASIDE
 from webhook.model.config import Settings
 from webhook.model.eniconfig import missing_config_findings
 from webhook.model.index import CapacityIndex
@@ -177,7 +178,7 @@ class Service:
 
     def notes(self) -> list[str]:
         problem = self.feed.config_problem()
-        return [problem] if problem else []
+        return [*([problem] if problem else []), *([IPV6_STAND_ASIDE] if self.index.cni.ipv6 else [])]
 
     def loaded(self) -> bool:
         """Every watched resource listed once (an absent CRD counts as listed; a forbidden one does not: the CNI
@@ -241,7 +242,8 @@ class Service:
         result = await self.poller.refresh(self.index, node_instances, set(self.feed.eni_configs.values()),
                                            self.feed.launch_subnets())
         if result.instances:
-            by_instance = {iid: inst.primary_subnet for iid, inst in result.instances.items() if inst.primary_subnet}
+            zones = {iid: self.feed.nodes[node].zone for node, iid in node_instances.items() if node in self.feed.nodes}
+            by_instance = self.poller.pod_subnets(result.instances, zones, discovery=self.index.cni.subnet_discovery)
             subnets = {node: by_instance[iid] for node, iid in node_instances.items() if iid in by_instance}
             before = set(self.feed.ec2_node_subnets.values())
             self.feed.set_ec2_node_subnets(subnets)

@@ -70,6 +70,8 @@ def remedies(decision: Decision, cni: CniSettings) -> list[str]:
             fixes.append("lower WARM_IP_TARGET/MINIMUM_IP_TARGET so nodes hold fewer idle IPs")
         else:
             fixes.append("set WARM_IP_TARGET (or lower WARM_ENI_TARGET) so nodes hold fewer idle IPs")
+    if subnets_short and any(c.launch is not None for c in decision.zones):
+        fixes.append("give the autoscaler subnets with addresses in these zones (EC2NodeClass subnetSelectorTerms)")
     if nodes_short and not subnets_short:  # more pods per node, or new nodes, need subnet addresses first
         if not cni.prefix_delegation:
             fixes.append("enable prefix delegation (ENABLE_PREFIX_DELEGATION=true) for more pod IPs per node")
@@ -90,6 +92,19 @@ def _node_phrase(check: NodeCheck) -> str:
     )
 
 
+def launch_phrase(checks: tuple[ZoneCheck, ...]) -> str:
+    """What the autoscaler's subnets (Karpenter's EC2NodeClass) in the allowed zones have for new nodes, when
+    such subnets are known at all: a zone whose nodes are full is the autoscaler's to fix only if it can
+    launch there with addresses."""
+    if all(c.launch is None for c in checks):
+        return ""
+    launch = [(subnet, free, c.zone) for c in checks for subnet, free in (c.launch or ())]
+    listed = ", ".join(f"{subnet} ({zone}) {max(free, 0)} free" for subnet, free, zone in launch)
+    if all(free <= 0 for _, free, _ in launch):
+        return "no autoscaler subnet in the allowed zones has addresses" + (f" ({listed})" if listed else "")
+    return f"autoscaler subnets: {listed}"
+
+
 def denial_message(decision: Decision, cni: CniSettings) -> str:
     what = "a branch ENI (security groups for pods)" if decision.use is PodUse.BRANCH else "a pod IP"
     fixes = "; ".join(remedies(decision, cni))
@@ -99,7 +114,7 @@ def denial_message(decision: Decision, cni: CniSettings) -> str:
             f"{_node_phrase(decision.node)}. Fix: remove {decision.node.pinned_by} so the scheduler can choose a node, "
             f"or {fixes}."
         )
-    zones = "; ".join(_zone_phrase(c) for c in decision.zones)
+    zones = "; ".join([*(_zone_phrase(c) for c in decision.zones), *filter(None, [launch_phrase(decision.zones)])])
     if decision.selection:
         return (
             f"ipguard: pod {decision.pod} may only run on the {decision.selected_nodes} node(s) its node selection "

@@ -24,6 +24,8 @@ DEFAULT_ENI_CONFIG_NAME = "default"  # the ENIConfig MyENIConfig falls back to
 DEFAULT_IP_COOLDOWN = 30.0
 DEFAULT_BRANCH_COOLDOWN = 60.0
 DEFAULT_ENI_CONFIG_ANNOTATION = "k8s.amazonaws.com/eniConfig"
+# Said once in the log, by `report` and by /readyz: ipamd gives each node a /80 prefix in IPv6 mode.
+IPV6_STAND_ASIDE = "IPv6 cluster (ENABLE_IPv6=true): pod addresses are not the constraint; ipguard admits every pod"
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from itertools import chain, islice
 from typing import Any, NamedTuple
 
 from webhook.model import pods
+from webhook.model.cni import IPV6_STAND_ASIDE
 from webhook.model.config import Settings
 from webhook.model.findings import Finding
 from webhook.model.index import CapacityIndex, Node, PodUse
@@ -41,6 +42,8 @@ class ZoneCheck(NamedTuple):
     subnets_known: bool = True  # every node's pod subnet has figures
     needs: str = ""  # for a denial: why free addresses are not pod IPs (a new ENI's or new node's whole request)
     cooling: int = 0  # freed IPs in cooldown on its nodes: no pod IP now, but back within seconds
+    # for a denial, when an autoscaler's subnets are known: the zone's launch subnets and their new-node IPs
+    launch: tuple[tuple[str, int], ...] | None = None
 
     @property
     def exhausted(self) -> bool:
@@ -125,7 +128,7 @@ def decide(
     if pods.targets_windows(pod):
         return not_applicable(name, "Windows pod: a different IPAM, not modelled")
     if index.cni.ipv6:
-        return not_applicable(name, "IPv6 cluster: pod addresses are not the constraint")
+        return not_applicable(name, IPV6_STAND_ASIDE)
     # pods.pod_use() without the checks made above
     # `branch`: policies select it and it will get a pod-eni request (see admission.objects.branch_policies).
     use = PodUse.BRANCH if branch or pods.wants_branch_eni(pod) else PodUse.IP
@@ -179,8 +182,8 @@ def decide(
         index, settings, reachable, with_takers=bool(open_checks))
     if not open_checks:
         if not full_zones:
-            detailed = tuple(c._replace(needs=index.growth_hint(c.zone)) for c in checks)
-            return Decision(Verdict.DENY, name, "every allowed zone is out of pod IPs", use=use, zones=detailed)
+            return Decision(Verdict.DENY, name, "every allowed zone is out of pod IPs", use=use,
+                            zones=_denial_details(checks, index))
         # Nodes are full but subnets have addresses: the pod waits Pending for the autoscaler's new nodes.
         # Keep it (and so the new nodes) away from the zones whose subnets are empty.
         reason = "nodes are full in every allowed zone; subnets have addresses, so new nodes can take it"
@@ -229,6 +232,16 @@ def decide(
         reserve_zone=scarcest.zone,
         soft=soft,
         only_nodes=only_nodes,
+    )
+
+
+def _denial_details(checks: tuple[ZoneCheck, ...], index: CapacityIndex) -> tuple[ZoneCheck, ...]:
+    """The zones' figures with what a denial adds (walks the zones' nodes and subnets: denials only): why
+    their free addresses are not pod IPs, and, when an autoscaler's subnets are known, the zones' ones."""
+    autoscaler = index.autoscaler_known()
+    return tuple(
+        c._replace(needs=index.growth_hint(c.zone), launch=index.launch_subnets(c.zone) if autoscaler else None)
+        for c in checks
     )
 
 
@@ -403,9 +416,9 @@ def _decide_selected(name: str, selected: Selected, checks: tuple[ZoneCheck, ...
     count = f"none of the {selected.nodes} node(s) its node selection allows ({selected.description})"
     new_node_zones = [c for c in checks if not (c.subnets_known and c.addresses <= c.reserve)]
     if checks and not new_node_zones:
-        detailed = tuple(c._replace(needs=index.growth_hint(c.zone)) for c in checks)
         return Decision(Verdict.DENY, name, f"{count} can give it an IP, and no subnet has addresses for a new node",
-                        use=use, zones=detailed, selection=selected.description, selected_nodes=selected.nodes)
+                        use=use, zones=_denial_details(checks, index), selection=selected.description,
+                        selected_nodes=selected.nodes)
     avoid = selected.dry if len(selected.dry) <= settings.max_steered_nodes else ()
     target = max(new_node_zones, key=lambda c: (c.addresses - c.reserve, c.zone)).zone if new_node_zones else None
     return Decision(Verdict.STEER, name, f"{count} can give it an IP now; it waits for a new node", use=use,
@@ -430,6 +443,8 @@ def _decide_pinned(name: str, node_name: str, use: PodUse, index: CapacityIndex,
         return Decision(Verdict.ALLOW, name, f"pinned to node {node_name}, which ipguard does not know yet",
                         use=use, node=NodeCheck(node_name, None, False, 0, 0, None, settings.node_reserve, 0,
                                                 True))
+    if node.windows:
+        return not_applicable(name, f"pinned to Windows node {node_name}: a different IPAM, not modelled")
     subnet = index.subnets.get(node.pod_subnet) if node.pod_subnet else None
     if use is PodUse.BRANCH:
         can_take = node.branch_room > 0 and (subnet is None or subnet.supply > 0)

@@ -38,7 +38,14 @@ from typing import Any, Generic, TypeVar
 from webhook.model import ipamd
 from webhook.model.cni import CniSettings
 from webhook.model.ipamd import HeldAddresses
-from webhook.model.limits import PREFIX_SIZE, InstanceLimits, LimitsTable, UnknownInstanceType, pod_ip_capacity
+from webhook.model.limits import (
+    PREFIX_SIZE,
+    InstanceLimits,
+    LimitsTable,
+    UnknownInstanceType,
+    pod_ip_capacity,
+    without_lost_slots,
+)
 from webhook.model.supply import (
     Demand,
     UnitKind,
@@ -90,6 +97,7 @@ class Node:
     ec2_enis: int | None = None  # ENIs carrying its pod IPs per EC2, when known
     # per EC2, what it holds in each subnet its pod ENIs are in (None: all in its pod subnet, as far as known)
     ec2_subnets: tuple[tuple[str, HeldAddresses], ...] | None = None
+    lost_enis: int = 0  # ENI slots taken by attached ENIs that carry no pod IPs, per EC2 (no_manage, excluded)
     # pod counts
     pods: int = 0
     assigned: int = 0
@@ -116,6 +124,7 @@ class Node:
     # its ENIs in subnets other than `pod_subnet` (where new ENIs come from): what they hold and can still grow
     elsewhere: tuple[Placed, ...] = ()
     labels: Mapping[str, str] = field(default_factory=dict)  # its labels, for pods that select nodes by them
+    windows: bool = False  # a Windows node: its own IPAM, never judged on ipamd's
 
     @property
     def idle(self) -> bool:
@@ -476,6 +485,7 @@ class CapacityIndex:
         cordoned: bool = False,
         no_eni_config: bool = False,
         labels: Mapping[str, str] | None = None,
+        windows: bool = False,
     ) -> None:
         """A node as the watch shows it. `schedulable`: new pods may be placed there (Linux, EC2, not
         cordoned); `cordoned`: tainted unschedulable, which also stops ipamd growing it; `no_eni_config`: custom
@@ -500,6 +510,7 @@ class CapacityIndex:
             self._label(node, -1)
             node.labels = labels
         self._label(node, 1)
+        node.windows = windows
         self._count_type(node, 1)
         self._attach(node)
         self._types_changed()
@@ -519,6 +530,7 @@ class CapacityIndex:
         node.ec2_held = None
         node.ec2_enis = None
         node.ec2_subnets = None
+        node.lost_enis = 0
         if node.idle:
             del self.nodes[name]
             self._flush()
@@ -529,9 +541,10 @@ class CapacityIndex:
         self.version += 1
 
     def set_node_held(self, name: str, held_ips: int | None, *, enis: int | None = None,
-                      subnets: Mapping[str, HeldAddresses] | None = None) -> None:
+                      subnets: Mapping[str, HeldAddresses] | None = None, lost_enis: int = 0) -> None:
         """IPs the node holds according to EC2, and the ENIs that carry them (None: unknown, predict it);
-        `subnets`: what it holds in each subnet its pod ENIs are in (None: all in its pod subnet)."""
+        `subnets`: what it holds in each subnet its pod ENIs are in (None: all in its pod subnet); `lost_enis`:
+        the ENI slots its other attached ENIs take without carrying pod IPs."""
         node = self.nodes.get(name)
         if node is None:
             return
@@ -539,6 +552,7 @@ class CapacityIndex:
         node.ec2_held = held_ips
         node.ec2_enis = enis if held_ips is not None else None
         node.ec2_subnets = tuple(sorted(subnets.items())) if subnets is not None and held_ips is not None else None
+        node.lost_enis = lost_enis if held_ips is not None else 0
         self._attach(node)
         self.version += 1
 
@@ -603,8 +617,14 @@ class CapacityIndex:
         (otherwise their addresses are loose ones, as `_held` counts them)."""
         return held if ipamd.prefix_delegation_on(limits, self.cni) else HeldAddresses(held.ips, 0, held.enis)
 
+    def _slot_limits(self, node: Node) -> InstanceLimits | None:
+        """The node's limits less the ENI slots its ENIs that carry no pod IPs take (`hasRoomForEni`)."""
+        if node.limits is None or not node.lost_enis:
+            return node.limits
+        return without_lost_slots(node.limits, node.lost_enis, self.cni.mode)
+
     def _derive(self, node: Node) -> None:
-        limits = node.limits
+        limits = self._slot_limits(node)
         used = node.assigned + node.reserved
         taken = used + node.cooling  # IPs in cooldown are held but no pod can have them yet
         if limits is None:
@@ -1249,7 +1269,8 @@ class CapacityIndex:
                 return f"MINIMUM_IP_TARGET without WARM_IP_TARGET: ipamd holds {node.held} IPs and adds none"
             if node.allocatable_pods is not None and node.held >= node.allocatable_pods:
                 return f"ipamd adds no IP once a node holds max-pods ({node.allocatable_pods}) IPs"
-            return f"every ENI slot of {node.instance_type} is in use"
+            lost = f" ({node.lost_enis} by ENIs that carry no pod IPs)" if node.lost_enis else ""
+            return f"every ENI slot of {node.instance_type} is in use{lost}"
         subnet = self.subnets.get(node.pod_subnet) if node.pod_subnet else None
         placed = ", ".join(p.subnet_id for p in node.elsewhere if p.free_slots)
         if placed:
@@ -1260,10 +1281,24 @@ class CapacityIndex:
             if subnet is not None and node.eni_cost is not None:
                 return f"{stuck}; {_cost_phrase(node.instance_type or 'the node', node.eni_cost, subnet)}"
             return stuck
-        cost = ipamd.growth_cost(node.waiting + 1, node.held_addresses, node.limits, self.cni)
+        limits = self._slot_limits(node)
+        assert limits is not None
+        cost = ipamd.growth_cost(node.waiting + 1, node.held_addresses, limits, self.cni)
         if subnet is None or cost is None:
             return ""
         return _cost_phrase(node.instance_type or "the node", cost, subnet)
+
+    def launch_subnets(self, zone_name: str) -> tuple[tuple[str, int], ...]:
+        """The zone's subnets an autoscaler launches new nodes into (Karpenter's EC2NodeClass status subnets),
+        with the pod IPs new nodes could still get from each (for a denial: walks the zone's subnets)."""
+        zone = self.zones.get(zone_name)
+        if zone is None:
+            return ()
+        return tuple((sid, self.subnets[sid].addresses) for sid in zone.subnet_tuple if self.subnets[sid].launchable)
+
+    def autoscaler_known(self) -> bool:
+        """Some subnet is known as an autoscaler's launch target (for a denial: walks the subnets)."""
+        return any(subnet.launchable for subnet in self.subnets.values())
 
     def growth_hint(self, zone_name: str) -> str:
         """Why a zone's free addresses are not pod IPs, in words: the cheapest step its nodes need next, and
@@ -1279,9 +1314,10 @@ class CapacityIndex:
             cheapest: tuple[int, str, ipamd.GrowthCost] | None = None
             for name in zone.dry_nodes.get(subnet_id, ()):
                 node = self.nodes[name]
-                if node.limits is None or not node.grows or node.room <= 0:
+                limits = self._slot_limits(node)
+                if limits is None or not node.grows or node.room <= 0:
                     continue
-                cost = ipamd.growth_cost(node.waiting + 1, node.held_addresses, node.limits, self.cni)
+                cost = ipamd.growth_cost(node.waiting + 1, node.held_addresses, limits, self.cni)
                 if cost is not None:
                     whole = cost.addresses + PREFIX_SIZE * cost.blocks
                     if cheapest is None or whole < cheapest[0]:
@@ -1395,6 +1431,7 @@ class CapacityIndex:
             waiting_nodes=tuple(sorted(
                 (n.name, n.zone or "", n.waiting) for n in self.nodes.values() if n.known and n.waiting > 0
             )),
+            ipv6=self.cni.ipv6,
         )
 
     # ---- checking -------------------------------------------------------------------------------------
@@ -1405,7 +1442,7 @@ class CapacityIndex:
         nodes = {
             name: Node(n.name, n.zone, n.instance_type, n.pod_subnet, n.allocatable_pods, n.schedulable,
                        n.limits, n.ec2_held, cordoned=n.cordoned, no_eni_config=n.no_eni_config,
-                       ec2_enis=n.ec2_enis, ec2_subnets=n.ec2_subnets, known=n.known)
+                       ec2_enis=n.ec2_enis, ec2_subnets=n.ec2_subnets, lost_enis=n.lost_enis, known=n.known)
             for name, n in self.nodes.items()
         }
         zones: dict[str, Zone] = {}
@@ -1514,6 +1551,7 @@ class IndexSnapshot:
     reservations: int
     unknown_types: tuple[str, ...]
     waiting_nodes: tuple[tuple[str, str, int], ...] = ()  # (node, zone, pods on it waiting for an IP)
+    ipv6: bool = False  # an IPv6 cluster: ipguard stands aside
 
 
 def pod_key(namespace: str, name: str) -> str:

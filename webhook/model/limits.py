@@ -11,7 +11,7 @@ The calculator caps max-pods at 110 (<= 30 vCPUs) or 250 unless asked for the ma
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from webhook.model.instance_types import INSTANCE_TYPES
 
@@ -101,6 +101,16 @@ def usable_enis(limits: InstanceLimits, mode: CapacityMode) -> int:
     if mode.custom_networking:
         enis -= 1  # the primary ENI stays in the node's subnet and carries no pod IPs
     return max(enis, 0)
+
+
+def without_lost_slots(limits: InstanceLimits, lost: int, mode: CapacityMode) -> InstanceLimits:
+    """The limits of a node whose attached ENIs take `lost` slots without carrying pod IPs (ENIs tagged
+    `node.k8s.amazonaws.com/no_manage=true`, EFA-only ones, ENIs in subnets ipamd excludes): ipamd's
+    `hasRoomForEni` allows maxENI (the type's limit, capped by MAX_ENI) less those slots (and the trunk's)."""
+    if lost <= 0:
+        return limits
+    enis = limits.max_enis if mode.max_eni is None else min(limits.max_enis, mode.max_eni)
+    return replace(limits, max_enis=max(enis - lost, 0))
 
 
 def uses_prefixes(limits: InstanceLimits, mode: CapacityMode) -> bool:

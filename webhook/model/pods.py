@@ -76,7 +76,24 @@ def is_terminal(pod: Pod) -> bool:
 
 
 def targets_windows(pod: Pod) -> bool:
-    return _map(spec(pod).get("nodeSelector")).get(OS_LABEL) == "windows"
+    """Selected onto Windows nodes: by its node selector, or by every required node-affinity term
+    (`kubernetes.io/os In [windows]`). Windows nodes have their own IPAM (the VPC resource controller's
+    `vpc.amazonaws.com/PrivateIPv4Address`), not ipamd's warm pools."""
+    if _map(spec(pod).get("nodeSelector")).get(OS_LABEL) == "windows":
+        return True
+    affinity = _map(_map(spec(pod).get("affinity")).get("nodeAffinity"))
+    terms = _list(_map(affinity.get("requiredDuringSchedulingIgnoredDuringExecution")).get("nodeSelectorTerms"))
+    return bool(terms) and all(_selects_windows(_map(term)) for term in terms)
+
+
+def _selects_windows(term: Mapping[str, Any]) -> bool:
+    for expression in _list(term.get("matchExpressions")):
+        expr = _map(expression)
+        values = _list(expr.get("values"))
+        if expr.get("key") == OS_LABEL and expr.get("operator") == "In" and values and all(
+                v == "windows" for v in values):
+            return True
+    return False
 
 
 def wants_branch_eni(pod: Pod) -> bool:

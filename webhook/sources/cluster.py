@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from webhook.model import pods as podlib
-from webhook.model.cni import DEFAULT_ENI_CONFIG_NAME, CniSettings, CniSettingsError
+from webhook.model.cni import DEFAULT_ENI_CONFIG_NAME, IPV6_STAND_ASIDE, CniSettings, CniSettingsError
 from webhook.model.config import NO_VALID_SETTINGS, ConfigError, Settings
 from webhook.model.eniconfig import EniConfigStore, parse_eniconfig
 from webhook.model.index import CapacityIndex, pod_key
@@ -79,6 +79,7 @@ class NodeInfo:
     cordoned: bool  # ipamd adds no IP or ENI to it (isENIAttachmentAllowed)
     labels: dict[str, str]  # kept whole: which label and annotation name the ENIConfig depends on the CNI
     annotations: dict[str, str]  # settings, which may arrive after the node
+    windows: bool = False  # kubernetes.io/os=windows: its own IPAM
 
 
 def _quantity(value: Any) -> int | None:
@@ -114,6 +115,7 @@ def node_info(obj: Mapping[str, Any]) -> NodeInfo:
         cordoned=cordoned,
         labels={str(k): str(v) for k, v in labels.items()},
         annotations={str(k): str(v) for k, v in annotations.items()},
+        windows=labels.get(podlib.OS_LABEL) == "windows",
     )
 
 
@@ -127,7 +129,7 @@ class ClusterFeed:
     config_namespace: str = "ipguard"
     min_staleness: float = 0.0  # the least stalenessSeconds the sources support (smaller is refused)
     nodes: dict[str, NodeInfo] = field(default_factory=dict)
-    ec2_node_subnets: dict[str, str] = field(default_factory=dict)  # node -> subnet of its primary ENI
+    ec2_node_subnets: dict[str, str] = field(default_factory=dict)  # node -> its pod IPs' subnet per EC2
     eni_configs: dict[str, str] = field(default_factory=dict)  # ENIConfig name -> subnet
     namespaces: set[str] = field(default_factory=set)
     security_group_policies: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -196,6 +198,7 @@ class ClusterFeed:
             # MyENIConfig finds none: ipamd attaches no pod ENI, and the node gives no pod IP.
             no_eni_config=self.index.cni.custom_networking and pod_subnet is None,
             labels=info.labels,
+            windows=info.windows,
         )
 
     def sync_all_nodes(self) -> None:
@@ -454,7 +457,7 @@ class AwsNodeHandler(_KeyedStore):
         self.feed.cni_env_seen = True
         if cni != self.feed.index.cni:
             if cni.ipv6 and not self.feed.index.cni.ipv6:
-                log.warning("IPv6 cluster: pod addresses are not the constraint; ipguard stands aside")
+                log.warning(IPV6_STAND_ASIDE)
             self.feed.index.set_cni(cni)
             self.feed.sync_all_nodes()  # custom networking changes where pod subnets come from
             log.info("CNI settings applied", extra={"fields": {"cni": repr(cni)}})

@@ -23,6 +23,9 @@ is a full example):
         allocatablePods: 29         # optional; default: the type's max-pods
         heldIPs: 27                 # optional: what EC2 says the node holds
         enis: 3                     # optional, with heldIPs: the ENIs carrying them (default: as few as hold them)
+        lostEnis: 0                 # optional, with heldIPs: ENI slots taken by ENIs that carry no pod IPs
+                                    # (tagged node.k8s.amazonaws.com/no_manage=true, EFA-only, in a subnet
+                                    # tagged kubernetes.io/role/cni=0)
         unschedulable: false        # cordoned: no new pods, and ipamd gives it no new IP
         os: linux
         labels: {eks.amazonaws.com/nodegroup: web}   # optional: for pods that select nodes by label
@@ -85,6 +88,8 @@ class SnapshotNode:
     branch_pods: int
     eni_config: str | None = None  # the ENIConfig it selects (custom networking)
     labels: Mapping[str, str] = field(default_factory=dict)  # e.g. its node group, for pods that select by it
+    lost_enis: int = 0  # ENI slots taken by ENIs that carry no pod IPs
+    windows: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,9 +172,10 @@ class Snapshot:
                 cordoned=node.cordoned,
                 no_eni_config=node.pod_subnet is None,
                 labels={ZONE_LABEL: node.zone, HOSTNAME_LABEL: node.name, **node.labels},
+                windows=node.windows,
             )
             if node.held_ips is not None:
-                index.set_node_held(node.name, node.held_ips, enis=node.held_enis)
+                index.set_node_held(node.name, node.held_ips, enis=node.held_enis, lost_enis=node.lost_enis)
             short = node.name.split(".", 1)[0]
             for i in range(node.ip_pods):
                 index.upsert_pod(f"apps/{short}-app-{i}", node.name, PodUse.IP)
@@ -273,6 +279,8 @@ def parse_snapshot(document: Any, source: str, limits: LimitsTable) -> Snapshot:
         enis = item.get("enis")
         if enis is not None and held is None:
             raise SnapshotError(f"{source}: {where}: enis needs heldIPs (the IPs those ENIs hold)")
+        if item.get("lostEnis") is not None and held is None:
+            raise SnapshotError(f"{source}: {where}: lostEnis needs heldIPs (EC2's view of the node's ENIs)")
         cordoned = bool(item.get("unschedulable", False))
         snapshot.nodes.append(
             SnapshotNode(
@@ -296,6 +304,8 @@ def parse_snapshot(document: Any, source: str, limits: LimitsTable) -> Snapshot:
                 branch_pods=_int(pods, "branch", source, where, 0),
                 eni_config=config_name,
                 labels=_labels(item.get("labels"), source, where),
+                lost_enis=_int(item, "lostEnis", source, where, 0),
+                windows=item.get("os", "linux") == "windows",
             )
         )
     names = [n.name for n in snapshot.nodes]

@@ -4,11 +4,18 @@ The VPC CNI describes the ENIs it creates `aws-K8S-<instance-id>`; the node's pr
 carries pod IPs except under custom networking. A node holds its ENIs' secondary IPv4 addresses (never an ENI's
 primary IP) plus 16 per /28 prefix. Branch ENIs (security groups for pods) hang off the node's trunk ENI and are
 counted apart.
+
+Some attached ENIs take one of the node's ENI slots without ever carrying a pod IP (ipamd's `hasRoomForEni`
+subtracts them from maxENI): ENIs tagged `node.k8s.amazonaws.com/no_manage=true` and EFA-only ENIs
+(`filterUnmanagedENIs`), and, with subnet discovery on, ENIs in a subnet tagged `kubernetes.io/role/cni=0`
+(`excludedENIBasedOnSubnetTags`, the node's primary ENI included). Only the default network card counts: without
+multi-NIC ipamd manages no other.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -26,6 +33,8 @@ CNI_ENI_PREFIX = "aws-K8S-"  # ipamd's description for the ENIs it creates: aws-
 BRANCH_ENI_DESCRIPTION = "aws-k8s-branch-eni"  # vpc-resource-controller (security groups for pods)
 TRUNK_ENI_DESCRIPTION = "aws-k8s-trunk-eni"
 TRUNK_ENI_TAG = "vpcresources.k8s.aws/trunk-eni-id"  # on each branch ENI: the trunk it hangs off
+NO_MANAGE_TAG = "node.k8s.amazonaws.com/no_manage"  # ipamd leaves an ENI tagged with the value "true" alone
+EFA_ONLY = "efa-only"  # an InterfaceType with no IP address at all
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +51,8 @@ class Eni:
     secondary_ips: tuple[str, ...]
     prefixes: tuple[str, ...]  # Ipv4Prefixes, e.g. 10.0.1.16/28
     trunk_eni_id: str | None = None  # branch ENIs: the trunk they hang off
+    no_manage: bool = False  # tagged node.k8s.amazonaws.com/no_manage=true (exactly "true", as ipamd reads it)
+    network_card: int = 0
 
     @property
     def is_branch(self) -> bool:
@@ -57,7 +68,13 @@ class Eni:
 
     @property
     def is_primary(self) -> bool:
-        return self.instance_id is not None and self.device_index == 0
+        return self.instance_id is not None and self.device_index == 0 and self.network_card == 0
+
+    @property
+    def is_unmanaged(self) -> bool:
+        """ipamd never gives it pod IPs but it takes an ENI slot (`setUnmanagedENIs`: the primary ENI is always
+        managed; `filterUnmanagedENIs` also leaves EFA-only ENIs out)."""
+        return not self.is_primary and (self.no_manage or self.interface_type == EFA_ONLY)
 
     def addresses(self) -> Iterator[str]:
         if self.primary_ip:
@@ -77,7 +94,7 @@ def parse_eni(raw: NetworkInterfaceTypeDef) -> Eni:
         else:
             secondary.append(address)
     attachment = raw.get("Attachment", {})
-    trunk = next((t.get("Value") for t in raw.get("TagSet", []) if t.get("Key") == TRUNK_ENI_TAG), None)
+    tags = {t.get("Key"): t.get("Value") for t in raw.get("TagSet", [])}
     return Eni(
         eni_id=raw.get("NetworkInterfaceId", ""),
         subnet_id=raw.get("SubnetId", ""),
@@ -88,71 +105,109 @@ def parse_eni(raw: NetworkInterfaceTypeDef) -> Eni:
         primary_ip=primary,
         secondary_ips=tuple(secondary),
         prefixes=tuple(p["Ipv4Prefix"] for p in raw.get("Ipv4Prefixes", []) if p.get("Ipv4Prefix")),
-        trunk_eni_id=trunk,
+        trunk_eni_id=tags.get(TRUNK_ENI_TAG),
+        no_manage=tags.get(NO_MANAGE_TAG) == "true",
+        network_card=attachment.get("NetworkCardIndex", 0),
     )
 
 
+class EniHold(NamedTuple):
+    """One ENI ipamd manages on a node: its subnet and the pod IPs it holds. (Named tuples: a worker process
+    ships these per node, and tuples unpickle about ten times faster than slotted dataclasses.)"""
+
+    subnet_id: str
+    secondary_ips: int  # secondary private IPv4 addresses (the ENI's primary excluded)
+    prefixes: int  # /28 prefixes
+    primary: bool  # the node's primary ENI
+
+    def excluded_by(self, excluded: AbstractSet[str]) -> bool:
+        """In a subnet ipamd excludes, and holding no pod IP: an excluded ENI's free addresses go back to EC2
+        (`checkAndHandleAllENIExclusion`, `deallocateEmptyCIDR`), so what one still holds are running pods'
+        IPs, which ipamd's own counts leave out. Such an ENI is taken as a pod ENI until it is empty: its pods
+        keep their addresses, and ipguard errs toward admitting rather than count them twice."""
+        return self.subnet_id in excluded and not (self.secondary_ips or self.prefixes)
+
+
 class InstanceEnis(NamedTuple):
-    """What one instance holds, per DescribeNetworkInterfaces. A named tuple: a worker process ships one per
-    node, and tuples unpickle about ten times faster than slotted dataclasses (3 ms against 31 ms for 5,000)."""
+    """What one instance holds, per DescribeNetworkInterfaces (a named tuple, as `EniHold`)."""
 
     instance_id: str
-    enis: int = 0  # ENIs whose secondary slots carry pod IPs: CNI ENIs and the primary ENI
-    secondary_ips: int = 0  # secondary private IPv4 addresses on those ENIs (each ENI's primary excluded)
-    prefixes: int = 0  # /28 prefixes on those ENIs
-    primary_secondary_ips: int = 0  # the part of the two figures above on the primary ENI
-    primary_prefixes: int = 0
+    holds: tuple[EniHold, ...] = ()  # the CNI ENIs and the primary ENI
+    unmanaged_enis: int = 0  # ENI slots taken by no_manage and EFA-only ENIs
     branch_enis: int = 0  # security groups for pods: branch ENIs on this instance's trunk
     trunk: bool = False
     primary_subnet: str | None = None  # the node's own subnet (its primary ENI's)
-    # (subnet id, secondary IPs, prefixes, ENIs) of the ENIs counted above, per subnet they are in
-    by_subnet: tuple[tuple[str, int, int, int], ...] = ()
 
-    def held_by_subnet(self, *, custom_networking: bool = False) -> dict[str, HeldAddresses]:
-        """What the node holds in each subnet its pod ENIs are in: an ENI stays in the subnet it was created in
-        (an ENIConfig change or subnet discovery leaves attached ENIs where they are). Under custom networking
-        the primary ENI carries no pod IPs (`held_ips`)."""
-        out: dict[str, HeldAddresses] = {}
-        for subnet_id, ips, prefixes, enis in self.by_subnet:
-            if custom_networking and subnet_id == self.primary_subnet:
-                ips -= self.primary_secondary_ips
-                prefixes -= self.primary_prefixes
-                enis -= 1
-            if enis > 0:
-                out[subnet_id] = HeldAddresses(ips + prefixes * PREFIX_SIZE, prefixes, enis)
-        return out
+    @property
+    def enis(self) -> int:
+        return len(self.holds)
 
-    def held_ips(self, *, custom_networking: bool = False) -> int:
-        """Pod IPs held from the pod subnet: secondary IPs plus 16 per /28 (both, in case a node holds both
-        while switching modes). Under custom networking the primary ENI stays in the node's own subnet and
-        carries no pod IPs."""
-        ips, prefixes = self.secondary_ips, self.prefixes
-        if custom_networking:
-            ips -= self.primary_secondary_ips
-            prefixes -= self.primary_prefixes
-        return ips + prefixes * PREFIX_SIZE
+    @property
+    def secondary_ips(self) -> int:
+        return sum(h.secondary_ips for h in self.holds)
 
-    def pod_enis(self, *, custom_networking: bool = False) -> int:
+    @property
+    def prefixes(self) -> int:
+        return sum(h.prefixes for h in self.holds)
+
+    def _pod_holds(self, custom_networking: bool, excluded: AbstractSet[str]) -> Iterator[EniHold]:
+        """The ENIs whose IPs are pod IPs: under custom networking not the primary ENI (it stays in the node's own
+        subnet), and not those in subnets ipamd excludes (`IsExcludedForPodIPs`: left out of its IP counts)."""
+        for hold in self.holds:
+            if not (custom_networking and hold.primary) and not hold.excluded_by(excluded):
+                yield hold
+
+    def held_ips(self, *, custom_networking: bool = False, excluded: AbstractSet[str] = frozenset()) -> int:
+        """Pod IPs held from the pod subnets: secondary IPs plus 16 per /28 (both, in case a node holds both
+        while switching modes), on the ENIs that carry pod IPs. `excluded`: subnets ipamd excludes."""
+        return sum(h.secondary_ips + h.prefixes * PREFIX_SIZE for h in self._pod_holds(custom_networking, excluded))
+
+    def pod_enis(self, *, custom_networking: bool = False, excluded: AbstractSet[str] = frozenset()) -> int:
         """ENIs that carry pod IPs (under custom networking the primary ENI carries none)."""
-        return max(self.enis - (1 if custom_networking and self.primary_subnet is not None else 0), 0)
+        return sum(1 for _ in self._pod_holds(custom_networking, excluded))
+
+    def held_by_subnet(self, *, custom_networking: bool = False,
+                       excluded: AbstractSet[str] = frozenset()) -> dict[str, HeldAddresses]:
+        """What the node holds in each subnet its pod ENIs are in: an ENI stays in the subnet it was created in
+        (an ENIConfig change or subnet discovery leaves attached ENIs where they are). Only the ENIs that carry
+        pod IPs (`held_ips`)."""
+        sums: dict[str, list[int]] = {}
+        for hold in self._pod_holds(custom_networking, excluded):
+            here = sums.setdefault(hold.subnet_id, [0, 0, 0])
+            here[0] += hold.secondary_ips
+            here[1] += hold.prefixes
+            here[2] += 1
+        return {sid: HeldAddresses(ips + prefixes * PREFIX_SIZE, prefixes, enis)
+                for sid, (ips, prefixes, enis) in sorted(sums.items())}
+
+    def own_subnet_excluded_elsewhere(self, excluded: AbstractSet[str]) -> str | None:
+        """With the node's own subnet excluded, the subnet of its pod ENIs elsewhere (the one holding most, when
+        several): where ipamd finds free slots before it attaches another ENI. None when it has none yet."""
+        holds = [h for h in self.holds if h.subnet_id not in excluded]
+        if not holds:
+            return None
+        return max(holds, key=lambda h: (h.secondary_ips + h.prefixes, h.subnet_id)).subnet_id
+
+    def lost_enis(self, *, custom_networking: bool = False, excluded: AbstractSet[str] = frozenset()) -> int:
+        """ENI slots taken by attached ENIs that never carry pod IPs: unmanaged ones, and those in excluded
+        subnets (`hasRoomForEni` takes both off maxENI). Under custom networking the primary ENI's slot is
+        already outside the pod ENIs the type allows, excluded or not."""
+        in_excluded = sum(1 for h in self.holds if h.excluded_by(excluded) and not (custom_networking and h.primary))
+        return self.unmanaged_enis + in_excluded
 
 
 @dataclass(slots=True)
 class _Tally:
-    enis: int = 0
-    ips: int = 0
-    prefixes: int = 0
-    primary_ips: int = 0
-    primary_prefixes: int = 0
+    holds: list[EniHold] = field(default_factory=list)
+    unmanaged: int = 0
     branch: int = 0
     trunk: bool = False
     primary_subnet: str | None = None
-    by_subnet: dict[str, list[int]] = field(default_factory=dict)  # subnet -> [secondary IPs, prefixes, ENIs]
 
 
 def summarize_instances(enis: Iterable[Eni], instance_ids: Iterable[str]) -> dict[str, InstanceEnis]:
-    """Per wanted instance id: the IPs, prefixes and branch ENIs it holds. Instances with no ENI at all (gone,
-    or in another VPC) are left out."""
+    """Per wanted instance id: the IPs, prefixes and branch ENIs it holds, and the ENI slots taken by ENIs that
+    carry no pod IPs. Instances with no ENI at all (gone, or in another VPC) are left out."""
     wanted = set(instance_ids)
     enis = list(enis)
     tallies: dict[str, _Tally] = {}
@@ -165,19 +220,16 @@ def summarize_instances(enis: Iterable[Eni], instance_ids: Iterable[str]) -> dic
             trunks[eni.eni_id] = eni.instance_id
             t.trunk = True
             continue
+        if eni.network_card != 0:
+            continue  # ipamd manages the default network card only (ENABLE_MULTI_NIC off)
+        if eni.is_unmanaged:
+            t.unmanaged += 1
+            continue
         if eni.is_branch or not (eni.is_cni or eni.is_primary):
-            continue  # ENIs attached by something else (EFA, other controllers) carry no CNI pod IPs
-        t.enis += 1
-        t.ips += len(eni.secondary_ips)
-        t.prefixes += len(eni.prefixes)
-        here = t.by_subnet.setdefault(eni.subnet_id, [0, 0, 0])
-        here[0] += len(eni.secondary_ips)
-        here[1] += len(eni.prefixes)
-        here[2] += 1
+            continue  # ENIs attached by something else (other controllers) carry no CNI pod IPs
+        t.holds.append(EniHold(eni.subnet_id, len(eni.secondary_ips), len(eni.prefixes), eni.is_primary))
         if eni.is_primary:
             t.primary_subnet = eni.subnet_id
-            t.primary_ips += len(eni.secondary_ips)
-            t.primary_prefixes += len(eni.prefixes)
     for eni in enis:
         # Branch ENIs are not attached to the instance: they hang off its trunk ENI.
         if eni.is_branch and eni.trunk_eni_id in trunks:
@@ -185,15 +237,11 @@ def summarize_instances(enis: Iterable[Eni], instance_ids: Iterable[str]) -> dic
     return {
         instance_id: InstanceEnis(
             instance_id,
-            enis=t.enis,
-            secondary_ips=t.ips,
-            prefixes=t.prefixes,
-            primary_secondary_ips=t.primary_ips,
-            primary_prefixes=t.primary_prefixes,
+            holds=tuple(t.holds),
+            unmanaged_enis=t.unmanaged,
             branch_enis=t.branch,
             trunk=t.trunk,
             primary_subnet=t.primary_subnet,
-            by_subnet=tuple((sid, c[0], c[1], c[2]) for sid, c in sorted(t.by_subnet.items())),
         )
         for instance_id, t in tallies.items()
     }

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import boto3
 
 from webhook.model.index import CapacityIndex
+from webhook.model.ipamd import HeldAddresses
 from webhook.model.limits import InstanceLimits, UnknownInstanceType
 from webhook.sources.ec2.client import Call, CallFailed, CallStats, Clock, Ec2, RetryMode
 from webhook.sources.ec2.control_plane import ControlPlane, ControlPlaneProvider
@@ -117,6 +118,7 @@ class Ec2Poller:
         self._applied_subnets: set[str] = set()
         self._discovered: set[str] = set()  # subnets in the index by their discovery tag alone
         self._launch_targets: set[str] = set()  # subnets in the index as an autoscaler's launch targets
+        self.excluded_subnets: frozenset[str] = frozenset()  # tagged kubernetes.io/role/cni=0, as last fetched
 
     # ---- the shared connection, as callers and tests see it -------------------------------------------
 
@@ -268,6 +270,7 @@ class Ec2Poller:
         elif subnet_ids:
             cached.add(Call.SUBNETS)
         if subnets is not None:
+            self.excluded_subnets = frozenset(s.subnet_id for s in subnets if s.cni_excluded)
             subnets = [s for s in subnets if s.subnet_id in subnet_ids or self._kept(index, s)]
             pod_subnets = frozenset(s.subnet_id for s in subnets)
             used: dict[str, list[str]] | None = None
@@ -296,7 +299,7 @@ class Ec2Poller:
         nodes_updated = 0
         if instances is not None:
             self.instances = instances
-            nodes_updated = self._apply_held(index, node_instances, instances)
+            nodes_updated = self._apply_held(index, node_instances, instances, self.excluded_subnets)
         missing: frozenset[str] = frozenset()
         infos: dict[str, SubnetInfo] = {}
         if subnets is not None:
@@ -345,9 +348,17 @@ class Ec2Poller:
         index.set_cni(index.cni)
 
     def _apply_held(
-        self, index: CapacityIndex, node_instances: Mapping[str, str], instances: Mapping[str, InstanceEnis]
+        self,
+        index: CapacityIndex,
+        node_instances: Mapping[str, str],
+        instances: Mapping[str, InstanceEnis],
+        excluded_subnets: AbstractSet[str] = frozenset(),
     ) -> int:
+        """Each node's held IPs, pod ENIs and lost ENI slots. `excluded_subnets` (tagged
+        `kubernetes.io/role/cni=0`) count only with subnet discovery on: ipamd marks ENIs there excluded in
+        `setupENI` only then (`excludedENIBasedOnSubnetTags`)."""
         custom = index.cni.custom_networking
+        excluded = excluded_subnets if index.cni.subnet_discovery else frozenset()
         updated = 0
         held_now: set[str] = set()
         for node_name, instance_id in node_instances.items():
@@ -356,14 +367,19 @@ class Ec2Poller:
                 continue
             usage = instances.get(instance_id)
             # No ENI at all: the instance is gone (or elsewhere); let the index predict.
-            held = usage.held_ips(custom_networking=custom) if usage is not None else None
-            if held is not None:
+            by_subnet: dict[str, HeldAddresses] | None = None
+            if usage is None:
+                held, enis, lost = None, None, 0
+            else:
                 held_now.add(node_name)
-            enis = usage.pod_enis(custom_networking=custom) if usage is not None else None
-            by_subnet = usage.held_by_subnet(custom_networking=custom) if usage is not None else None
+                held = usage.held_ips(custom_networking=custom, excluded=excluded)
+                enis = usage.pod_enis(custom_networking=custom, excluded=excluded)
+                lost = usage.lost_enis(custom_networking=custom, excluded=excluded)
+                by_subnet = usage.held_by_subnet(custom_networking=custom, excluded=excluded)
             placed = tuple(sorted(by_subnet.items())) if by_subnet is not None else None
-            if node.ec2_held != held or node.ec2_enis != enis or node.ec2_subnets != placed:
-                index.set_node_held(node_name, held, enis=enis, subnets=by_subnet)
+            if (node.ec2_held != held or node.ec2_enis != enis or node.ec2_subnets != placed
+                    or node.lost_enis != lost):
+                index.set_node_held(node_name, held, enis=enis, subnets=by_subnet, lost_enis=lost)
                 updated += 1
         for node_name in self._held_nodes - held_now:
             node = index.nodes.get(node_name)
@@ -372,6 +388,33 @@ class Ec2Poller:
                 updated += 1
         self._held_nodes = held_now
         return updated
+
+    def pod_subnets(
+        self, instances: Mapping[str, InstanceEnis], zones: Mapping[str, str | None], *, discovery: bool
+    ) -> dict[str, str]:
+        """Instance id -> the subnet its pod IPs come from: its own (its primary ENI's). With subnet discovery on
+        and that subnet tagged kubernetes.io/role/cni=0, ipamd keeps the primary ENI from pods
+        (`excludedENIBasedOnSubnetTags`) and creates ENIs only in the zone's other tagged subnets
+        (`createENI` skips it: `isSubnetValidForENICreation`): then the subnet of its pod ENIs elsewhere, else
+        the zone's tagged subnet with most free addresses (`GetVpcSubnets`' order), where its next ENI goes.
+        `zones`: instance id -> its node's zone."""
+        excluded = self.excluded_subnets if discovery else frozenset()
+        out: dict[str, str] = {}
+        for instance_id, usage in instances.items():
+            own = usage.primary_subnet
+            if own is None:
+                continue
+            if own not in excluded:
+                out[instance_id] = own
+                continue
+            elsewhere = usage.own_subnet_excluded_elsewhere(excluded)
+            if elsewhere is None:
+                zone = zones.get(instance_id)
+                tagged = [s for s in self.subnets.values() if s.zone == zone and s.cni_discoverable]
+                elsewhere = max(tagged, key=lambda s: (s.free_ips, s.subnet_id)).subnet_id if tagged else None
+            # No tagged subnet: ipamd creates no ENI at all ("no valid subnets"); the own subnet stays named.
+            out[instance_id] = elsewhere or own
+        return out
 
     def _kept(self, index: CapacityIndex, info: SubnetInfo) -> bool:
         """Whether a subnet not asked for by id feeds the index: every one with `all_vpc_subnets`; one found by

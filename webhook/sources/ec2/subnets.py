@@ -90,6 +90,13 @@ class SubnetInfo:
         here, so such subnets are kept.)"""
         return self.tags.get(CNI_SUBNET_TAG, "") not in ("", "0")
 
+    @property
+    def cni_excluded(self) -> bool:
+        """Tagged `kubernetes.io/role/cni=0`: with subnet discovery on, ipamd creates no ENI here and its ENIs
+        here carry no pod IPs (`IsSubnetExcluded`; its other case, tags for other clusters only, needs aws-node's
+        CLUSTER_NAME, which is not known here: such subnets are not taken as excluded)."""
+        return self.tags.get(CNI_SUBNET_TAG) == "0"
+
 
 def parse_subnet(raw: SubnetTypeDef) -> SubnetInfo:
     return SubnetInfo(

@@ -726,7 +726,7 @@ class Phase:
     client_cpu: float = 0.0
     server_cpu: float = 0.0
     irq_cpu: float = 0.0  # interrupt and softirq time (the loopback network path, mostly)
-    other_cpu: float = 0.0  # every other process the machine ran meanwhile (other sessions, the idle server)
+    other_cpu: float = 0.0  # every other process the machine ran meanwhile (other workloads, the idle server)
     requests_override: int | None = None  # wrk: its own count
     p50_override: float | None = None
     p99_override: float | None = None

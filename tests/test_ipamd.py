@@ -313,8 +313,7 @@ def test_remembered_rules_answer_as_the_rules_do(instance_type: str, cni: CniSet
     """`Rules` remembers answers by their arguments; whatever the order of calls, and across its bound (here 4
     entries), each answer is the rule's own."""
     limits = TABLE.get(instance_type)
-    rules = Rules(cni)
-    rules.LIMIT = 4
+    rules = Rules(cni, limit=4)
     for assigned, waiting, cooling, cordoned, max_pods in calls:
         held = rules.predict_held(assigned, limits, max_pods)
         assert held == predict_held(assigned, limits, cni, max_pods)

@@ -10,11 +10,16 @@ A new ENI also takes one address of its own (its primary IP) from the subnet, in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from webhook.model.cni import CniSettings
 from webhook.model.limits import PREFIX_SIZE, InstanceLimits, usable_enis, uses_prefixes
 from webhook.model.supply import Demand, UnitKind
+
+K = TypeVar("K", bound=tuple[Any, ...])  # the arguments, as a tuple
+V = TypeVar("V")
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -269,46 +274,48 @@ def _demand(kind: UnitKind, waiting: int, ips: int) -> Demand:
     return Demand(_ceil_div(waiting, gain), waiting, _ceil_div(ips, gain), ips - waiting)
 
 
+class _Remembered(dict[K, V]):
+    """Answers of `compute(*key)` by key, worked out on a miss only (`__missing__`: a hit is a plain dict lookup);
+    past `limit` entries it starts afresh (a bound, never reached by real clusters)."""
+
+    def __init__(self, compute: Callable[..., V], limit: int) -> None:
+        super().__init__()
+        self._compute = compute
+        self._limit = limit
+
+    def __missing__(self, key: K) -> V:
+        if len(self) >= self._limit:
+            self.clear()
+        value = self[key] = self._compute(*key)
+        return value
+
+
 class Rules:
     """`predict_held`, `node_grows` and `growth_units` under one set of CNI settings, remembered by their
     arguments: a node's figures are recomputed at every pod event, and across a cluster they take few distinct
     values (one per instance type and pod count). Make a new one when the settings change."""
 
-    LIMIT = 1 << 16  # entries per rule before it starts afresh (a bound, never reached by real clusters)
+    LIMIT = 1 << 16  # entries per rule before it starts afresh
 
-    def __init__(self, settings: CniSettings) -> None:
+    def __init__(self, settings: CniSettings, limit: int = LIMIT) -> None:
         self.settings = settings
-        self._held: dict[tuple[int, InstanceLimits, int | None], HeldAddresses] = {}
-        self._grows: dict[tuple[HeldAddresses, int, InstanceLimits, int | None, bool, int], bool] = {}
-        self._units: dict[tuple[int, int, HeldAddresses, InstanceLimits], tuple[tuple[UnitKind, Demand], ...]] = {}
+        self._held: _Remembered[tuple[int, InstanceLimits, int | None], HeldAddresses] = _Remembered(
+            lambda assigned, limits, max_pods: predict_held(assigned, limits, settings, max_pods), limit)
+        self._grows: _Remembered[tuple[HeldAddresses, int, InstanceLimits, int | None, bool, int], bool] = (
+            _Remembered(lambda held, assigned, limits, max_pods, cordoned, cooling: node_grows(
+                held, assigned, limits, settings, max_pods=max_pods, cordoned=cordoned, cooling=cooling), limit))
+        self._units: _Remembered[tuple[int, int, HeldAddresses, InstanceLimits],
+                                 tuple[tuple[UnitKind, Demand], ...]] = _Remembered(
+            lambda waiting, new, held, limits: growth_units(waiting, new, held, limits, settings), limit)
 
     def predict_held(self, assigned: int, limits: InstanceLimits, max_pods: int | None) -> HeldAddresses:
-        key = (assigned, limits, max_pods)
-        held = self._held.get(key)
-        if held is None:
-            if len(self._held) >= self.LIMIT:
-                self._held.clear()
-            held = self._held[key] = predict_held(assigned, limits, self.settings, max_pods)
-        return held
+        return self._held[assigned, limits, max_pods]
 
     def node_grows(self, held: HeldAddresses, assigned: int, limits: InstanceLimits, max_pods: int | None,
                    cordoned: bool, cooling: int) -> bool:
-        key = (held, assigned, limits, max_pods, cordoned, cooling)
-        grows = self._grows.get(key)
-        if grows is None:
-            if len(self._grows) >= self.LIMIT:
-                self._grows.clear()
-            grows = self._grows[key] = node_grows(held, assigned, limits, self.settings, max_pods=max_pods,
-                                                  cordoned=cordoned, cooling=cooling)
-        return grows
+        return self._grows[held, assigned, limits, max_pods, cordoned, cooling]
 
     def growth_units(self, waiting: int, new: int, held: HeldAddresses,
                      limits: InstanceLimits) -> tuple[tuple[UnitKind, Demand], ...]:
         """The same units (shared, never changed in place: `add_demand` copies what it adds)."""
-        key = (waiting, new, held, limits)
-        units = self._units.get(key)
-        if units is None:
-            if len(self._units) >= self.LIMIT:
-                self._units.clear()
-            units = self._units[key] = growth_units(waiting, new, held, limits, self.settings)
-        return units
+        return self._units[waiting, new, held, limits]

@@ -201,8 +201,6 @@ BELOW_TARGET = {
     "burst-1000": "the scheduler spreads the last second's pods over every node, so each opens its next ENI (a "
                   "primary and a request each) where the cheapest-first count packs them into fewer; counting the "
                   "spread instead leaves the last IPs in warm pools (WARM_IP_TARGET) of nodes no pod then comes to",
-    "zone-near-exhaustion": "one pod in 74: the last addresses went to other nodes' warm pools after the last EC2 "
-                            "refresh (a 10 s refresh period brings it to 0)",
     "churn": "pods land on nodes whose free IPs cool down for 30 s (ipamd counts them as available and does not "
              "grow the node; never a reason to deny), and each second's pods crowd the few nodes with addresses",
     "two-replicas": "two replicas' reservations do not see each other at reserve 0 (2 failures in 118; "

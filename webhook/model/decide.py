@@ -44,6 +44,7 @@ class ZoneCheck(NamedTuple):
     cooling: int = 0  # freed IPs in cooldown on its nodes: no pod IP now, but back within seconds
     # for a denial, when an autoscaler's subnets are known: the zone's launch subnets and their new-node IPs
     launch: tuple[tuple[str, int], ...] | None = None
+    uncertain: bool = False  # a subnet cannot fund every node's top-up: which nodes have its last IPs is unknown
 
     @property
     def exhausted(self) -> bool:
@@ -178,8 +179,11 @@ def decide(
     reachable = [c.zone for c in open_checks] + list(full_zones)
     # Branch pods need branch room, which the scheduler checks itself (vpc.amazonaws.com/pod-eni): nodes out of
     # warm-pool IPs are no reason to keep them away.
-    avoid_nodes, only_nodes = ((), ()) if use is PodUse.BRANCH else _node_steering(
-        index, settings, reachable, with_takers=bool(open_checks))
+    # Dry nodes whose subnet's last addresses may have gone to other nodes' warm pools are kept off too, when a
+    # zone whose figures are certain has room (never the pod's only way to an IP).
+    certain = any(not c.uncertain for c in open_checks)
+    avoid_nodes, only_nodes, uncertain = ((), (), 0) if use is PodUse.BRANCH else _node_steering(
+        index, settings, reachable, with_takers=bool(open_checks), shun_uncertain=certain)
     if not open_checks:
         if not full_zones:
             return Decision(Verdict.DENY, name, "every allowed zone is out of pod IPs", use=use,
@@ -216,8 +220,11 @@ def decide(
         reasons.append(f"zone(s) {', '.join(avoid_zones)} out of pod IPs")
     if full_zones:
         reasons.append(f"zone(s) {', '.join(full_zones)} without node room: preferring the others")
-    if avoid_nodes:
-        reasons.append(f"{len(avoid_nodes)} node(s) out of pod IPs")
+    if len(avoid_nodes) > uncertain:
+        reasons.append(f"{len(avoid_nodes) - uncertain} node(s) out of pod IPs")
+    if uncertain:
+        reasons.append(f"{uncertain} node(s) with no warm IP whose subnet's last addresses may have gone to other "
+                       "nodes' warm pools")
     if only_nodes:
         reasons.append(f"only {len(only_nodes)} node(s) can give it an IP")
     return Decision(
@@ -268,29 +275,39 @@ def _zone_check(zone_name: str, use: PodUse, index: CapacityIndex, settings: Set
         zone.unknown_subnet_nodes == 0 and bool(zone.subnet_ids),
         "",
         zone.cooling,
+        None,
+        zone.topups_short > 0,
     )
     return check
 
 
-def _node_steering(index: CapacityIndex, settings: Settings, zones: list[str], *,
-                   with_takers: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(nodes to avoid, nodes to keep to): the nodes in these zones that cannot give a pod an IP but still
-    have pod slots (the scheduler would bind there), when few enough to list; else, where some node can take
-    the pod and those are few enough, the nodes that can. Whichever list is shorter; neither when both are
-    too long (the zone figures still steer)."""
+def _node_steering(index: CapacityIndex, settings: Settings, zones: list[str], *, with_takers: bool,
+                   shun_uncertain: bool) -> tuple[tuple[str, ...], tuple[str, ...], int]:
+    """(nodes to avoid, nodes to keep to, how many avoided are uncertain): the nodes in these zones that cannot
+    give a pod an IP but still have pod slots (the scheduler would bind there), when few enough to list; else,
+    where some node can take the pod and those are few enough, the nodes that can. Whichever list is shorter;
+    neither when both are too long (the zone figures still steer). `shun_uncertain`: add the dry nodes whose
+    subnet's last addresses may be gone (`CapacityIndex.uncertain_nodes`) while the list stays short."""
     limit = settings.max_steered_nodes
-    key = (tuple(zones), limit, with_takers)
+    key = (tuple(zones), limit, with_takers, shun_uncertain)
     cached = index.memo.get(key)
     if cached is not None:
         return cached  # type: ignore[no-any-return]
     avoid = list(islice(chain.from_iterable(index.exhausted_nodes(zone) for zone in zones), limit + 1))
+    result: tuple[tuple[str, ...], tuple[str, ...], int]
     if len(avoid) <= limit:
-        result: tuple[tuple[str, ...], tuple[str, ...]] = (tuple(sorted(avoid)), ())
+        uncertain: list[str] = []
+        if shun_uncertain:
+            more = chain.from_iterable(index.uncertain_nodes(zone) for zone in zones)
+            uncertain = list(islice(more, limit - len(avoid) + 1))
+            if len(uncertain) > limit - len(avoid):
+                uncertain = []
+        result = (tuple(sorted(avoid + uncertain)), (), len(uncertain))
     elif not with_takers:
-        result = ((), ())
+        result = ((), (), 0)
     else:
         takers = index.nodes_that_can_take(zones, limit + 1)
-        result = ((), tuple(sorted(takers))) if 0 < len(takers) <= limit else ((), ())
+        result = ((), tuple(sorted(takers)), 0) if 0 < len(takers) <= limit else ((), (), 0)
     index.memo[key] = result
     return result
 

@@ -115,6 +115,9 @@ class Node:
     grows: bool = True
     demand: int = 0  # loose addresses drawn from its pod subnet (IPs, ENI and node primaries, branch ENIs)
     demand_blocks: int = 0  # /28 prefixes drawn
+    # addresses ipamd will draw to restore its warm targets beyond EC2's last figures and the pods waiting
+    # (`increaseDatastorePool` tops the pool up within seconds of the pods that emptied it)
+    topup: int = 0
     units: tuple[tuple[UnitKind, Demand], ...] = ()
     # for a node with no warm IP that ipamd would grow (derived then, so the request path only compares):
     next_cost: ipamd.GrowthCost | None = None  # what one more IP beyond the waiting pods takes from its subnet
@@ -164,6 +167,7 @@ class Subnet:
     demand_blocks: int = 0  # sum of its nodes' /28 prefixes
     nodes: int = 0
     wants: dict[UnitKind, Demand] = field(default_factory=dict)  # its nodes' growth units, summed by kind
+    topups: int = 0  # sum of its nodes' top-ups
     tags: Mapping[str, str] = field(default_factory=dict)  # its EC2 tags, as last fetched
     launchable: bool = False  # an autoscaler (Karpenter's EC2NodeClass) can launch new nodes into it
     held_only: bool = False  # known only because nodes hold ENIs in it: no ENIConfig or node puts new ENIs there
@@ -178,6 +182,9 @@ class Subnet:
     usable: int = 0  # what its schedulable nodes can draw on (whole /28s under prefix delegation)
     unserved: Unserved = ()  # its nodes' new ENIs it could not fund (subnet discovery may)
     spare: tuple[int, int] = (0, 0)  # (addresses, blocks) free once its own nodes' growth is funded
+    # what is left cannot fund every node's top-up: its last addresses go to whichever nodes' ipamd asks first,
+    # so a node ipguard last saw with no warm IP may have none now while another has a few
+    topups_short: bool = False
 
     @property
     def discoverable(self) -> bool:
@@ -217,6 +224,7 @@ class Zone:
     subnet_ids: set[str] = field(default_factory=set)
     subnet_tuple: tuple[str, ...] = ()  # sorted subnet_ids, kept for the request path
     discoverable: set[str] = field(default_factory=set)  # its subnets tagged for subnet discovery
+    topups_short: int = 0  # its subnets that cannot fund every node's top-up (see Subnet.topups_short)
 
     def add_subnet(self, subnet_id: str, discoverable: bool = False) -> None:
         self.subnet_ids.add(subnet_id)
@@ -382,7 +390,7 @@ class Cooling:
 
 # What a node's contribution put in the subnets' sums: (pod subnet, counted, demand, /28 blocks, growth units,
 # its parts in other subnets).
-_Brought = tuple[Subnet | None, bool, int, int, tuple[tuple[UnitKind, Demand], ...], tuple[Placed, ...]]
+_Brought = tuple[Subnet | None, bool, int, int, tuple[tuple[UnitKind, Demand], ...], tuple[Placed, ...], int]
 
 # A pod entry: (node name or None, use, zone it was steered to while unbound or None).
 PodEntry = tuple[str | None, PodUse, str | None]
@@ -656,6 +664,7 @@ class CapacityIndex:
         if limits is None:
             # An unknown type: judged by its allocatable pods, one address per IP (no ENI figures to go on).
             node.grows = not across
+            node.topup = 0
             kind: UnitKind = (1, 0, 1, 1)
             wants = Demand(node.waiting, node.waiting, node.waiting + beyond, beyond)
             node.units = ((kind, wants),) if node.grows else ()
@@ -663,6 +672,10 @@ class CapacityIndex:
             node.grows = not node.no_eni_config and not across and self._rules.node_grows(
                 held, used, limits, node.allocatable_pods, node.cordoned, node.cooling)
             node.units = self._rules.growth_units(node.waiting, beyond, held, limits) if node.grows else ()
+            node.topup = 0
+            if node.grows and node.ec2_held is not None:
+                settled = self._rules.predict_held(taken, limits, node.allocatable_pods)
+                node.topup = max(0, settled.ips - max(held.ips, taken))
             if node.grows and node.warm == 0:
                 node.next_cost = ipamd.growth_cost(node.waiting + 1, held, limits, self.cni)
                 node.own_cost = ipamd.growth_cost(node.waiting, held, limits, self.cni)
@@ -781,6 +794,7 @@ class CapacityIndex:
             subnet.nodes += sign * counted
             subnet.demand += sign * node.demand
             subnet.demand_blocks += sign * node.demand_blocks
+            subnet.topups += sign * node.topup
             add_demand(subnet.wants, node.units, sign)
         elsewhere = node.elsewhere if node.known else ()
         for part in elsewhere:
@@ -789,7 +803,8 @@ class CapacityIndex:
             other.demand_blocks += sign * part.blocks
             add_demand(other.wants, part.units, sign)
         if subnets is None:
-            self._mark_dirty(node, sign, (subnet, counted, node.demand, node.demand_blocks, node.units, elsewhere))
+            self._mark_dirty(node, sign, (subnet, counted, node.demand, node.demand_blocks, node.units, elsewhere,
+                                          node.topup))
 
     def _mark_dirty(self, node: Node, sign: int, brought: _Brought) -> None:
         """Queue the subnets whose sums a node's detach and attach moved (none when it brought back the same)."""
@@ -949,6 +964,9 @@ class CapacityIndex:
         subnet.left, subnet.left_blocks = served.addresses_left, served.blocks_left
         subnet.addresses = addresses
         subnet.unserved, subnet.spare = served.unserved, served.spare
+        short = state is not None and subnet.topups > served.addresses_left
+        zone.topups_short += short - subnet.topups_short
+        subnet.topups_short = short
         if zone.discoverable or zone.discovery_growth or zone.discovery_waiting_served:
             self._discover(zone, self.subnets)
 
@@ -1256,6 +1274,33 @@ class CapacityIndex:
                 if name not in zone.full_nodes and node.room > self.node_reserve and not self._ip_at_hand(node):
                     yield name
 
+    def uncertain_nodes(self, zone_name: str) -> Iterator[str]:
+        """Nodes in the zone with no warm IP at the last count, a pod slot and no other way to an IP than their
+        pod subnet, when that subnet cannot fund every node's top-up: ipamd on the other nodes may have taken its
+        last addresses since (which nodes got them shows at the next EC2 refresh). Walks only such zones' dry
+        nodes."""
+        zone = self.zones.get(zone_name)
+        if zone is None or not zone.topups_short:
+            return
+        for subnet_id, names in zone.dry_nodes.items():
+            subnet = self.subnets.get(subnet_id)
+            if subnet is None or not subnet.topups_short:
+                continue
+            for name in names:
+                node = self.nodes[name]
+                if name in zone.full_nodes or node.room <= self.node_reserve or not self._ip_at_hand(node):
+                    continue  # full, or exhausted already
+                if not self._funded_before_topups(node, subnet):
+                    yield name
+
+    def _funded_before_topups(self, node: Node, subnet: Subnet) -> bool:
+        """The subnet funds the node's next IP even once every other node's top-up is paid."""
+        cost = node.next_cost
+        if cost is None or any(part.free_slots for part in node.elsewhere) or self.discovery_funds(node):
+            return True
+        left = subnet.left - (subnet.topups - node.topup)
+        return cost.addresses + PREFIX_SIZE * cost.blocks <= left and cost.blocks <= subnet.left_blocks
+
     def node_growth_hint(self, node: Node) -> str:
         """Why the node gets no IP from its subnet, in words (for a denial, not the request path's hot part)."""
         if node.no_eni_config:
@@ -1488,6 +1533,8 @@ class CapacityIndex:
             zone.addresses += addresses
             subnet.unserved, subnet.spare = served.unserved, served.spare
             subnet.left, subnet.left_blocks = served.addresses_left, served.blocks_left
+            subnet.topups_short = subnet.topups > served.addresses_left
+            zone.topups_short += subnet.topups_short
         for zone in zones.values():
             self._discover(zone, subnets)
         return _aggregates(zones, subnets, nodes)
@@ -1504,7 +1551,7 @@ def _aggregates(zones: dict[str, Zone], subnets: dict[str, Subnet], nodes: dict[
             z.name: (
                 z.nodes, z.room, z.branch_room, z.warm, z.warm_usable, z.growth, z.supply, z.reservations,
                 z.unbound_reservations, z.pending, z.beyond_warm_unknown, z.unknown_subnet_nodes, z.addresses,
-                z.waiting, z.waiting_served, z.no_config_nodes, z.discovery_growth, z.cooling,
+                z.waiting, z.waiting_served, z.no_config_nodes, z.discovery_growth, z.cooling, z.topups_short,
                 sorted(z.full_nodes),
                 sorted((sid, sorted(names)) for sid, names in z.dry_nodes.items() if names),
             )
@@ -1513,12 +1560,13 @@ def _aggregates(zones: dict[str, Zone], subnets: dict[str, Subnet], nodes: dict[
         },
         "subnets": {
             s.subnet_id: (s.nodes, s.demand, s.demand_blocks, s.supply, s.growth, s.waiting_served, s.addresses,
+                          s.topups, s.topups_short,
                           {k: (d.wait_units, d.wait_ips, d.all_units, d.new_ips) for k, d in s.wants.items()})
             for s in subnets.values()
         },
         "nodes": {
             n.name: (n.known, n.pods, n.assigned, n.branch, n.reserved, n.room, n.branch_room, n.warm, n.demand,
-                     n.waiting, n.grows, n.held, n.held_enis, n.cooling, n.branch_cooling)
+                     n.waiting, n.grows, n.held, n.held_enis, n.cooling, n.branch_cooling, n.topup)
             for n in nodes.values()
             if not n.idle
         },

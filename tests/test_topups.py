@@ -1,0 +1,108 @@
+"""Warm-pool top-ups between EC2 refreshes: when a subnet's last addresses cannot fund every node's top-up, which
+nodes got them is unknown until the next refresh, so the nodes ipguard last saw with no warm IP are kept off
+while a zone whose figures are certain has room (never the pod's only way to an IP).
+
+ipamd tops a node's pool up to WARM_IP_TARGET free IPs (at least MINIMUM_IP_TARGET) within seconds of the pods
+that emptied it (`increaseDatastorePool`); EC2 shows the result only at the next DescribeNetworkInterfaces.
+
+Cluster: WARM_IP_TARGET=5, MINIMUM_IP_TARGET=10; zone A has four m5.xlarge nodes (14 pod IPs per ENI) that EC2
+last saw holding 25 IPs each with 20 pods, in a subnet with 6 free addresses; zone B one m5.xlarge node in a
+subnet with 300.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from webhook.model.cni import CniSettings
+from webhook.model.config import Settings
+from webhook.model.decide import Verdict, decide
+from webhook.model.index import CapacityIndex, PodUse
+
+A, B = "us-east-1a", "us-east-1b"
+SUBNET_A, SUBNET_B = "subnet-0a00000000000001a", "subnet-0b00000000000001b"
+A_NODES = [f"ip-10-0-1-{i}.ec2.internal" for i in range(10, 14)]
+B_NODE = "ip-10-0-2-10.ec2.internal"
+CNI = CniSettings(warm_ip_target=5, minimum_ip_target=10)
+
+
+def cluster(free_a: int = 6, pods_per_a_node: int = 25) -> CapacityIndex:
+    """EC2 refreshed with 20 pods on each zone-A node; `pods_per_a_node` is what the watch shows since."""
+    ix = CapacityIndex(cni=CNI)
+    for name, zone, subnet in [*((n, A, SUBNET_A) for n in A_NODES), (B_NODE, B, SUBNET_B)]:
+        ix.upsert_node(name, zone=zone, instance_type="m5.xlarge", pod_subnet=subnet, allocatable_pods=58)
+        for i in range(20):
+            ix.upsert_pod(f"shop/{name}-{i}", name, PodUse.IP)
+        ix.set_node_held(name, 25, enis=2)
+    ix.upsert_subnet(SUBNET_A, zone=A, free_ips=free_a)
+    ix.upsert_subnet(SUBNET_B, zone=B, free_ips=300)
+    for name in A_NODES:
+        for i in range(20, pods_per_a_node):
+            ix.upsert_pod(f"shop/{name}-{i}", name, PodUse.IP)
+    return ix
+
+
+def pod(zones: list[str] | None = None) -> dict[str, Any]:
+    spec: dict[str, Any] = {"containers": [{"name": "web", "image": "web:1"}]}
+    if zones is not None:
+        spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": zones}]}]}}}
+    return {"metadata": {"namespace": "shop", "generateName": "web-"}, "spec": spec}
+
+
+SETTINGS = Settings(zone_reserve=0, node_reserve=0)
+
+
+def test_nodes_whose_subnet_cannot_fund_every_top_up_are_uncertain() -> None:
+    """25 pods on nodes EC2 saw holding 25: each tops up 5 (to 30), 20 in all, from a subnet with 6: the four
+    dry nodes are uncertain; the same with 100 free addresses funds every top-up and none is."""
+    ix = cluster()
+    subnet = ix.subnets[SUBNET_A]
+    assert [ix.nodes[n].topup for n in A_NODES] == [5, 5, 5, 5]
+    assert subnet.topups == 20 and subnet.topups_short
+    assert ix.zones[A].topups_short == 1 and ix.zones[B].topups_short == 0
+    assert sorted(ix.uncertain_nodes(A)) == A_NODES
+    assert list(ix.exhausted_nodes(A)) == []  # the zone still counts the 6 addresses: none is out for sure
+    assert ix.recount() == ix.aggregates()
+
+    roomy = cluster(free_a=100)
+    assert not roomy.subnets[SUBNET_A].topups_short
+    assert list(roomy.uncertain_nodes(A)) == []
+
+
+def test_a_node_with_warm_ips_is_never_uncertain() -> None:
+    """23 pods on nodes holding 25: two warm IPs each, whatever the top-ups did; nothing to keep off."""
+    ix = cluster(pods_per_a_node=23)
+    assert ix.subnets[SUBNET_A].topups_short  # 4 x 5 top-up wanted, 6 free
+    assert list(ix.uncertain_nodes(A)) == []
+
+
+def test_pod_kept_off_uncertain_nodes_while_another_zone_is_certain() -> None:
+    """Allowed in both zones: admitted, kept off zone A's dry nodes (hostname NotIn), zone A still open."""
+    decision = decide(pod(), cluster(), SETTINGS)
+    assert decision.verdict is Verdict.STEER
+    assert decision.avoid_nodes == tuple(A_NODES)
+    assert A in decision.open_zones and decision.avoid_zones == ()
+    assert "whose subnet's last addresses may have gone to other nodes' warm pools" in decision.reason
+
+
+def test_uncertain_nodes_are_not_kept_off_when_they_are_the_pods_only_way() -> None:
+    """Allowed only in zone A: its nodes may hold the subnet's last IPs, so it is admitted without steering."""
+    decision = decide(pod([A]), cluster(), SETTINGS)
+    assert decision.verdict is Verdict.ALLOW
+    assert decision.avoid_nodes == ()
+
+
+def test_the_refresh_that_shows_the_top_ups_ends_the_doubt() -> None:
+    """EC2 then shows where the 6 addresses went (3 each to the first and last node): those two take pods
+    again; the other two, dry in an empty subnet, are out of IPs for sure."""
+    ix = cluster()
+    for name, held in zip(A_NODES, (28, 25, 25, 28), strict=True):
+        ix.set_node_held(name, held, enis=2)
+    ix.upsert_subnet(SUBNET_A, zone=A, free_ips=0)
+    assert sorted(ix.exhausted_nodes(A)) == [A_NODES[1], A_NODES[2]]
+    assert list(ix.uncertain_nodes(A)) == []
+    decision = decide(pod(), ix, SETTINGS)
+    assert decision.avoid_nodes == (A_NODES[1], A_NODES[2])
+    assert "may have gone" not in decision.reason
+    assert ix.recount() == ix.aggregates()

@@ -19,6 +19,9 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import example, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from tests.paths import FIXTURES
 from webhook.model.cni import CniSettings
@@ -765,11 +768,12 @@ class _Clock:
 
 @pytest.mark.parametrize("change", [
     "upsert_node", "remove_node", "set_node_held", "upsert_subnet", "remove_subnet", "upsert_pod", "remove_pod",
-    "reserve", "release", "reservation_expires", "cooldown_ends", "set_cni", "set_node_reserve",
+    "reserve", "reserve_on_node", "release", "reservation_expires", "cooldown_ends", "set_cni", "set_node_reserve",
 ])
 def test_figures_kept_between_index_changes_are_never_stale(change: str) -> None:
     """Decisions reuse a zone's figures (and the nodes to steer around) until the index next changes: each kind of
-    change moves the index's version, so the next decision is worked out afresh."""
+    change moves the index's version (and, all but a reservation held against a zone, its node version, which
+    the nodes to steer around are kept by), so the next decision is worked out afresh."""
     clock = _Clock()
     ix = CapacityIndex(clock=clock, reservation_ttl=30.0)
     for name, zone, itype, alloc in NODES:
@@ -792,6 +796,7 @@ def test_figures_kept_between_index_changes_are_never_stale(change: str) -> None
         "upsert_pod": lambda: ix.upsert_pod("apps/new", N11, PodUse.IP),
         "remove_pod": lambda: ix.remove_pod("apps/p0"),
         "reserve": lambda: ix.reserve("apps/r2", A),
+        "reserve_on_node": lambda: ix.reserve("apps/r3", A, N10),
         "release": lambda: ix.release("apps/r"),
         "reservation_expires": lambda: setattr(clock, "now", 31.0),
         "cooldown_ends": lambda: (ix.remove_pod("apps/p1"), decide(pod, ix, settings, namespace="apps"),
@@ -802,6 +807,57 @@ def test_figures_kept_between_index_changes_are_never_stale(change: str) -> None
     changes[change]()
     kept = decide(pod, ix, settings, namespace="apps")
     ix._memo.clear()
+    ix._node_memo.clear()
     fresh = decide(pod, ix, settings, namespace="apps")
     assert kept == fresh
     assert fresh.zones != before.zones or fresh.avoid_nodes != before.avoid_nodes  # the change did change figures
+
+
+MEMO_STEPS = st.lists(st.tuples(
+    st.sampled_from(["pod", "gone", "reserve", "reserve_on_node", "release", "held", "subnet", "tick"]),
+    st.integers(0, 3), st.integers(0, 5)), min_size=1, max_size=30)
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(steps=MEMO_STEPS, warm_ip_target=st.sampled_from([None, 2]))
+@example(steps=[("subnet", 0, 0), ("pod", 0, 1), ("reserve_on_node", 0, 0)], warm_ip_target=None)
+def test_decisions_from_kept_figures_equal_decisions_worked_out_afresh(
+    steps: list[tuple[str, int, int]], warm_ip_target: int | None
+) -> None:
+    """After any sequence of pod events, reservations (on a zone or a node), EC2 figures and time, the decision
+    made with the figures the index keeps between changes equals the one made after dropping them all."""
+    clock = _Clock()
+    ix = CapacityIndex(cni=CniSettings(warm_ip_target=warm_ip_target), clock=clock, reservation_ttl=30.0)
+    for name, zone, itype, alloc in NODES:
+        ix.upsert_node(name, zone=zone, instance_type=itype, pod_subnet=SUBNETS[zone], allocatable_pods=alloc,
+                       labels={"eks.amazonaws.com/nodegroup": "small" if alloc < 30 else "big"})
+        ix.set_node_held(name, 2)  # EC2's figures first, then the subnets', as a refresh applies them
+    for zone, subnet in SUBNETS.items():
+        ix.upsert_subnet(subnet, zone=zone, free_ips=1)
+    pod = {"metadata": {"generateName": "web-", "namespace": "apps"}, "spec": {"containers": [{"name": "web"}]}}
+    group = {"metadata": {"generateName": "web-", "namespace": "apps"},
+             "spec": {"containers": [{"name": "web"}], "nodeSelector": {"eks.amazonaws.com/nodegroup": "small"}}}
+    rules = Settings(zone_reserve=1, max_steered_nodes=2)
+    names = [n for n, _, _, _ in NODES]
+    for i, (op, which, amount) in enumerate(steps):
+        node, zone = names[which], NODES[which][1]
+        if op == "pod":
+            ix.upsert_pod(f"apps/p{amount}", node, PodUse.IP)
+        elif op == "gone":
+            ix.remove_pod(f"apps/p{amount}")
+        elif op == "reserve":
+            ix.reserve(f"apps/r{i}", zone)
+        elif op == "reserve_on_node":
+            ix.reserve(f"apps/r{i}", zone, node)
+        elif op == "release":
+            ix.release(f"apps/r{amount % max(i, 1)}")
+        elif op == "held":
+            ix.set_node_held(node, amount)
+        elif op == "subnet":
+            ix.upsert_subnet(SUBNETS[zone], zone=zone, free_ips=amount // 2)
+        else:
+            clock.now += 8 * amount
+        kept = [decide(judged, ix, rules, namespace="apps") for judged in (pod, group)]
+        ix._memo.clear()
+        ix._node_memo.clear()
+        assert kept == [decide(judged, ix, rules, namespace="apps") for judged in (pod, group)]

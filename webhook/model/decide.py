@@ -158,7 +158,7 @@ def decide(
     # Only a pod steered softly can select nodes by a label other than zone and OS (the common case skips this).
     soft = pods.steer_softly(pod)
     if use is PodUse.IP and soft:
-        selected = _selection(pod, index, memo)
+        selected = _selection(pod, index, index.node_memo)
         if selected is not None and selected.nodes and not selected.taker:
             return _decide_selected(name, selected, checks, use, index, settings)
     # One pass: open zones, zones out of addresses (excluded), zones with full nodes only (preferred against).
@@ -290,7 +290,8 @@ def _node_steering(index: CapacityIndex, settings: Settings, zones: list[str], *
     subnet's last addresses may be gone (`CapacityIndex.uncertain_nodes`) while the list stays short."""
     limit = settings.max_steered_nodes
     key = (tuple(zones), limit, with_takers, shun_uncertain)
-    cached = index.memo.get(key)
+    memo = index.node_memo  # nodes' and subnets' figures only: kept across zone reservations
+    cached = memo.get(key)
     if cached is not None:
         return cached  # type: ignore[no-any-return]
     avoid = list(islice(chain.from_iterable(index.exhausted_nodes(zone) for zone in zones), limit + 1))
@@ -308,7 +309,7 @@ def _node_steering(index: CapacityIndex, settings: Settings, zones: list[str], *
     else:
         takers = index.nodes_that_can_take(zones, limit + 1)
         result = ((), tuple(sorted(takers)), 0) if 0 < len(takers) <= limit else ((), (), 0)
-    index.memo[key] = result
+    memo[key] = result
     return result
 
 

@@ -417,6 +417,8 @@ class CapacityIndex:
         self.pods: dict[str, PodEntry] = {}
         self.unknown_types: set[str] = set()
         self.version = 0  # bumped by every change, so a caller can tell if figures moved
+        # bumped by every change but a reservation held against a zone alone (no node or subnet figure moves)
+        self.node_version = 0
         self._new_node_cost: ipamd.GrowthCost | None = None
         self._type_counts: dict[InstanceLimits, int] = {}  # known nodes by their limits
         self._labelled: dict[tuple[str, str], set[str]] = {}  # (label, value) -> known nodes carrying it
@@ -426,6 +428,8 @@ class CapacityIndex:
         self._detached: dict[str, _Brought] = {}
         self._memo: dict[Any, Any] = {}
         self._memo_version = -1
+        self._node_memo: dict[Any, Any] = {}
+        self._node_memo_version = -1
         self._reservations: _ExpiringCache[Reservation] = _ExpiringCache(reservation_ttl, clock, self._released)
         self._cooling: _ExpiringCache[Cooling] = _ExpiringCache(self.cni.ip_cooldown, clock, self._cooled)
         self._branch_cooling: _ExpiringCache[Cooling] = _ExpiringCache(self.cni.branch_cooldown, clock,
@@ -469,7 +473,7 @@ class CapacityIndex:
         for subnet in self.subnets.values():
             # Baselines stay: what nodes drew since EC2's last figure is still drawn.
             self._refresh_supply(subnet)
-        self.version += 1
+        self._changed()
 
     # ---- nodes ----------------------------------------------------------------------------------------
 
@@ -522,7 +526,7 @@ class CapacityIndex:
         self._count_type(node, 1)
         self._attach(node)
         self._types_changed()
-        self.version += 1
+        self._changed()
 
     def remove_node(self, name: str) -> None:
         node = self.nodes.get(name)
@@ -546,7 +550,7 @@ class CapacityIndex:
             # Its pods' DELETE events are still to come; keep their counts so they cancel out.
             self._attach(node)
         self._types_changed()
-        self.version += 1
+        self._changed()
 
     def set_node_held(self, name: str, held_ips: int | None, *, enis: int | None = None,
                       subnets: Mapping[str, HeldAddresses] | None = None, lost_enis: int = 0) -> None:
@@ -562,7 +566,7 @@ class CapacityIndex:
         node.ec2_subnets = tuple(sorted(subnets.items())) if subnets is not None and held_ips is not None else None
         node.lost_enis = lost_enis if held_ips is not None else 0
         self._attach(node)
-        self.version += 1
+        self._changed()
 
     def held_subnets(self) -> set[str]:
         """Subnets the nodes' ENIs are in, per EC2's last figures (walks the nodes: for a refresh, not a request)."""
@@ -876,7 +880,7 @@ class CapacityIndex:
         subnet.demand_at_refresh = subnet.demand
         subnet.blocks_at_refresh = subnet.demand_blocks
         self._refresh_supply(subnet)
-        self.version += 1
+        self._changed()
 
     def remove_subnet(self, subnet_id: str) -> None:
         subnet = self.subnets.get(subnet_id)
@@ -891,7 +895,7 @@ class CapacityIndex:
         self.zones[subnet.zone].discard_subnet(subnet_id)
         for node in users:
             self._attach(node)  # their subnet is unknown again: not judged on it
-        self.version += 1
+        self._changed()
 
     def _supply(self, subnet: Subnet) -> tuple[int, int]:
         """Free addresses and whole free /28 blocks now: EC2's last figures less what the nodes drew since.
@@ -1009,7 +1013,7 @@ class CapacityIndex:
         if node_name is not None or entry[2] is not None:
             # Bound (its real usage) or counted as pending in its steered zone: either replaces the reservation.
             self.release(key)
-        self.version += 1
+        self._changed()
 
     def remove_pod(self, key: str) -> None:
         old = self.pods.pop(key, None)
@@ -1017,7 +1021,7 @@ class CapacityIndex:
             node_name, use, _ = old
             cooling = Cooling(node_name, use is PodUse.BRANCH) if node_name and use is not PodUse.NONE else None
             self._count(old, -1, cooling=(key, cooling) if cooling else None)
-            self.version += 1
+            self._changed()
         self.release(key)
 
     # ---- cooldown -------------------------------------------------------------------------------------
@@ -1040,7 +1044,7 @@ class CapacityIndex:
 
     def _cooled(self, cooling: Cooling) -> None:
         self._hold_cooling(cooling, -1)
-        self.version += 1
+        self._changed()
 
     def _hold_cooling(self, cooling: Cooling, sign: int) -> None:
         node = self.nodes.get(cooling.node)
@@ -1122,6 +1126,7 @@ class CapacityIndex:
             return
         # The node record outlives a node deletion while it still carries reservations.
         node = self.nodes[reservation.node]
+        self.node_version += 1
         self._detach(node)
         node.reserved += sign
         self._attach(node)
@@ -1142,6 +1147,10 @@ class CapacityIndex:
         """Zones with schedulable nodes."""
         return sorted(name for name, zone in self.zones.items() if zone.nodes > 0)
 
+    def _changed(self) -> None:
+        self.version += 1
+        self.node_version += 1
+
     @property
     def memo(self) -> dict[Any, Any]:
         """Answers derived from the index as it is now, for callers to keep until it next changes (a burst of
@@ -1150,6 +1159,15 @@ class CapacityIndex:
             self._memo.clear()
             self._memo_version = self.version
         return self._memo
+
+    @property
+    def node_memo(self) -> dict[Any, Any]:
+        """Like `memo`, for answers that rest on node and subnet figures only: kept across reservations held
+        against a zone (every admitted pod's), which move zone sums alone."""
+        if self._node_memo_version != self.node_version:
+            self._node_memo.clear()
+            self._node_memo_version = self.node_version
+        return self._node_memo
 
     def has_nodes(self) -> bool:
         return any(zone.nodes > 0 for zone in self.zones.values())

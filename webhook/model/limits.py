@@ -11,7 +11,7 @@ The calculator caps max-pods at 110 (<= 30 vCPUs) or 250 unless asked for the ma
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from webhook.model.instance_types import INSTANCE_TYPES
 
@@ -44,6 +44,17 @@ class InstanceLimits:
     prefix_delegation: bool  # Nitro or bare metal
     vcpus: int
     branch_enis: int  # security groups for pods; 0 where the type cannot trunk
+    # Worked out once: every pod event looks ipamd's rules up by a node's limits. Only the numbers go in, whose
+    # hashes are the same in every process (a str's is not), so a copy shipped from another process keeps a
+    # right one; types with the same numbers share a hash and still compare unequal.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.max_enis, self.ipv4_per_eni, self.prefix_delegation,
+                                                self.vcpus, self.branch_enis)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def trunking(self) -> bool:
@@ -63,11 +74,12 @@ class CapacityMode:
 class LimitsTable:
     """Instance limits by type: live values (from DescribeInstanceTypes) over the bundled table."""
 
-    __slots__ = ("_bundled", "_live")
+    __slots__ = ("_bundled", "_live", "_made")
 
     def __init__(self, bundled: Mapping[str, tuple[int, int, bool, int, int]] = INSTANCE_TYPES) -> None:
         self._bundled = bundled
         self._live: dict[str, InstanceLimits] = {}
+        self._made: dict[str, InstanceLimits] = {}  # one object per bundled type: equal keys are then identical
 
     def update(self, limits: InstanceLimits) -> None:
         self._live[limits.instance_type] = limits
@@ -79,7 +91,7 @@ class LimitsTable:
         return sorted(set(self._bundled) | set(self._live))
 
     def get(self, instance_type: str) -> InstanceLimits:
-        live = self._live.get(instance_type)
+        live = self._live.get(instance_type) or self._made.get(instance_type)
         if live is not None:
             return live
         row = self._bundled.get(instance_type)
@@ -88,7 +100,8 @@ class LimitsTable:
             near = [t for t in self.types() if t.startswith(family)][:5]
             raise UnknownInstanceType(instance_type, near)
         enis, ips, pd, vcpus, branch = row
-        return InstanceLimits(instance_type, enis, ips, pd, vcpus, branch)
+        made = self._made[instance_type] = InstanceLimits(instance_type, enis, ips, pd, vcpus, branch)
+        return made
 
 
 def usable_enis(limits: InstanceLimits, mode: CapacityMode) -> int:

@@ -16,9 +16,12 @@ Quantities, per node n:
   units(n)     what the subnet must fund for the waiting pods and the room beyond warm: free slots on attached
                ENIs, then whole new ENIs (each its primary address plus its whole request); none when ipamd
                would not grow the node (cordoned, MINIMUM_IP_TARGET reached, max-pods IPs held, ENIs full)
+  topup(n)     addresses ipamd will draw to bring its pool back to its warm targets, beyond EC2's last figure
+               and the waiting pods (EC2 figures known only: between refreshes)
 Per subnet s: supply(s) = free addresses EC2 last reported, less what its nodes drew since (held IPs, /28
 blocks, ENI primaries, node primaries, branch ENIs). Its yield serves waiting pods, then new pods, cheapest
-units first; what is left is what new nodes could draw on.
+units first; what is left is what new nodes could draw on. When that is less than its nodes' top-ups, which
+nodes hold its last addresses is not known until the next refresh (`uncertain_nodes`).
 Per zone z:
   headroom = sum min(room, warm) + sum of its subnets' yield to new pods - unbound reservations - pending
 Unbound reservations are those not on a known node (node-bound ones are already inside room and warm);
@@ -389,7 +392,7 @@ class Cooling:
 
 
 # What a node's contribution put in the subnets' sums: (pod subnet, counted, demand, /28 blocks, growth units,
-# its parts in other subnets).
+# its parts in other subnets, its top-up).
 _Brought = tuple[Subnet | None, bool, int, int, tuple[tuple[UnitKind, Demand], ...], tuple[Placed, ...], int]
 
 # A pod entry: (node name or None, use, zone it was steered to while unbound or None).

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from webhook.admission.messages import steer_warning
 from webhook.model.cni import CniSettings
 from webhook.model.config import Settings
 from webhook.model.decide import Verdict, decide
@@ -106,3 +107,18 @@ def test_the_refresh_that_shows_the_top_ups_ends_the_doubt() -> None:
     assert decision.avoid_nodes == (A_NODES[1], A_NODES[2])
     assert "may have gone" not in decision.reason
     assert ix.recount() == ix.aggregates()
+
+
+
+def test_the_warning_tells_uncertain_nodes_from_nodes_out_of_ips() -> None:
+    """The developer's warning says which kept-off nodes are out of IPs and which are only in doubt."""
+    decision = decide(pod(), cluster(), SETTINGS)
+    assert decision.uncertain_nodes == 4
+    assert steer_warning(decision) == (
+        "ipguard: steered away from 4 node(s) with no warm IP: their subnet's last IPs may be on other nodes")
+    ix = cluster()  # the next refresh: the first node got 2 of the last addresses, the subnet has none
+    ix.set_node_held(A_NODES[0], 27, enis=2)
+    ix.upsert_subnet(SUBNET_A, zone=A, free_ips=0)
+    out = decide(pod(), ix, SETTINGS)
+    assert out.uncertain_nodes == 0
+    assert steer_warning(out) == "ipguard: steered away from 3 node(s): out of pod IPs"

@@ -161,12 +161,18 @@ def steer_warning(decision: Decision) -> str:
     parts = []
     if decision.avoid_zones:
         parts.append(f"zone(s) {', '.join(decision.avoid_zones)}")
-    if decision.avoid_nodes:
-        parts.append(f"{len(decision.avoid_nodes)} node(s)")
-    if not parts:
+    out = len(decision.avoid_nodes) - decision.uncertain_nodes
+    if out:
+        parts.append(f"{out} node(s)")
+    doubt = decision.uncertain_nodes  # dry nodes whose subnet's last IPs may have gone to other nodes' top-ups
+    if not parts and not doubt:
         top = ", ".join(zone for zone, _ in decision.prefer_zones[:3])
         return clean_warning(f"ipguard: preferring zone(s) {top}: the others have no node room left")
-    return clean_warning(f"ipguard: steered away from {' and '.join(parts)}: out of pod IPs")
+    if not parts:
+        return clean_warning(f"ipguard: steered away from {doubt} node(s) with no warm IP: their subnet's last IPs "
+                             "may be on other nodes")
+    more = f"; {doubt} more with no warm IP may be too" if doubt else ""
+    return clean_warning(f"ipguard: steered away from {' and '.join(parts)}: out of pod IPs{more}")
 
 
 def zone_summary(checks: tuple[ZoneCheck, ...]) -> str:

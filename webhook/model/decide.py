@@ -90,6 +90,8 @@ class Decision:
     reserve_node: str | None = None
     soft: bool = False  # steer by preference only (see pods.steer_softly)
     only_nodes: tuple[str, ...] = ()  # steer onto these nodes (kubernetes.io/hostname In), when avoiding is too long
+    # of avoid_nodes, those with no warm IP whose subnet's last addresses may have gone to other nodes' top-ups
+    uncertain_nodes: int = 0
     waits_for_node: bool = False  # no node in its zones can take it now: it waits Pending for a new node
     findings: tuple[Finding, ...] = ()  # checks other than placement (policies, ENIConfigs): see findings.py
     selection: str = ""  # the node selection that lists the only nodes it may run on (`pool=gpu`), when judged so
@@ -239,6 +241,7 @@ def decide(
         reserve_zone=scarcest.zone,
         soft=soft,
         only_nodes=only_nodes,
+        uncertain_nodes=uncertain,
     )
 
 

@@ -19,6 +19,7 @@ from webhook.model.cni import CniSettings
 from webhook.model.config import Settings
 from webhook.model.decide import Verdict, decide
 from webhook.model.index import CapacityIndex, PodUse
+from webhook.report import TOPUPS_NOTE, report_json, report_text
 
 A, B = "us-east-1a", "us-east-1b"
 SUBNET_A, SUBNET_B = "subnet-0a00000000000001a", "subnet-0b00000000000001b"
@@ -122,3 +123,16 @@ def test_the_warning_tells_uncertain_nodes_from_nodes_out_of_ips() -> None:
     out = decide(pod(), ix, SETTINGS)
     assert out.uncertain_nodes == 0
     assert steer_warning(out) == "ipguard: steered away from 3 node(s): out of pod IPs"
+
+
+def test_report_shows_the_top_ups_and_the_subnets_short_of_them() -> None:
+    """`ipguard report` gives each subnet's top-ups, marks the subnet that cannot fund them, and says what that
+    does; the JSON carries the same figures."""
+    snapshot = cluster().snapshot()
+    text = report_text(snapshot, SETTINGS)
+    rows = {line.split()[0]: line.split()[7:] for line in text.splitlines() if line.startswith("subnet-")}
+    assert rows == {SUBNET_A: ["20", "short"], SUBNET_B: ["0"]}
+    assert TOPUPS_NOTE in text
+    subnets = {s["subnetId"]: (s["topUps"], s["topUpsShort"]) for s in report_json(snapshot, SETTINGS)["subnets"]}
+    assert subnets == {SUBNET_A: (20, True), SUBNET_B: (0, False)}
+    assert TOPUPS_NOTE not in report_text(cluster(free_a=100).snapshot(), SETTINGS)

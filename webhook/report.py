@@ -91,6 +91,13 @@ def objects_text(snapshot: IndexSnapshot, state: AdmissionState) -> list[str]:
     return out
 
 
+TOPUPS_NOTE = (
+    "TOP-UPS: addresses the subnet's nodes will draw to bring their pools back to their warm targets since EC2's "
+    "last figures. Short: what is left cannot fund them all, so which nodes get its last addresses shows only at "
+    "the next refresh; pods are kept off its nodes that had no warm IP while a zone without that doubt has room."
+)
+
+
 def report_text(snapshot: IndexSnapshot, settings: Settings, state: AdmissionState | None = None) -> str:
     zone_rows = [
         (z.zone, z.nodes, z.room, z.warm_free, z.subnet_free, z.reservations + z.pending, z.waiting, z.headroom,
@@ -99,7 +106,7 @@ def report_text(snapshot: IndexSnapshot, settings: Settings, state: AdmissionSta
     ]
     subnet_rows = [
         (s.subnet_id, s.zone, s.cidr or "-", s.free_ips, "-" if s.free_blocks is None else s.free_blocks,
-         s.supply, s.nodes)
+         s.supply, s.nodes, f"{s.topups} short" if s.topups_short else s.topups)
         for s in snapshot.subnets
     ]
     out = [
@@ -112,7 +119,8 @@ def report_text(snapshot: IndexSnapshot, settings: Settings, state: AdmissionSta
         ),
         "",
         "Subnets",
-        format_table(["SUBNET", "ZONE", "CIDR", "FREE-IPS", "FREE-/28", "USABLE", "NODES"], subnet_rows),
+        format_table(["SUBNET", "ZONE", "CIDR", "FREE-IPS", "FREE-/28", "USABLE", "NODES", "TOP-UPS"], subnet_rows),
+        *([TOPUPS_NOTE] if any(s.topups_short for s in snapshot.subnets) else []),
         *(objects_text(snapshot, state) if state is not None else []),
         "",
         f"{snapshot.nodes} nodes, {snapshot.pods} pods, {snapshot.reservations} reservations; "
@@ -157,6 +165,8 @@ def report_json(snapshot: IndexSnapshot, settings: Settings, state: AdmissionSta
                 "freeBlocks": s.free_blocks,
                 "usable": s.supply,
                 "nodes": s.nodes,
+                "topUps": s.topups,
+                "topUpsShort": s.topups_short,
             }
             for s in snapshot.subnets
         ],

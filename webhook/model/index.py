@@ -293,6 +293,8 @@ class SubnetFigures:
     waiting_served: int = 0
     left: int = 0  # free addresses once the waiting pods are served
     new_node_ips: int = 0
+    topups: int = 0  # what its nodes' ipamd will draw to restore their warm targets since EC2's last figures
+    topups_short: bool = False  # what is left cannot fund them all (see Subnet.topups_short)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1467,7 +1469,7 @@ class CapacityIndex:
         self._expire_timers()
         return [
             SubnetFigures(s.subnet_id, s.zone, s.cidr, s.free_ips, s.free_blocks, self._usable(s), s.nodes,
-                          s.waiting_served, max(0, s.left), s.addresses)
+                          s.waiting_served, max(0, s.left), s.addresses, s.topups, s.topups_short)
             for s in sorted(self.subnets.values(), key=lambda s: (s.zone, s.subnet_id))
         ]
 

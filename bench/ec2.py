@@ -149,15 +149,15 @@ class TwoQueryEnis(EniProvider):
         return await self.ec2.fetch(Call.ENIS, two_query_summaries, instance_ids, vpc_id, self.page_size)
 
 
-def endpoint_process(nodes: int, zones: int, enis_per_node: int, ips: tuple[int, int], foreign: int, cpu: int | None,
-                     conn: Connection) -> None:
+def endpoint_process(nodes: int, zones: int, enis_per_node: int, ips: tuple[int, int], foreign: int, churn: float,
+                     cpu: int | None, conn: Connection) -> None:
     from aiohttp import web
 
     from bench.ec2_endpoint import app, build_cluster
 
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
-    cluster = build_cluster(nodes, zones, enis_per_node, ips, foreign)
+    cluster = build_cluster(nodes, zones, enis_per_node, ips, foreign, churn=churn)
 
     async def serve() -> None:
         runner = web.AppRunner(app(cluster), access_log=None)
@@ -172,7 +172,8 @@ def endpoint_process(nodes: int, zones: int, enis_per_node: int, ips: tuple[int,
     asyncio.run(serve())
 
 
-def webhook_process(url: str, nodes: int, pods: int, zones: int, plan: str, cpu: int | None, conn: Connection) -> None:
+def webhook_process(url: str, nodes: int, pods: int, zones: int, plan: str, cpu: int | None, sliced: bool,
+                    conn: Connection) -> None:
     """ipguard's WebhookServer on bench/index.py's index, and an Ec2Poller on the same event loop refreshing
     it from the local endpoint, as `ipguard serve` runs them. Commands on `conn`."""
     if cpu is not None:
@@ -191,6 +192,8 @@ def webhook_process(url: str, nodes: int, pods: int, zones: int, plan: str, cpu:
                            read_timeout=120, fetch_in_process=plan.startswith("process"))
         if plan == "two-queries":
             poller.enis = TwoQueryEnis(poller.ec2, poller.eni_period)  # the plan before, for comparison
+        if not sliced:
+            poller.apply_slice = None  # the nodes' figures in one step, as before slicing
         calls: collections.Counter[str] = collections.Counter()
         poller.client.meta.events.register("before-call.ec2", lambda event_name, **_: calls.update(
             [event_name.rsplit(".", 1)[-1]]))
@@ -199,15 +202,23 @@ def webhook_process(url: str, nodes: int, pods: int, zones: int, plan: str, cpu:
         refreshing: asyncio.Task[None] | None = None
         totals = {"refreshes": 0, "cpu": 0.0, "wall": 0.0, "worker_cpu": 0.0}
 
-        async def refresh_once() -> dict[str, Any]:
+        async def refresh_once(watch: bool = False) -> dict[str, Any]:
             clock.now += 31  # a new period: the full refresh
             calls.clear()
+            holds: list[tuple[float, float]] = []
+            watcher = asyncio.create_task(loop_holds(holds)) if watch else None
             cpu0, wall0, worker0 = time.process_time(), time.perf_counter(), children_cpu()
             result = await poller.refresh(index, node_instances)
             figures = {"cpu": time.process_time() - cpu0, "wall": time.perf_counter() - wall0,
                        "worker_cpu": children_cpu() - worker0, "ok": result.ok,
                        "failed": dict(result.failed), "nodes_updated": result.nodes_updated,
-                       "calls": dict(calls)}
+                       "calls": dict(calls), "shipped": poller.enis.last_shipped if hasattr(
+                           poller.enis, "last_shipped") else len(result.instances)}
+            if watcher is not None:
+                await asyncio.sleep(4 * LOOP_TICK)  # the tick a last synchronous step held up, measured
+                watcher.cancel()
+                figures["hold"] = max((wall for wall, _ in holds), default=0.0)
+                figures["hold_cpu"] = max((cpu for _, cpu in holds), default=0.0)
             return figures
 
         async def refresh_loop() -> None:
@@ -232,7 +243,7 @@ def webhook_process(url: str, nodes: int, pods: int, zones: int, plan: str, cpu:
                 conn.send(True)
             elif op == "refresh":
                 async def reply() -> None:
-                    figures = await refresh_once()
+                    figures = await refresh_once(watch=len(message) > 1 and message[1])
                     figures["zones"] = {z: (index.zone_headroom(z), SETTINGS.reserve_for_zone(z))
                                         for z in index.zone_names()}
                     figures["recount"] = index.aggregates() == index.recount()
@@ -264,6 +275,19 @@ def webhook_process(url: str, nodes: int, pods: int, zones: int, plan: str, cpu:
         await running.stop()
 
     asyncio.run(main())
+
+
+LOOP_TICK = 0.0005
+
+
+async def loop_holds(out: list[tuple[float, float]]) -> None:
+    """How long the event loop was held past each of its ticks (a timer every 0.5 ms), until cancelled: wall
+    time late, and the CPU time the loop's thread spent meanwhile (what ran on it, without the moments the
+    machine's other processes had the core)."""
+    while True:
+        began, cpu = time.perf_counter(), time.thread_time()
+        await asyncio.sleep(LOOP_TICK)
+        out.append((time.perf_counter() - began - LOOP_TICK, time.thread_time() - cpu))
 
 
 def children() -> list[str]:
@@ -305,7 +329,7 @@ def scale(args: argparse.Namespace) -> int:
     pin = not args.no_pin and len(os.sched_getaffinity(0)) >= 2
     parent, child = ctx.Pipe()
     endpoint = ctx.Process(target=endpoint_process, daemon=True, args=(
-        args.nodes, args.zones, args.enis_per_node, ips, args.foreign_enis, 1 if pin else None, child))
+        args.nodes, args.zones, args.enis_per_node, ips, args.foreign_enis, args.churn, 1 if pin else None, child))
     started = time.perf_counter()
     endpoint.start()
     port, n_enis, n_ips = parent.recv()
@@ -313,7 +337,8 @@ def scale(args: argparse.Namespace) -> int:
     print(f"EC2 refresh at scale ({time.strftime('%Y-%m-%d %H:%M:%S')}, {os.cpu_count()} cores): local endpoint "
           f"(bench/ec2_endpoint.py, EC2's XML) with {args.nodes} nodes, {n_enis} ENIs ({args.enis_per_node} per node"
           f" of ours, {args.foreign_enis} of another cluster in the VPC), {n_ips} secondary addresses "
-          f"({args.ips} addresses per ENI); rendered in {time.perf_counter() - started:.0f} s")
+          f"({args.ips} addresses per ENI; {args.churn:.0%} of the nodes gain or lose an address per refresh); "
+          f"rendered in {time.perf_counter() - started:.0f} s")
     print(f"ipguard: WebhookServer on bench/index.py's index ({args.nodes} nodes, {args.pods} pods) and the "
           f"Ec2Poller on the same event loop, pinned to CPU 0; generator and endpoint on CPU 1: "
           f"{'yes' if pin else 'no (--no-pin)'}")
@@ -330,15 +355,21 @@ def scale(args: argparse.Namespace) -> int:
     finally:
         parent.send("stop")
         endpoint.join(10)
-    print(f"\n{'plan':<14} {'calls':>6} {'MB parsed':>10} {'CPU s':>7} {'worker CPU s':>13} {'wall s':>7} "
+    print(f"\n{'plan':<14} {'calls':>6} {'MB parsed':>10} {'shipped':>8} {'updated':>8} {'CPU s':>7} "
+          f"{'worker CPU s':>13} {'wall s':>7} {'hold cold':>10} {'hold':>8} "
           f"{'p99 without':>12} {'p99 during':>11} {'p99 after':>10} {'ratio':>6} {'refreshes':>10} {'recount':>8}")
     for plan, r in rows:
-        print(f"{plan:<14} {r['calls']:6d} {r['bytes'] / 1e6:10.1f} {r['cpu']:7.2f} {r['worker_cpu']:13.2f} "
-              f"{r['wall']:7.2f} {r['p99_without']:10.2f}ms {r['p99_during']:9.2f}ms {r['p99_after']:8.2f}ms "
+        print(f"{plan:<14} {r['calls']:6d} {r['bytes'] / 1e6:10.1f} {r['shipped']:8d} {r['updated']:8d} "
+              f"{r['cpu']:7.2f} {r['worker_cpu']:13.2f} {r['wall']:7.2f} {r['hold_cold'] * 1000:8.1f}ms "
+              f"{r['hold'] * 1000:6.1f}ms {r['p99_without']:10.2f}ms {r['p99_during']:9.2f}ms {r['p99_after']:8.2f}ms "
               f"{r['ratio']:6.2f} "
               f"{r['refreshes']:10d} {'equal' if r['recount'] else 'DIFFERS':>8}")
-    print("(calls, MB parsed, CPU s, worker CPU s, wall s: one full refresh with no reviews arriving; CPU s is the "
-          "webhook process's own, worker CPU s the ENI worker process's; p99 at "
+    print("(calls, MB parsed, shipped (nodes' figures the fetch handed back), updated (nodes whose figures "
+          "changed), CPU s, worker CPU s, wall s: one full refresh with no reviews arriving; CPU s is the "
+          "webhook process's own, worker CPU s the ENI worker process's; hold: the longest the event loop was "
+          "held at once (its thread's CPU between two ticks of a 0.5 ms timer), in the cold refresh "
+          "(every node's figure new) and in a later "
+          "one; p99 at "
           f"{args.rate:g} reviews/s, open loop, latency from each request's due time; during: refreshes back to "
           "back for the whole window; after: without again, after them; recount: the index's aggregates equal a "
           "fresh recount after a refresh)")
@@ -354,14 +385,15 @@ async def measure_plan(args: argparse.Namespace, plan: str, url: str, paths: Any
                        sequence: list[Template], ctx: Any, pin: bool) -> dict[str, Any]:
     parent, child = ctx.Pipe()
     process = ctx.Process(target=webhook_process, daemon=False, args=(  # not daemonic: it starts the EC2 worker
-        url, args.nodes, args.pods, args.zones, plan, 0 if pin else None, child))
+        url, args.nodes, args.pods, args.zones, plan, 0 if pin else None, not args.no_slices, child))
     process.start()
     parent.send((str(paths.tls_cert), str(paths.tls_key)))
     _, port, _ = parent.recv()
     server = ServerHandle("ipguard", process, parent, port)
     stats_url = url + "/stats?reset=1"
     try:
-        warm = server.ask("refresh")  # cold: instance types, subnets; then the index holds EC2's figures
+        # Cold: instance types, subnets, and every node's figure new (the index predicted them until now).
+        warm = server.ask("refresh", True)
         if not warm["ok"]:
             raise RuntimeError(f"refresh failed: {warm['failed']}")
         if plan == "process-any-core":
@@ -369,7 +401,13 @@ async def measure_plan(args: argparse.Namespace, plan: str, url: str, paths: Any
         _fetch_json(stats_url)
         one = server.ask("refresh")
         served = _fetch_json(stats_url)
-        print(f"\n== plan {plan}: one full refresh: {sum(v for k, v in served.items() if k.endswith('calls'))} calls "
+        again = server.ask("refresh", True)  # as `one`, watching the loop (its timer costs CPU of its own)
+        print(f"\n== plan {plan}: longest hold of the event loop (wall / its thread's CPU): "
+              f"{warm['hold'] * 1000:.1f} / {warm['hold_cpu'] * 1000:.1f} ms in the cold refresh "
+              f"({warm['shipped']} nodes shipped, {warm['nodes_updated']} updated), {again['hold'] * 1000:.1f} / "
+              f"{again['hold_cpu'] * 1000:.1f} ms in a later one ({again['shipped']} shipped, "
+              f"{again['nodes_updated']} updated)")
+        print(f"   one full refresh: {sum(v for k, v in served.items() if k.endswith('calls'))} calls "
               f"({', '.join(f'{k[:-6]} {v}' for k, v in sorted(served.items()) if k.endswith('calls'))}), "
               f"{sum(v for k, v in served.items() if k.endswith('bytes')) / 1e6:.1f} MB, CPU {one['cpu']:.2f} s here"
               f" + {one['worker_cpu']:.2f} s in the worker, wall {one['wall']:.2f} s; index equal to a recount: "
@@ -401,7 +439,9 @@ async def measure_plan(args: argparse.Namespace, plan: str, url: str, paths: Any
                 "bytes": sum(v for k, v in served.items() if k.endswith("bytes")), "cpu": one["cpu"],
                 "worker_cpu": one["worker_cpu"], "wall": one["wall"], "p99_without": p99["without"],
                 "p99_during": p99["during"], "p99_after": p99["after"], "ratio": p99["during"] / p99["without"],
-                "refreshes": totals.get("refreshes", 0), "recount": one["recount"], "ok": one["ok"]}
+                "refreshes": totals.get("refreshes", 0), "recount": one["recount"] and again["recount"],
+                "ok": one["ok"] and again["ok"], "hold_cold": warm["hold_cpu"], "hold": again["hold_cpu"],
+                "shipped": one["shipped"], "updated": one["nodes_updated"]}
     finally:
         with contextlib.suppress(OSError):
             parent.send(("stop",))
@@ -432,6 +472,8 @@ def main() -> int:
     parser.add_argument("--ips", default="10-50", help="--scale: addresses per ENI, uniform in LOW-HIGH")
     parser.add_argument("--foreign-enis", type=int, default=0,
                         help="--scale: CNI ENIs of another cluster in the same VPC")
+    parser.add_argument("--churn", type=float, default=0.1,
+                        help="--scale: the share of nodes whose figures change at each refresh (one address)")
     parser.add_argument("--rate", type=float, default=1000.0, help="--scale: reviews/s of the open loop")
     parser.add_argument("--duration", type=float, default=8.0, help="--scale: seconds of each open-loop window")
     parser.add_argument("--plan", nargs="+", default=["two-queries", "one-query", "process", "process-any-core"],
@@ -441,6 +483,8 @@ def main() -> int:
                         "a worker process on ipguard's core, as on a one-core machine), process-any-core (the "
                         "worker free to run on any core, as in a pod without a cpuset)")
     parser.add_argument("--no-pin", action="store_true", help="--scale: leave CPU placement to the kernel")
+    parser.add_argument("--no-slices", action="store_true",
+                        help="--scale: apply the nodes' figures in one step (as before the poller sliced it)")
     args = parser.parse_args()
     if args.scale:
         args.nodes = args.nodes or 5000

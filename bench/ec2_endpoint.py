@@ -6,7 +6,8 @@ subnet-id, tag:KEY; MaxResults/NextToken pages), DescribeSubnets (subnet-id, vpc
 every other action ipguard's poller asks (DescribeInstanceTypes: EC2 knows no type, so the bundled table stays).
 Each ENI entry carries what EC2 returns for a VPC CNI ENI (attachment, group set, tags, one item per private
 address with its DNS name, ...): about 190 bytes per address, 5-6 MB per 1,000-ENI page at 30 addresses each,
-as recorded pages are. Counts calls and bytes per action (GET /stats).
+as recorded pages are. Counts calls and bytes per action (GET /stats). With `churn`, a share of the nodes
+gains or loses one address at each refresh, as a busy cluster's nodes do from one period to the next.
 
 The responses are rendered once at start; the process serving them is not the one measured.
 """
@@ -40,12 +41,27 @@ class FakeEni:
     instance_id: str | None
     tags: dict[str, str]
     xml: bytes
+    other_xml: bytes | None = None  # the same ENI with one address fewer (--churn flips between the two)
+
+    def flip(self) -> None:
+        if self.other_xml is not None:
+            self.xml, self.other_xml = self.other_xml, self.xml
 
 
 @dataclass
 class Cluster:
     enis: list[FakeEni] = field(default_factory=list)
     subnets: dict[str, tuple[str, str, int]] = field(default_factory=dict)  # id -> zone, cidr, free
+    churn: float = 0.0  # the share of nodes whose first CNI ENI gains or loses an address at each refresh
+    refreshes: int = 0
+    rng: random.Random = field(default_factory=lambda: random.Random(11))
+
+    def next_refresh(self) -> None:
+        """A refresh begins: `churn` of the nodes' first CNI ENIs flip (one address more or fewer)."""
+        self.refreshes += 1
+        flippable = [e for e in self.enis if e.other_xml is not None]
+        for eni in self.rng.sample(flippable, round(self.churn * len(flippable))):
+            eni.flip()
 
 
 def _address(k: int) -> str:
@@ -79,13 +95,15 @@ def _eni_xml(eni_id: str, subnet: str, zone: str, description: str, instance: st
 
 
 def build_cluster(nodes: int, zones: int, enis_per_node: int, ips: tuple[int, int], foreign_enis: int,
-                  seed: int = 3) -> Cluster:
+                  seed: int = 3, churn: float = 0.0) -> Cluster:
     """The nodes of bench/index.py's `build` (node i: instance `instance_id(i)`, pod subnet
     subnet-<zone>-<i % 3>): a primary ENI and enis_per_node - 1 CNI ENIs each, with ips[0]..ips[1] addresses
-    (the primary's own included); then foreign_enis CNI ENIs of another cluster's nodes in the same VPC."""
+    (the primary's own included); then foreign_enis CNI ENIs of another cluster's nodes in the same VPC.
+    `churn`: at each refresh (the first page asked by attachment for the first node), that share of the nodes
+    sees its first CNI ENI gain or lose one address."""
     rng = random.Random(seed)
     zone_names = [f"us-east-1{chr(ord('a') + z)}" for z in range(zones)]
-    cluster = Cluster()
+    cluster = Cluster(churn=churn)
     subnet_rng = random.Random(7)  # bench/index.py's build draws the subnets' free addresses from this seed
     for z, zone in enumerate(zone_names):
         for s in range(3):
@@ -107,7 +125,9 @@ def build_cluster(nodes: int, zones: int, enis_per_node: int, ips: tuple[int, in
         tags = {} if device == 0 else {"node.k8s.amazonaws.com/instance_id": instance,
                                        "cluster.k8s.amazonaws.com/name": cluster_name or "bench"}
         xml = _eni_xml(eni_id, subnet, zone, description, instance, device, addresses, tags, n_eni)
-        cluster.enis.append(FakeEni(eni_id, subnet, description, instance, tags, xml))
+        other = (_eni_xml(eni_id, subnet, zone, description, instance, device, addresses[:-1], tags, n_eni)
+                 if churn and device == 1 and not cluster_name else None)
+        cluster.enis.append(FakeEni(eni_id, subnet, description, instance, tags, xml, other))
 
     for node in range(nodes):
         for device in range(enis_per_node):
@@ -163,9 +183,12 @@ def app(cluster: Cluster) -> web.Application:
         action = params.get("Action", "")
         filters = _filters(params)
         if action == "DescribeNetworkInterfaces":
-            matching = [e for e in cluster.enis if _eni_matches(e, filters)]
             size = int(params.get("MaxResults", "1000"))
             start = int(params.get("NextToken", "0"))
+            if cluster.churn and start == 0 and ("attachment.instance-id", [instance_id(0)]) in [
+                    (n, v[:1]) for n, v in filters]:
+                cluster.next_refresh()
+            matching = [e for e in cluster.enis if _eni_matches(e, filters)]
             page = matching[start:start + size]
             token = f"<nextToken>{start + size}</nextToken>" if start + size < len(matching) else ""
             body = (b"<networkInterfaceSet>" + b"".join(e.xml for e in page) + b"</networkInterfaceSet>"

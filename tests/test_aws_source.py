@@ -19,6 +19,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import os
+import signal
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,17 +31,31 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 from botocore.stub import Stubber
+from hypothesis import given
+from hypothesis import settings as examples
+from hypothesis import strategies as st
 from moto import mock_aws
 
 from tests.live import Moto as Server
 from tests.live import start_moto
 from tests.paths import REPO
 from webhook.model.cni import CniSettings
-from webhook.model.index import CapacityIndex
+from webhook.model.config import Settings
+from webhook.model.decide import decide
+from webhook.model.index import CapacityIndex, PodUse
 from webhook.model.instance_types import INSTANCE_TYPES
 from webhook.model.limits import InstanceLimits, LimitsTable
 from webhook.sources.ec2.client import Call, Ec2, classify_error
-from webhook.sources.ec2.enis import Eni, EniProvider, parse_eni, subnet_usage, summarize_instances
+from webhook.sources.ec2.enis import (
+    Eni,
+    EniHold,
+    EniProvider,
+    InstanceEnis,
+    ShippedFigures,
+    parse_eni,
+    subnet_usage,
+    summarize_instances,
+)
 from webhook.sources.ec2.instance_types import instance_limits_from_ec2
 from webhook.sources.ec2.instances import cluster_name_from_tags
 from webhook.sources.ec2.poller import Ec2Poller, RefreshResult
@@ -1303,3 +1320,193 @@ def test_a_worker_process_makes_its_own_session() -> None:
     """A given boto3 session cannot cross into another process."""
     with pytest.raises(ValueError, match="its own boto3 session"):
         Ec2(region=REGION, session=boto3.session.Session(), fetch_in_process=True)
+
+
+# ---- incremental refreshes: only what changed crosses from the worker, applied in slices -------------------
+
+
+def secondary_ips(ec2: Any, eni_id: str) -> set[str]:
+    eni = ec2.describe_network_interfaces(NetworkInterfaceIds=[eni_id])["NetworkInterfaces"][0]
+    return {a["PrivateIpAddress"] for a in eni["PrivateIpAddresses"] if not a["Primary"]}
+
+
+def kill_worker(poller: Ec2Poller) -> None:
+    """Kill the poller's EC2 worker process, as the kernel's OOM killer would."""
+    processes = poller.ec2._processes
+    assert processes is not None
+    for worker in list(getattr(processes, "_processes", {}).values()):
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(10)
+
+
+async def test_the_worker_ships_only_the_nodes_whose_figures_changed(moto_server: Server) -> None:
+    """The worker process remembers what it last shipped and sends only the instances whose figures changed
+    (one that returns to an earlier figure included); the first refresh after a restart of ipguard or of the
+    worker ships every node. After each refresh the index equals a fresh recount and the figures equal a
+    whole fetch's."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2, secondary=(5, 8, 3))
+    index = build_index(cluster)
+    clock = FakeClock()
+    poller = make_poller(moto_server.url, clock, fetch_in_process=True)
+
+    async def refresh() -> RefreshResult:
+        clock.advance(31)
+        result = await poller.refresh(index, cluster.node_instances)
+        assert result.ok, result.failed
+        assert index.aggregates() == index.recount()
+        return result
+
+    try:
+        first = await refresh()
+        assert poller.enis.last_shipped == 3 and first.nodes_updated == 3
+        held = {n: index.nodes[n].ec2_held for n in cluster.node_instances}
+        assert held == {"node-0": 5, "node-1": 8, "node-2": 3}
+
+        await refresh()
+        assert poller.enis.last_shipped == 0
+
+        before = secondary_ips(ec2, cluster.cni_enis[2])
+        ec2.assign_private_ip_addresses(NetworkInterfaceId=cluster.cni_enis[2], SecondaryPrivateIpAddressCount=4)
+        result = await refresh()
+        assert poller.enis.last_shipped == 1 and result.nodes_updated == 1
+        assert index.nodes["node-2"].ec2_held == 3 + 4
+        assert {iid: u.held_ips() for iid, u in result.instances.items()} == dict(
+            zip(cluster.instances, (5, 8, 7), strict=True))
+
+        # Back to the figure it had two refreshes ago: still a change from what was shipped last.
+        ec2.unassign_private_ip_addresses(NetworkInterfaceId=cluster.cni_enis[2],
+                                          PrivateIpAddresses=sorted(secondary_ips(ec2, cluster.cni_enis[2]) - before))
+        await refresh()
+        assert poller.enis.last_shipped == 1
+        assert {n: index.nodes[n].ec2_held for n in cluster.node_instances} == held
+
+        kill_worker(poller)
+        clock.advance(31)
+        lost = await poller.refresh(index, cluster.node_instances)
+        assert Call.ENIS in lost.failed  # the broken pool is noticed on the next call; a new worker after it
+        assert {n: index.nodes[n].ec2_held for n in cluster.node_instances} == held
+        ec2.assign_private_ip_addresses(NetworkInterfaceId=cluster.cni_enis[0], SecondaryPrivateIpAddressCount=1)
+        await refresh()
+        assert poller.enis.last_shipped == 3  # a new worker knows nothing of what was shipped
+        assert index.nodes["node-0"].ec2_held == 6
+        await refresh()
+        assert poller.enis.last_shipped == 0
+    finally:
+        poller.close()
+
+    restarted = make_poller(moto_server.url, clock, fetch_in_process=True)
+    try:
+        clock.advance(31)
+        assert (await restarted.refresh(index, cluster.node_instances)).ok
+        assert restarted.enis.last_shipped == 3
+        assert index.aggregates() == index.recount()
+    finally:
+        restarted.close()
+
+
+async def test_a_node_recreated_in_the_index_gets_its_figures_though_they_did_not_change(
+    moto_server: Server,
+) -> None:
+    """What is shipped is what changed in EC2, but the index is brought to EC2's figures: a node the watch
+    removed and re-added (its EC2 figure dropped) gets it again at the next refresh, with nothing shipped."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2, secondary=(5, 8, 3))
+    index = build_index(cluster)
+    clock = FakeClock()
+    poller = make_poller(moto_server.url, clock)
+    try:
+        assert (await poller.refresh(index, cluster.node_instances)).ok
+        index.remove_node("node-1")
+        index.upsert_node("node-1", zone=ZONES[1], instance_type="m5.large", pod_subnet=cluster.subnets[1],
+                          allocatable_pods=29)
+        assert index.nodes["node-1"].ec2_held is None
+        clock.advance(31)
+        result = await poller.refresh(index, cluster.node_instances)
+        assert poller.enis.last_shipped == 0 and result.nodes_updated == 1
+        assert index.nodes["node-1"].ec2_held == 8
+        assert index.aggregates() == index.recount()
+    finally:
+        poller.close()
+
+
+async def test_a_refresh_applied_in_slices_lets_admissions_and_pod_events_in_between(moto_server: Server) -> None:
+    """The nodes' figures are applied a slice at a time with the event loop free in between: admissions and
+    watch events land while some nodes have this refresh's figures and others the last one's; each node is
+    whole at any moment, and after the refresh the index equals a fresh recount."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2, secondary=(5, 8, 3))
+    index = build_index(cluster)
+    settings = Settings()
+    clock = FakeClock()
+    poller = make_poller(moto_server.url, clock)
+    poller.apply_slice = 0.0  # a slice per node
+    seen: list[int] = []  # nodes with EC2's figure, as each interleaved step saw them
+    refreshing = True
+
+    async def traffic() -> None:
+        n = 0
+        while refreshing:
+            n += 1
+            seen.append(sum(node.ec2_held is not None for node in index.nodes.values()))
+            node = f"node-{n % 3}"
+            index.upsert_pod(f"apps/p{n}", node, PodUse.IP)
+            if n % 2:
+                index.remove_pod(f"apps/p{n - 1}")
+            pod = {"metadata": {"name": f"q{n}", "namespace": "apps"}, "spec": {"containers": [{"name": "c"}]}}
+            decision = decide(pod, index, settings, namespace="apps")
+            if decision.reserve_zone is not None:
+                index.reserve(f"apps/q{n}", decision.reserve_zone, decision.reserve_node)
+            # Ready again at once, to take every turn the refresh gives; but the GIL is let go meanwhile, else
+            # moto's threads and boto3's (the same process) would wait up to a switch interval per step.
+            time.sleep(0.0002)  # noqa: ASYNC251 - on purpose: the loop stays busy, the GIL does not
+            await asyncio.sleep(0)
+
+    try:
+        task = asyncio.create_task(traffic())
+        result = await poller.refresh(index, cluster.node_instances)
+        refreshing = False
+        await task
+        assert result.ok and result.nodes_updated == 3
+        assert any(0 < applied < 3 for applied in seen), seen  # a decision between two slices
+        assert index.aggregates() == index.recount()
+        assert {n: index.nodes[n].ec2_held for n in cluster.node_instances} == {"node-0": 5, "node-1": 8,
+                                                                                 "node-2": 3}
+    finally:
+        poller.close()
+
+
+figures = st.sampled_from([
+    InstanceEnis("i-?", (EniHold("subnet-a", ips, 0, True),), primary_subnet="subnet-a") for ips in (0, 3, 7)])
+views = st.dictionaries(st.sampled_from(["i-1", "i-2", "i-3", "i-4"]), figures, max_size=4)
+
+
+@given(st.lists(st.tuples(views, st.sets(st.sampled_from(["i-1", "i-2", "i-3", "i-4"])), st.booleans(),
+                          st.sampled_from(["kept", "lost", "worker restarted"])), max_size=12))
+@examples(max_examples=300, deadline=None)
+def test_a_view_kept_from_changes_equals_whole_answers(
+    steps: list[tuple[dict[str, InstanceEnis], set[str], bool, str]],
+) -> None:
+    """Whatever answers are lost on the way or whatever worker restarts in between, the view the poller keeps
+    from the changes it is shipped equals the one whole answers give: every asked instance EC2 knows with its
+    current figure (and, for the nodes that joined only, the others as they were)."""
+    shipped = ShippedFigures()
+    view: dict[str, InstanceEnis] = {}
+    token: str | None = None
+    exact = False  # the worker's memory is the poller's view: only what differs is shipped
+    for ec2_now, joined, whole, fate in steps:
+        asked = frozenset(ec2_now) | frozenset(joined) if whole else frozenset(joined)
+        if fate == "worker restarted":
+            shipped, exact = ShippedFigures(), False
+        fresh = {iid: f for iid, f in ec2_now.items() if iid in asked}
+        answer = shipped.answer(fresh, asked, whole, token)
+        if fate == "lost":
+            exact = False
+            continue
+        expected = dict(fresh) if whole else {**{i: f for i, f in view.items() if i not in asked}, **fresh}
+        differs = {iid for iid, f in fresh.items() if view.get(iid) != f}
+        assert differs <= set(answer.changed) <= set(fresh)
+        assert set(answer.changed) == differs if exact else answer.complete or token is not None
+        exact = whole or (exact and not answer.complete)
+        view, token = answer.merged(view, asked, whole), answer.token
+        assert view == expected

@@ -14,7 +14,9 @@ multi-NIC ipamd manages no other.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
@@ -295,6 +297,61 @@ def instance_summaries(
     return summarize_instances(fetch_instance_enis(client, instance_ids, vpc_id, page_size), instance_ids)
 
 
+class EniChanges(NamedTuple):
+    """One answer about the nodes' ENIs, as the fetcher ships it: only the instances whose figures differ from
+    what it shipped before (`base`), or every one asked when the asker holds nothing the fetcher knows of."""
+
+    token: str  # names the view this answer leads to, for the next question's `base`
+    changed: dict[str, InstanceEnis]  # instance id -> its figures: new, or not as last shipped
+    gone: frozenset[str]  # asked, and no ENI attached any more (the instance is gone, or elsewhere)
+    complete: bool  # every instance asked is in `changed` (no base in common)
+
+    def merged(self, view: Mapping[str, InstanceEnis], asked: AbstractSet[str], whole: bool) -> dict[str, InstanceEnis]:
+        """The view after this answer: `view` (the one `base` names) with the changes, and, for a `whole` question
+        (every node), without the instances no longer asked about. The asker and the fetcher both call it, so
+        they hold the same view."""
+        kept = {iid: f for iid, f in view.items() if iid not in self.gone and (not whole or iid in asked)}
+        kept.update(self.changed)
+        return kept
+
+
+class ShippedFigures:
+    """What a fetcher shipped last, per instance, and the token naming that view: in the worker process,
+    the one memory its poller's questions go to (in the thread pool, one per process: a second poller there
+    gets whole answers, as after a restart). A question whose `base` is not the last token (the asker dropped
+    an answer, or this memory is new: a restart of either side) gets every figure."""
+
+    def __init__(self) -> None:
+        self.token: str | None = None
+        self.figures: dict[str, InstanceEnis] = {}
+        self._lock = threading.Lock()  # the thread pool may run two questions at once
+
+    def answer(self, fresh: Mapping[str, InstanceEnis], asked: AbstractSet[str], whole: bool,
+               base: str | None) -> EniChanges:
+        with self._lock:
+            complete = base is None or base != self.token
+            known = {} if complete else self.figures
+            changed = {iid: f for iid, f in fresh.items() if known.get(iid) != f}
+            answer = EniChanges(uuid.uuid4().hex, changed, frozenset(asked - fresh.keys()), complete)
+            self.figures = answer.merged(known, asked, whole)
+            self.token = answer.token
+            return answer
+
+
+_shipped = ShippedFigures()  # in the process that fetches (the worker process, or this one's thread pool)
+
+
+def instance_changes(
+    client: EC2Client, instance_ids: frozenset[str], vpc_id: str | None, page_size: int, base: str | None,
+    whole: bool,
+) -> EniChanges:
+    """What each instance holds (blocking), as `instance_summaries`, but only the instances whose figures changed
+    since the answer `base` names: most nodes' figures stay put from one period to the next, and each one
+    shipped is one more to unpickle and compare on the event loop."""
+    fresh = instance_summaries(client, instance_ids, vpc_id, page_size)
+    return _shipped.answer(fresh, instance_ids, whole, base)
+
+
 def fetch_subnet_enis(client: EC2Client, subnet_ids: Iterable[str], page_size: int) -> list[Eni]:
     """Every ENI in the subnets, whoever owns it (load balancers, NAT gateways, Lambda, other clusters)."""
     out: list[Eni] = []
@@ -311,12 +368,18 @@ def subnet_usage_of(client: EC2Client, subnet_ids: frozenset[str], page_size: in
 class EniProvider:
     """The nodes' ENIs, cached for one period: one full refresh per period whatever the node churn (EC2's
     request quota is the account's, shared with the CNI's own ipamd); nodes that joined since are fetched on
-    their own. Fetching and parsing run where `Ec2.fetch` puts them (a worker process, or the thread pool)."""
+    their own. Fetching and parsing run where `Ec2.fetch` puts them (a worker process, or the thread pool), and
+    only the instances whose figures changed come back (`instance_changes`): the view here keeps the same
+    figure objects for the others."""
 
     def __init__(self, ec2: Ec2, period: float) -> None:
         self.ec2 = ec2
-        self._cache: TTLCache[tuple[object, ...], dict[str, InstanceEnis]] = TTLCache(8, period, ec2.clock)
-        self._asked: set[str] = set()  # instance ids the cached view covers
+        self._fresh: TTLCache[tuple[object, ...], bool] = TTLCache(8, period, ec2.clock)  # fetched this period
+        self._asked: frozenset[str] = frozenset()  # instance ids the view covers
+        self._view: dict[str, InstanceEnis] = {}
+        self._view_key: tuple[object, ...] | None = None
+        self._token: str | None = None  # the fetcher's name for `_view`
+        self.last_shipped = 0  # instance figures the last answer carried
 
     @property
     def page_size(self) -> int:
@@ -336,19 +399,23 @@ class EniProvider:
         """What each instance holds: fetched when the period is up (or `full`), only the new instances when
         some joined since, else None (the cached view is current). Raises CallFailed."""
         key = (vpc_id,)
-        cached = self._cache.get(key)
-        new_ids = frozenset(instance_ids - self._asked)
-        if full or cached is None:
-            fresh = await self.ec2.fetch(Call.ENIS, instance_summaries, instance_ids, vpc_id, self.page_size)
-            self._asked = set(instance_ids)
-        elif new_ids:
-            joined = await self.ec2.fetch(Call.ENIS, instance_summaries, new_ids, vpc_id, self.page_size)
-            fresh = {**cached, **joined}
-            self._asked |= new_ids
-        else:
+        if key != self._view_key:
+            self._view, self._view_key, self._token, self._asked = {}, key, None, frozenset()
+        new_ids = instance_ids - self._asked
+        whole = full or key not in self._fresh
+        if not whole and not new_ids:
             return None
-        self._cache[key] = fresh
-        return fresh
+        asked = instance_ids if whole else new_ids
+        # An answer lost on the way (an error, a cancelled refresh) leaves this token behind the fetcher's, and
+        # the next answer is whole.
+        answer = await self.ec2.fetch(Call.ENIS, instance_changes, asked, vpc_id, self.page_size, self._token,
+                                      whole)
+        self._view = answer.merged(self._view, asked, whole)
+        self._token = answer.token
+        self.last_shipped = len(answer.changed)
+        self._asked = instance_ids if whole else self._asked | new_ids
+        self._fresh[key] = True
+        return self._view
 
     async def subnet_usage(self, subnet_ids: frozenset[str]) -> dict[str, list[str]]:
         """Subnet id -> every address and prefix in use there. Raises CallFailed."""

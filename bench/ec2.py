@@ -146,7 +146,9 @@ class TwoQueryEnis(EniProvider):
 
     async def instances(self, instance_ids: frozenset[str], vpc_id: str | None, *,
                         full: bool = False) -> dict[str, InstanceEnis] | None:
-        return await self.ec2.fetch(Call.ENIS, two_query_summaries, instance_ids, vpc_id, self.page_size)
+        fresh = await self.ec2.fetch(Call.ENIS, two_query_summaries, instance_ids, vpc_id, self.page_size)
+        self.last_shipped = len(fresh)
+        return fresh
 
 
 def endpoint_process(nodes: int, zones: int, enis_per_node: int, ips: tuple[int, int], foreign: int, churn: float,
@@ -212,8 +214,7 @@ def webhook_process(url: str, nodes: int, pods: int, zones: int, plan: str, cpu:
             figures = {"cpu": time.process_time() - cpu0, "wall": time.perf_counter() - wall0,
                        "worker_cpu": children_cpu() - worker0, "ok": result.ok,
                        "failed": dict(result.failed), "nodes_updated": result.nodes_updated,
-                       "calls": dict(calls), "shipped": poller.enis.last_shipped if hasattr(
-                           poller.enis, "last_shipped") else len(result.instances)}
+                       "calls": dict(calls), "shipped": poller.enis.last_shipped}
             if watcher is not None:
                 await asyncio.sleep(4 * LOOP_TICK)  # the tick a last synchronous step held up, measured
                 watcher.cancel()

@@ -820,6 +820,7 @@ MEMO_STEPS = st.lists(st.tuples(
 
 @hypothesis_settings(max_examples=300, deadline=None)
 @given(steps=MEMO_STEPS, warm_ip_target=st.sampled_from([None, 2]))
+# A reservation on a node whose last warm IP it takes, in an empty subnet: the nodes to avoid must change.
 @example(steps=[("subnet", 0, 0), ("pod", 0, 1), ("reserve_on_node", 0, 0)], warm_ip_target=None)
 def test_decisions_from_kept_figures_equal_decisions_worked_out_afresh(
     steps: list[tuple[str, int, int]], warm_ip_target: int | None

@@ -603,12 +603,10 @@ class CapacityIndex:
         """Known nodes carrying the label `key=value` (O(1): the pods that select nodes by label read this)."""
         return self._labelled.get((key, value), _NO_NODES)
 
-    def _node_counted(self, node: Node) -> bool:
-        return node.known and node.schedulable and node.zone is not None
-
-    def counted(self, node: Node) -> bool:
+    @staticmethod
+    def counted(node: Node) -> bool:
         """The node counts for new pods: known, schedulable (Linux, not cordoned) and in a zone."""
-        return self._node_counted(node)
+        return node.known and node.schedulable and node.zone is not None
 
     def _held(self, node: Node, limits: InstanceLimits, used: int) -> HeldAddresses:
         # IPs in cooldown are held (ipamd frees no ENI that has one) though no pod uses them.
@@ -666,7 +664,7 @@ class CapacityIndex:
         usable = held.ips - node.cooling
         node.warm = max(0, usable - used)
         node.waiting = max(0, used - usable)
-        beyond = max(0, node.room - node.warm) if self._node_counted(node) else 0
+        beyond = max(0, node.room - node.warm) if self.counted(node) else 0
         # EC2 attaches no ENI from a subnet in another Availability Zone (an ENIConfig pointing across zones).
         subnet = self.subnets.get(node.pod_subnet) if node.pod_subnet else None
         across = subnet is not None and node.zone is not None and subnet.zone != node.zone
@@ -767,7 +765,7 @@ class CapacityIndex:
                     subnets: dict[str, Subnet] | None = None) -> None:
         """Add (sign 1) or take out (sign -1) a node's figures in its zone's and subnet's sums. `recount` passes
         fresh dicts and leaves supply to be computed after."""
-        counted = self._node_counted(node)
+        counted = self.counted(node)
         # A cordoned node is not counted in its zone but still holds its addresses: it stays in its subnet.
         subnet = (subnets if subnets is not None else self.subnets).get(node.pod_subnet or "") if node.known else None
         if counted:
@@ -785,7 +783,7 @@ class CapacityIndex:
             elif subnet is None:
                 zone.beyond_warm_unknown += sign * max(0, node.room - node.warm)
                 zone.unknown_subnet_nodes += sign
-            if node.room <= self.node_reserve and sign > 0 and self._pod_slot(node):
+            if node.room <= self.node_reserve and sign > 0 and self.pod_slot(node):
                 zone.full_nodes.add(node.name)
             elif sign < 0:
                 zone.full_nodes.discard(node.name)
@@ -920,7 +918,7 @@ class CapacityIndex:
         if self._new_node_cost is None:
             costs = [ipamd.new_node_cost(limits, self.cni) for limits in self._type_counts]
             default = ipamd.GrowthCost(1 if self.cni.custom_networking else 2, 0, 0)
-            self._new_node_cost = min(costs, key=lambda c: c.addresses + PREFIX_SIZE * c.blocks, default=default)
+            self._new_node_cost = min(costs, key=lambda c: c.whole, default=default)
         return self._new_node_cost
 
     def _count_type(self, node: Node, sign: int) -> None:
@@ -1108,7 +1106,7 @@ class CapacityIndex:
             self._hold(old, -1)
         known = self.nodes.get(node) if node else None
         # A reservation on a node the index cannot count yet is held against the zone instead.
-        reservation = Reservation(key, zone, node if known and self._node_counted(known) else None)
+        reservation = Reservation(key, zone, node if known and self.counted(known) else None)
         self._hold(reservation, 1)
         self._reservations[key] = reservation
         self.version += 1
@@ -1242,8 +1240,7 @@ class CapacityIndex:
             return False
         if own is None:
             return True
-        whole = cost.addresses + PREFIX_SIZE * cost.blocks
-        return (own.left >= whole and own.left_blocks >= cost.blocks) or self.discovery_funds(node)
+        return cost.fits(own.left, own.left_blocks) or self.discovery_funds(node)
 
     def discovery_funds(self, node: Node) -> bool:
         """A discovery-tagged subnet of the node's zone has what a new ENI on the node asks for (ipamd moves on
@@ -1254,11 +1251,8 @@ class CapacityIndex:
         cost = node.eni_cost
         if zone is None or cost is None:
             return False
-        whole = cost.addresses + PREFIX_SIZE * cost.blocks
-        return any(
-            s.discoverable and s.left >= whole and s.left_blocks >= cost.blocks
-            for s in (self.subnets[sid] for sid in zone.subnet_ids)
-        )
+        return any(s.discoverable and cost.fits(s.left, s.left_blocks)
+                   for s in (self.subnets[sid] for sid in zone.subnet_ids))
 
     def growth_funded(self, node: Node, subnet: Subnet) -> bool | None:
         """Whether the subnet funds one more IP on this node beyond the pods waiting there (None: no ENI slot
@@ -1268,12 +1262,12 @@ class CapacityIndex:
             return None
         addresses, blocks = subnet.left, subnet.left_blocks
         own = node.own_cost
-        if own is not None and own.addresses + PREFIX_SIZE * own.blocks <= subnet.supply:
+        if own is not None and own.whole <= subnet.supply:
             # The node's own waiting pods were served from what is no longer left: that was its to spend.
-            addresses += own.addresses + PREFIX_SIZE * own.blocks
+            addresses += own.whole
             blocks += own.blocks
             cost = ipamd.GrowthCost(cost.addresses - own.addresses, cost.blocks - own.blocks, 0)
-        return cost.addresses + PREFIX_SIZE * cost.blocks <= addresses and cost.blocks <= blocks
+        return cost.fits(addresses, blocks)
 
     def node_has_address(self, node: Node) -> bool:
         """An IP slot free on the node (pods aside), and an IP at hand for it."""
@@ -1291,11 +1285,18 @@ class CapacityIndex:
         if zone is None:
             return
         yield from zone.full_nodes
-        for names in zone.dry_nodes.values():
+        for _, node in self._dry_with_room(zone):
+            if not self._ip_at_hand(node):
+                yield node.name
+
+    def _dry_with_room(self, zone: Zone) -> Iterator[tuple[str, Node]]:
+        """The zone's nodes with no warm IP that have IP room above the node reserve and a pod slot (its full
+        nodes aside), each with the subnet it depends on ("" for none known)."""
+        for subnet_id, names in zone.dry_nodes.items():
             for name in names:
                 node = self.nodes[name]
-                if name not in zone.full_nodes and node.room > self.node_reserve and not self._ip_at_hand(node):
-                    yield name
+                if name not in zone.full_nodes and node.room > self.node_reserve:
+                    yield subnet_id, node
 
     def uncertain_nodes(self, zone_name: str) -> Iterator[str]:
         """Nodes in the zone with no warm IP at the last count, a pod slot and no other way to an IP than their
@@ -1305,24 +1306,19 @@ class CapacityIndex:
         zone = self.zones.get(zone_name)
         if zone is None or not zone.topups_short:
             return
-        for subnet_id, names in zone.dry_nodes.items():
+        for subnet_id, node in self._dry_with_room(zone):
             subnet = self.subnets.get(subnet_id)
-            if subnet is None or not subnet.topups_short:
-                continue
-            for name in names:
-                node = self.nodes[name]
-                if name in zone.full_nodes or node.room <= self.node_reserve or not self._ip_at_hand(node):
-                    continue  # full, or exhausted already
-                if not self._funded_before_topups(node, subnet):
-                    yield name
+            # (a node with no IP at hand is exhausted already)
+            if (subnet is not None and subnet.topups_short and self._ip_at_hand(node)
+                    and not self._funded_before_topups(node, subnet)):
+                yield node.name
 
     def _funded_before_topups(self, node: Node, subnet: Subnet) -> bool:
         """The subnet funds the node's next IP even once every other node's top-up is paid."""
         cost = node.next_cost
         if cost is None or any(part.free_slots for part in node.elsewhere) or self.discovery_funds(node):
             return True
-        left = subnet.left - (subnet.topups - node.topup)
-        return cost.addresses + PREFIX_SIZE * cost.blocks <= left and cost.blocks <= subnet.left_blocks
+        return cost.fits(subnet.left - (subnet.topups - node.topup), subnet.left_blocks)
 
     def node_growth_hint(self, node: Node) -> str:
         """Why the node gets no IP from its subnet, in words (for a denial, not the request path's hot part)."""
@@ -1386,10 +1382,8 @@ class CapacityIndex:
                 if limits is None or not node.grows or node.room <= 0:
                     continue
                 cost = ipamd.growth_cost(node.waiting + 1, node.held_addresses, limits, self.cni)
-                if cost is not None:
-                    whole = cost.addresses + PREFIX_SIZE * cost.blocks
-                    if cheapest is None or whole < cheapest[0]:
-                        cheapest = (whole, node.instance_type or name, cost)
+                if cost is not None and (cheapest is None or cost.whole < cheapest[0]):
+                    cheapest = (cost.whole, node.instance_type or name, cost)
             if cheapest is not None:
                 hints.append(_cost_phrase(cheapest[1], cheapest[2], subnet))
             new = self.new_node_cost()
@@ -1398,14 +1392,9 @@ class CapacityIndex:
         return "; ".join(dict.fromkeys(hints))
 
     @staticmethod
-    def _pod_slot(node: Node) -> bool:
+    def pod_slot(node: Node) -> bool:
         """The scheduler could still bind a pod to the node: a pod slot left (allocatable pods)."""
         return node.allocatable_pods is None or node.allocatable_pods - node.pods - node.reserved > 0
-
-    @staticmethod
-    def pod_slot(node: Node) -> bool:
-        """The scheduler could still bind a pod to the node (a pod slot left)."""
-        return CapacityIndex._pod_slot(node)
 
     def nodes_that_can_take(self, zones: list[str], most: int) -> list[str]:
         """Up to `most` counted nodes in these zones that can take a pod now. Walks the nodes: only for the
@@ -1413,7 +1402,7 @@ class CapacityIndex:
         wanted = set(zones)
         found: list[str] = []
         for node in self.nodes.values():
-            if node.zone in wanted and self._node_counted(node) and self.node_can_take(node):
+            if node.zone in wanted and self.counted(node) and self.node_can_take(node):
                 found.append(node.name)
                 if len(found) >= most:
                     break

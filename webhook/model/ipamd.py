@@ -162,6 +162,15 @@ class GrowthCost:
     blocks: int  # aligned free /28 blocks (prefix delegation)
     new_enis: int
 
+    @property
+    def whole(self) -> int:
+        """Every address it takes, its /28 blocks' included."""
+        return self.addresses + PREFIX_SIZE * self.blocks
+
+    def fits(self, addresses: int, blocks: int) -> bool:
+        """A subnet with these free addresses and whole free /28 blocks can pay it."""
+        return self.whole <= addresses and self.blocks <= blocks
+
 
 def growth_cost(ips: int, held: HeldAddresses, limits: InstanceLimits, settings: CniSettings) -> GrowthCost | None:
     """What it takes from the subnet for ipamd to give this node `ips` more pod IPs, or None when it cannot

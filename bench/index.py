@@ -25,16 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from webhook.model.cni import CniSettings
 from webhook.model.config import Settings
 from webhook.model.decide import Decision, decide
-from webhook.model.index import CapacityIndex, PodUse
+from webhook.model.index import CapacityIndex, Clock, PodUse
 from webhook.model.limits import LimitsTable
 
 GROUPS = 10  # node groups, spread over the zones
 TYPES = ["m5.large", "m5.xlarge", "m5.2xlarge", "c5.xlarge", "c5.4xlarge", "r5.2xlarge", "m5.4xlarge"]
 
 
-def build(nodes: int, pods: int, zones: int, seed: int = 7) -> tuple[CapacityIndex, list[str]]:
+def build(nodes: int, pods: int, zones: int, seed: int = 7, *, kind: type[CapacityIndex] = CapacityIndex,
+          clock: Clock = time.monotonic) -> tuple[CapacityIndex, list[str]]:
     rng = random.Random(seed)
-    index = CapacityIndex(LimitsTable(), CniSettings())
+    index = kind(LimitsTable(), CniSettings(), clock=clock)
     zone_names = [f"us-east-1{chr(ord('a') + z)}" for z in range(zones)]
     node_names = []
     for i in range(nodes):

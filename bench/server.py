@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import cProfile
 import functools
@@ -81,6 +82,7 @@ from webhook.demo import admission_review, deployment_pod
 from webhook.eventloop import LoopChoice, loop_factory
 from webhook.eventloop import run as run_loop
 from webhook.model.config import Mode, Settings
+from webhook.model.index import CapacityIndex, PodUse
 from webhook.model.pods import ZONE_LABEL
 from webhook.server import WebhookServer, start_server
 from webhook.tls import CertReloader, write_cert_bundle
@@ -559,6 +561,69 @@ def micro_breakdown(state: AdmissionState, bodies: list[tuple[str, str, bytes]],
         dumps_us = (clock() - t) / n * 1e6
         rows.append((label, path, answer.outcome, parse_us, handle_us, dumps_us))
     return rows
+
+
+class _Afresh(CapacityIndex):
+    """The same index with nothing kept between its changes: every decision works its figures out afresh."""
+
+    @property
+    def memo(self) -> dict[Any, Any]:
+        return {}
+
+    @property
+    def node_memo(self) -> dict[Any, Any]:
+        return {}
+
+
+@dataclass(slots=True)
+class AnswersCheck:
+    reviews: int = 0
+    identical: int = 0
+    events: int = 0
+    outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
+    first_difference: str = ""
+
+
+def answers_check(sizes: tuple[int, int, int], sequence: list[Template], reviews: int,
+                  every: int = 10) -> AnswersCheck:
+    """The bench's reviews, in its order, answered by two indexes built alike: one keeping figures between its
+    changes (as served), one working them out afresh for every decision. Every `every` reviews both see the same
+    pod event (a pod moved to another node), and a simulated clock moves 1 ms per review, so kept figures are
+    dropped and reservations and cooldowns expire as they would. Answers are compared whole (patch, warnings,
+    audit annotations, status)."""
+    now = [0.0]
+
+    def clock() -> float:
+        return now[0]
+
+    kept, node_names = build(*sizes, clock=clock)
+    afresh, _ = build(*sizes, kind=_Afresh, clock=clock)
+    states = [AdmissionState(kept, SETTINGS), AdmissionState(afresh, SETTINGS)]
+    rng = random.Random(13)
+    keys = list(kept.pods)
+    uids = UidSource()
+    check = AnswersCheck()
+    for i in range(reviews):
+        template = sequence[i % len(sequence)]
+        _, uid, sfx = uids.next()
+        review = parse_review(template.render(uid, sfx))
+        stage: Any = template.path.split("?")[0].strip("/")
+        answers = [handle_review(review, stage, state) for state in states]
+        bodies = [orjson.dumps(a.response, option=orjson.OPT_SORT_KEYS) for a in answers]
+        check.reviews += 1
+        check.outcomes[answers[0].outcome] += 1
+        if bodies[0] == bodies[1]:
+            check.identical += 1
+        elif not check.first_difference:
+            check.first_difference = f"review {i} ({template.label}, {template.path}): {bodies[0]!r} != {bodies[1]!r}"
+        now[0] += 0.001
+        if i % every == every - 1:
+            key, node = keys[rng.randrange(len(keys))], node_names[rng.randrange(len(node_names))]
+            for index in (kept, afresh):
+                index.remove_pod(key)
+                index.upsert_pod(key, node, PodUse.IP)
+            check.events += 1
+    return check
 
 
 def _profile_text(profiler: cProfile.Profile, top: int) -> str:
@@ -1077,6 +1142,17 @@ async def run(args: argparse.Namespace) -> int:
           "below gives it for each phase)")
     print(f"event loops (every server on the same one, one after the other): "
           f"{', '.join(loop_factory(loop)[0] for loop in args.loop)}")
+    same_answers = True
+    if args.answers:
+        t = time.perf_counter()
+        check = answers_check(sizes, sequence, args.answers)
+        same_answers = check.identical == check.reviews
+        mix = ", ".join(f"{outcome} {count}" for outcome, count in sorted(check.outcomes.items()))
+        print(f"answers with figures kept between index changes (as served) and worked out afresh for each review: "
+              f"{check.identical} of {check.reviews} identical ({mix}; {check.events} pod events between them; "
+              f"{time.perf_counter() - t:.0f} s)")
+        if not same_answers:
+            print(f"  first difference: {check.first_difference}")
     with tempfile.TemporaryDirectory(prefix="ipguard-bench-") as tmp:
         paths = write_cert_bundle(Path(tmp), SERVICE, NAMESPACE, [HOST])
         micro = [(t.label, t.path.split("?")[0], t.render(b"0" * UID_LEN, b"0" * SFX_LEN)) for t in distinct]
@@ -1122,8 +1198,10 @@ async def run(args: argparse.Namespace) -> int:
             gains = ", ".join(f"{name} {_ratio(base.med[name]['us'], result.med[name]['us']):.2f}x" for name in SERVERS)
             print(f"  per-core throughput, {result.loop} / {base.loop}: {gains}")
     print(f"  targets (ipguard >= 0.50 of bare and >= 1.7x kopf, on every loop): {'MET' if met else 'NOT MET'}")
+    if not same_answers:
+        print("  ANSWERS DIFFER with and without kept figures (see above): a stale kept figure is a bug")
     print(f"  run time {time.perf_counter() - started:.0f} s")
-    return 0 if met else 1
+    return 0 if met and same_answers else 1
 
 
 def _version(package: str) -> str:
@@ -1386,6 +1464,9 @@ def main() -> None:
     parser.add_argument("--log", choices=["devnull", "off"], default="devnull",
                         help="ipguard's JSON logs at info to /dev/null (as deployed, minus the pipe) or off")
     parser.add_argument("--profile", action="store_true", help="also time ipguard's stages, GC, and cProfile it")
+    parser.add_argument("--answers", type=int, default=4000, help="reviews answered in-process, before serving, "
+                        "by an index keeping figures between changes and by one working them out afresh, to "
+                        "compare the answers (0: skip)")
     parser.add_argument("--nodes", type=int, default=None)
     parser.add_argument("--pods", type=int, default=None)
     parser.add_argument("--zones", type=int, default=6)

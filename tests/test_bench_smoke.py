@@ -47,3 +47,8 @@ def test_server_bench_answers_from_bare_kopf_and_ipguard_on_both_loops() -> None
         assert re.search(rf"^  {loop}\S*( \S+)?: throughput ratios ipguard/bare [\d.]+ .*ipguard/kopf [\d.]+ .*"
                          r"kopf/bare [\d.]+", out, re.MULTILINE), out[-3000:]
     assert "kopf answers: 0% denied, 0% with a patch" in out  # its handlers do nothing
+    # The same answers with figures kept between index changes and worked out afresh (a stale one shows here).
+    same = re.search(r"worked out afresh for each review: (\d+) of (\d+) identical \(allowed \d+, denied (\d+), "
+                     r"steered (\d+);", out)
+    assert same and same[1] == same[2] and int(same[2]) > 0, out[:3000]
+    assert int(same[3]) > 0 and int(same[4]) > 0, "the check ran on a mix without denials or steering"

@@ -102,6 +102,21 @@ def test_terms_are_ored_and_a_term_ipguard_cannot_list_leaves_the_zone_decision(
     assert judge(index, config, unlisted).selection == ""
 
 
+def test_a_term_with_no_requirement_adds_no_node() -> None:
+    """A node selector term with no requirement matches no node (the API's rule), not every node: `gpu` or an
+    empty term is the gpu nodes alone, judged as such (denied here like the gpu-only pod). A pod whose terms
+    are all empty can run nowhere: left to the scheduler, never denied by ipguard."""
+    index, config = load(CLUSTER % 0)
+    with_empty = pod(terms=[[{"key": GROUP, "operator": "In", "values": ["gpu"]}], []])
+    assert node_terms(with_empty) == (((GROUP, "In", ("gpu",)),),)
+    decision = judge(index, config, with_empty)
+    assert decision.verdict is Verdict.DENY and decision.selection == f"{GROUP}=gpu"
+    nowhere = pod({GROUP: "gpu"}, terms=[[]])
+    assert node_terms(nowhere) == ()
+    decision = judge(index, config, nowhere)
+    assert decision.verdict is Verdict.ALLOW and "allow no zone" in decision.reason
+
+
 def test_a_selection_no_node_matches_yet_is_left_to_the_autoscaler() -> None:
     """No node carries the label yet (a node pool scaling from zero): nothing to judge on, the zone decision."""
     index, config = load(CLUSTER % 100)

@@ -28,7 +28,14 @@ from webhook.admission.handler import AdmissionState, handle
 from webhook.admission.patch import PREFERRED, REQUIRED, Steering, steering_patch, without_steering
 from webhook.admission.wire import parse_review
 from webhook.model.config import Settings
-from webhook.model.pods import HOSTNAME_LABEL, LEGACY_ZONE_LABEL, STEERED_ANNOTATION, ZONE_LABEL, read_record
+from webhook.model.pods import (
+    HOSTNAME_LABEL,
+    LEGACY_ZONE_LABEL,
+    STEERED_ANNOTATION,
+    ZONE_LABEL,
+    empty_term,
+    read_record,
+)
 
 K8S_VERSION = "1.36"  # the fixtures were captured from kube-apiserver v1.36.2
 ZONES = (A, B, C, "us-east-1d")
@@ -171,13 +178,16 @@ def check_steered(original: dict[str, Any], steering: Steering) -> dict[str, Any
         for z, w in steering.prefer_zones
     ]
 
-    # (d) terms are ORed: every one carries the exclusions, once
+    # (d) terms are ORed: every one carries the exclusions, once; but a term that matches no node stays so
     ours = ([zone_not_in(steering.avoid_zones)] if steering.avoid_zones else []) + (
         [host_not_in(steering.avoid_nodes)] if steering.avoid_nodes else []
     )
     if ours:
         assert new_terms
         for i, term in enumerate(new_terms):
+            if old_terms and empty_term(old_terms[i]):
+                assert term == old_terms[i]
+                continue
             exprs = term.get("matchExpressions") or []
             before_count = [(t.get("matchExpressions") or []) for t in old_terms][i] if old_terms else []
             for expr in ours:
@@ -224,6 +234,8 @@ def requirement(draw: st.DrawFn, zone_bias: bool = True) -> dict[str, Any]:
 @st.composite
 def selector_term(draw: st.DrawFn) -> dict[str, Any]:
     term: dict[str, Any] = {}
+    if draw(st.integers(0, 7)) == 0:
+        return term  # matches no node (an empty `matchExpressions` list arrives dropped, as `{}`)
     exprs = draw(st.lists(requirement(), max_size=4))
     fields = draw(st.lists(st.fixed_dictionaries({
         "key": st.just("metadata.name"), "operator": st.sampled_from(["In", "NotIn"]),
@@ -413,6 +425,31 @@ def test_patch_add_affinity_gives_the_affinity_the_apiserver_stored() -> None:
     steered = apply(pod, ops)
     assert steered["spec"] == stored["spec"]
     assert_valid_pod(steered)
+
+
+def test_a_term_that_matches_no_node_is_not_opened_up_by_steering() -> None:
+    """A node selector term with no requirement matches no node (the API's rule; an empty `matchExpressions`
+    list arrives dropped, as `{}`). Adding `zone NotIn [...]` to it would let the pod onto every node outside
+    the avoided zones: it is left as it is, and the user's other term gets the exclusion. Judged through the
+    handler on the captured pod, the empty term adds no zone either: us-east-1b, outside the pod's own
+    `In [1a, 1c]`, gets no preference."""
+    pod = fixture_object("pod-create-affinity.mutate.json")
+    terms = required_terms(pod)
+    assert len(terms) == 1 and terms[0]["matchExpressions"][0]["values"] == [A, C]
+    terms.append({})
+    steered = check_steered(pod, Steering(avoid_zones=(C,)))
+    assert required_terms(steered)[1] == {}
+    assert zone_not_in((C,)) in required_terms(steered)[0]["matchExpressions"]
+
+    index = fixture_cluster(exhausted=[C])
+    review = json.loads((FIXTURES / "pod-create-affinity.mutate.json").read_text(encoding="utf-8"))
+    review["request"]["object"]["spec"]["affinity"]["nodeAffinity"][REQUIRED]["nodeSelectorTerms"].append({})
+    answer = handle(parse_review(json.dumps(review).encode()), "mutate", AdmissionState(index, Settings()))
+    assert answer.decision.avoid_zones == (C,), answer.decision
+    assert {z for z, _ in answer.decision.prefer_zones} <= {A}, answer.decision
+    assert answer.patch is not None
+    steered_pod = apply(review["request"]["object"], answer.patch)
+    assert required_terms(steered_pod)[1] == {}
 
 
 def test_patch_merge_affinity_keeps_the_users_term() -> None:

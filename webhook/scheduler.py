@@ -15,7 +15,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from webhook.model.index import CapacityIndex, Node, PodUse
-from webhook.model.pods import HOSTNAME_LABEL, LEGACY_ZONE_LABEL, OS_LABEL, ZONE_LABEL, node_name, pinned_nodes
+from webhook.model.pods import (
+    HOSTNAME_LABEL,
+    LEGACY_ZONE_LABEL,
+    OS_LABEL,
+    ZONE_LABEL,
+    empty_term,
+    node_name,
+    pinned_nodes,
+)
 
 INSTANCE_TYPE_LABEL = "node.kubernetes.io/instance-type"
 
@@ -59,7 +67,8 @@ def node_fits(pod: Mapping[str, Any], labels: Mapping[str, str], *, lenient: boo
                 .get("requiredDuringSchedulingIgnoredDuringExecution") or {})
     terms = required.get("nodeSelectorTerms") or []
     return not terms or any(
-        all(_matches(e, labels, lenient) for e in t.get("matchExpressions") or []) for t in terms
+        not empty_term(t) and all(_matches(e, labels, lenient) for e in t.get("matchExpressions") or [])
+        for t in terms
     )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from webhook.model.pods import HOSTNAME_LABEL, STEERED_ANNOTATION, ZONE_LABEL, read_record
+from webhook.model.pods import HOSTNAME_LABEL, STEERED_ANNOTATION, ZONE_LABEL, empty_term, read_record
 
 REQUIRED = "requiredDuringSchedulingIgnoredDuringExecution"
 PREFERRED = "preferredDuringSchedulingIgnoredDuringExecution"
@@ -181,6 +181,8 @@ def _apply(affinity: dict[str, Any], steering: Steering) -> tuple[bool, list[lis
         for i, term in enumerate(terms):
             if not isinstance(term, dict):
                 continue  # not a term at all: the apiserver rejects such a pod whatever ipguard does
+            if not created and empty_term(term):
+                continue  # the pod's own term matches no node: an expression added would make it match most
             if term.get("matchExpressions") is None:
                 term["matchExpressions"] = []
             current = term["matchExpressions"]

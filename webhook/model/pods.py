@@ -164,6 +164,8 @@ def pinned_nodes(pod: Pod) -> list[str]:
     names: list[str] = []
     for term in terms:
         term = _map(term)
+        if empty_term(term):
+            continue  # matches no node: pins the pod nowhere, and lets no other node in
         fields = [
             _map(f) for f in _list(term.get("matchFields"))
             if _map(f).get("key") == "metadata.name" and _map(f).get("operator") == "In"
@@ -188,6 +190,12 @@ FIELD_KEY_PREFIX = "field:"
 NODE_NAME_FIELD = FIELD_KEY_PREFIX + "metadata.name"
 
 
+def empty_term(term: Mapping[str, Any]) -> bool:
+    """A node selector term with no requirement at all. The API's rule: it matches no node (an empty
+    `matchExpressions` list is dropped on the wire, so such a term arrives as `{}`)."""
+    return not _list(term.get("matchExpressions")) and not _list(term.get("matchFields"))
+
+
 def node_terms(pod: Pod) -> tuple[NodeTerm, ...]:
     """The pod's required node selection as ORed terms: its nodeSelector ANDed into each required node-affinity
     term (the scheduler's rule). Empty when the pod selects no nodes at all (the common case: O(1))."""
@@ -201,6 +209,8 @@ def node_terms(pod: Pod) -> tuple[NodeTerm, ...]:
     out: list[NodeTerm] = []
     for term in terms:
         term = _map(term)
+        if empty_term(term):
+            continue  # matches no node, the nodeSelector notwithstanding
         requirements = list(base)
         for prefix, entries in (("", term.get("matchExpressions")), (FIELD_KEY_PREFIX, term.get("matchFields"))):
             for entry in _list(entries):
@@ -235,6 +245,8 @@ def allowed_zones(pod: Pod, zones: Iterable[str]) -> list[str]:
 
 
 def _term_zones(term: Mapping[str, Any], zones: set[str]) -> set[str]:
+    if empty_term(term):
+        return set()
     result = set(zones)
     for expression in _list(term.get("matchExpressions")):
         expr = _map(expression)

@@ -73,6 +73,25 @@ def test_unconfirmed_reservation_is_released_after_the_window() -> None:
     assert guard.released == 1 and guard.counts() == {A: 0}
 
 
+def test_a_pod_reserved_again_in_another_zone_keeps_its_new_reservation_for_its_own_window() -> None:
+    """A create refused after admission (a quota, a later webhook) and retried under the same name, this time
+    admitted into another zone: the first zone's window ends before the second's, and must not release the
+    reservation the retry holds."""
+    clock = Clock()
+    index = CapacityIndex(clock=clock)
+    guard = ReservationGuard(index, clock)
+    assert guard.reserve("shop/web-1", A, None, window=10.0, limit=10)
+    clock.now += 8
+    assert guard.reserve("shop/web-1", "us-east-1b", None, window=10.0, limit=10)
+    clock.now += 2.5  # past the first window, within the second
+    guard.sweep()
+    assert [(r.key, r.zone) for r in index.reservations()] == [("shop/web-1", "us-east-1b")]
+    assert guard.counts() == {A: 0, "us-east-1b": 1}
+    clock.now += 8  # past the second window, the pod never shown
+    guard.sweep()
+    assert index.reservations() == [] and guard.released == 1
+
+
 def test_past_the_bound_a_zone_takes_no_more_unconfirmed_reservations() -> None:
     """At the bound, a review is judged without reserving (reserve says so); confirmed pods make room again."""
     clock = Clock()

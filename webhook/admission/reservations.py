@@ -36,6 +36,11 @@ class ReservationGuard:
     def reserve(self, key: str, zone: str, node: str | None, *, window: float, limit: int) -> bool:
         """Hold the pod's IP unless its zone is at its bound of unconfirmed reservations; True when held."""
         self.sweep()
+        for other, waiting in self.unconfirmed.items():
+            if other != zone:
+                # The same pod reserved again in another zone (a create refused after admission, then retried):
+                # the earlier zone's window must not release the new reservation.
+                waiting.pop(key, None)
         pending = self.unconfirmed.setdefault(zone, {})
         if key not in pending and len(pending) >= limit:
             self._confirm_seen(zone)

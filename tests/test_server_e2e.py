@@ -681,8 +681,12 @@ async def test_body_over_7_mib_gets_413(make_server: ServerFactory) -> None:
     await h.healthy()
 
 
-async def test_handler_error_is_a_500_with_the_uid(make_server: ServerFactory,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_handler_error_admits_unchecked_and_says_so(make_server: ServerFactory,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected error while judging a review: the apiserver treats a 500 as a failed call, which refuses
+    the pod under failurePolicy Fail whatever its IP figures. When unsure, admit: HTTP 200, the uid echoed,
+    allowed, no patch, a warning and audit annotations that say it went unchecked; the error is counted and
+    logged. Only a request with no uid to answer gets a 500."""
     h = await make_server()
 
     def broken(*_args: Any) -> Any:
@@ -693,17 +697,23 @@ async def test_handler_error_is_a_500_with_the_uid(make_server: ServerFactory,
         review = fixture_review(name)
         status, _, data = await h.request("POST", f"/{stage_of(name)}?timeout=5s", fixture_body(name),
                                           apiserver_headers(name))
-        assert status == 500
-        answer = json.loads(data)
-        assert answer["response"]["uid"] == review["request"]["uid"]
-        assert answer["response"]["allowed"] is False
+        assert status == 200
+        response = json.loads(data)["response"]
+        assert response["uid"] == review["request"]["uid"] and response["allowed"] is True
+        assert "patch" not in response and "status" not in response
+        assert response["warnings"] == ["ipguard: admitted unchecked: internal error; see ipguard's log"]
+        assert response["auditAnnotations"]["outcome"] == "error"
         assert "boom" not in data.decode()  # no internals on the wire
     review = fixture_review("pod-create-generatename.mutate.json")
     review["apiVersion"] = "admission.k8s.io/v1beta1"
     status, answer = await h.post("/mutate", json.dumps(review).encode())
-    assert status == 500 and answer["apiVersion"] == "admission.k8s.io/v1beta1"
+    assert status == 200 and answer["apiVersion"] == "admission.k8s.io/v1beta1"
     status, _, text = await h.request("GET", "/metrics")
     assert scrape.value(text.decode(), "ipguard_handler_errors_total", endpoint="mutate") == 2
+
+    monkeypatch.setattr(webhook.server, "parse_review", broken)  # fails before the uid is known
+    status, answer = await h.post("/validate", fixture_body("pod-create-generatename.validate.json"))
+    assert status == 500 and answer["response"]["allowed"] is False
     monkeypatch.undo()
     await h.healthy()
 

@@ -1,13 +1,15 @@
-"""Which callers may POST AdmissionReviews: the control plane only.
+"""Which callers' reviews may hold reservations: the control plane's only.
 
 Any pod that reaches the Service could otherwise post made-up reviews, and each admitted made-up pod would
 hold a reservation. The allowed sources are networks: a configured CIDR list, plus whatever a
 ``NetworkSource`` knows (on EKS: the addresses of the cluster's control-plane network interfaces in the VPC,
-described ``Amazon EKS <cluster name>``). Health and metrics endpoints are not judged here.
+described ``Amazon EKS <cluster name>``). A caller outside them is still answered (the server never refuses a
+review for its source: the control plane gets new addresses on a version update, and a refusal fails every
+pod under failurePolicy Fail), but its reviews take no reservation. Health and metrics endpoints are not
+judged here.
 
-With nothing configured every caller is allowed (as before this check existed), and so while the only
-configured sources have not learnt their networks yet, as ipguard not being ready would: a 403 to the
-apiserver admits the pod unchecked (failurePolicy Ignore), so a refusal is never safer than an answer.
+With nothing configured every caller is allowed, and so while the only configured sources have not learnt
+their networks yet.
 """
 
 from __future__ import annotations

@@ -18,9 +18,10 @@ import orjson
 from aiohttp import web
 
 from webhook.admission.handler import AdmissionState, Stage, handle
-from webhook.admission.wire import MAX_BODY_BYTES, BadReview, parse_review, review_envelope
+from webhook.admission.wire import MAX_BODY_BYTES, AdmissionResponse, BadReview, parse_review, review_envelope
 from webhook.callers import CallerFilter
 from webhook.metrics import CONTENT_TYPE, Counter, Gauge, Histogram, LabelValues, Registry
+from webhook.model.config import Mode
 from webhook.tls import CertReloader
 
 log = logging.getLogger("ipguard.server")
@@ -36,7 +37,7 @@ class ServerMetrics:
     bad_requests: Counter = field(init=False)
     errors: Counter = field(init=False)
     objects: Counter = field(init=False)
-    rejected_callers: Counter = field(init=False)
+    outside_callers: Counter = field(init=False)
     reservations_skipped: Counter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -52,9 +53,10 @@ class ServerMetrics:
         self.objects = r.add(Counter("ipguard_object_decisions_total",
                                      "Validations of objects other than pods (SecurityGroupPolicy, ENIConfig), "
                                      "by kind and outcome.", ("kind", "outcome")))
-        self.rejected_callers = r.add(Counter("ipguard_rejected_callers_total",
-                                              "Reviews refused (403) from callers outside the allowed sources.",
-                                              ("endpoint",)))
+        self.outside_callers = r.add(Counter(
+            "ipguard_outside_callers_total",
+            "Reviews from callers outside the allowed sources: answered, but holding no reservation.",
+            ("endpoint",)))
         self.reservations_skipped = r.add(Counter(
             "ipguard_reservations_skipped_total",
             "Pods admitted without a reservation: the zone was at its bound of unconfirmed reservations.",
@@ -189,15 +191,20 @@ class WebhookServer:
 
     async def _review(self, request: web.Request, stage: Stage) -> web.Response:
         started = time.perf_counter()
-        if not self.callers.allowed(request.remote):
-            return self._refuse_caller(request, stage)
+        # A caller outside the known control-plane addresses may be the control plane itself, moved (EKS gives it
+        # new network interfaces on a version update, seen at the next EC2 poll): refusing it would fail every pod
+        # under failurePolicy Fail. It is answered; only its reviews take no reservation, the one thing a
+        # made-up review could take from real pods.
+        trusted = self.callers.allowed(request.remote)
+        if not trusted:
+            self._note_outside_caller(request, stage)
         uid: str | None = None
         api_version = "admission.k8s.io/v1"
         try:
             body = await self._body(request)
             review = parse_review(body)
             uid, api_version = review.uid, review.api_version
-            answer = handle(review, stage, self.state)
+            answer = handle(review, stage, self.state, reserve=trusted)
             payload = orjson.dumps(review_envelope(review.api_version, answer.response))
         except BadReview as exc:
             self.metrics.bad_requests.inc(stage, str(exc.status))
@@ -207,10 +214,14 @@ class WebhookServer:
         except Exception:
             self.metrics.errors.inc(stage)
             log.exception("error answering admission review", extra={"fields": {"endpoint": stage, "uid": uid}})
-            body_500 = {"apiVersion": api_version, "kind": "AdmissionReview",
-                        "response": {"uid": uid or "", "allowed": False,
-                                     "status": {"code": 500, "message": "ipguard: internal error; see its log"}}}
-            return web.json_response(body_500, status=500)
+            if uid is None:  # not even a review to answer
+                body_500 = {"apiVersion": api_version, "kind": "AdmissionReview",
+                            "response": {"uid": "", "allowed": False,
+                                         "status": {"code": 500, "message": "ipguard: internal error; see its log"}}}
+                return web.json_response(body_500, status=500)
+            # When unsure, admit, and say so: a failed call would refuse the object under failurePolicy Fail.
+            payload = orjson.dumps(review_envelope(api_version, self._unchecked(uid)))
+            return web.Response(body=payload, content_type=JSON)
         elapsed = time.perf_counter() - started
         decision = answer.decision.verdict.value
         self.metrics.requests.inc(stage, decision, answer.outcome)
@@ -235,14 +246,23 @@ class WebhookServer:
             )
         return web.Response(body=payload, content_type=JSON)
 
-    def _refuse_caller(self, request: web.Request, stage: Stage) -> web.Response:
-        counter = self.metrics.rejected_callers
+    def _unchecked(self, uid: str) -> AdmissionResponse:
+        """The answer to a review ipguard failed to judge: admitted, with a warning (none in dry-run, which only
+        records) and audit annotations that say so."""
+        mode = self.state.settings.mode
+        response: AdmissionResponse = {"uid": uid, "allowed": True, "auditAnnotations": {
+            "decision": "error", "outcome": "error", "mode": mode.value, "reason": "internal error; see ipguard's log"}}
+        if mode is not Mode.DRY_RUN:
+            response["warnings"] = ["ipguard: admitted unchecked: internal error; see ipguard's log"]
+        return response
+
+    def _note_outside_caller(self, request: web.Request, stage: Stage) -> None:
+        counter = self.metrics.outside_callers
         counter.inc(stage)
         if counter.get(stage) in (1, 10, 100) or counter.get(stage) % 1000 == 0:  # a flood logs a few lines
-            log.warning("review refused: the caller is not an allowed source", extra={"fields": {
-                "endpoint": stage, "remote": request.remote, "refused": int(counter.get(stage))}})
-        return web.json_response({"error": "ipguard answers admission reviews from the control plane only",
-                                  "status": 403}, status=403)
+            log.warning("review from a caller outside the allowed sources: answered without a reservation",
+                        extra={"fields": {"endpoint": stage, "remote": request.remote,
+                                          "count": int(counter.get(stage))}})
 
     async def _body(self, request: web.Request) -> bytes:
         # aiohttp reports a missing Content-Type as application/octet-stream: look at the header itself.

@@ -154,11 +154,13 @@ def respond(review: Review, decision: Decision, stage: Stage, settings: Settings
     return Answer(response, decision, outcome, patch)
 
 
-def handle(review: Review, stage: Stage, state: AdmissionState) -> Answer:
-    """Decide, answer, and (validating an admitted pod, not a dry run) hold its IP until the watch shows it."""
+def handle(review: Review, stage: Stage, state: AdmissionState, *, reserve: bool = True) -> Answer:
+    """Decide, answer, and (validating an admitted pod, not a dry run) hold its IP until the watch shows it.
+    `reserve` False: answer alike, but hold nothing (a caller that may not be the API server)."""
     decision = judge(review, stage, state)
     answer = respond(review, decision, stage, state.settings, state.index.cni)
-    if stage == "validate" and answer.response["allowed"] and not review.dry_run and decision.reserve_zone:
+    if (reserve and stage == "validate" and answer.response["allowed"] and not review.dry_run
+            and decision.reserve_zone):
         metadata = (review.object or {}).get("metadata")
         name = review.name or (metadata.get("name") if isinstance(metadata, dict) else None)
         if review.namespace and name:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests import live
+from tests import live, scrape
 from tests.fakekube import FakeKube
 from tests.fakekube.server import PauseMode
 from tests.live import aws_env  # noqa: F401  (autouse fixture)
@@ -180,6 +180,44 @@ async def test_watch_closed_and_410_gone_leave_no_pod_lost_or_double_counted(env
     await env.consistent()
     assert "shop/a-0" not in index.pods and "shop/b-late-2" in index.pods and "shop/b-1" not in index.pods
     assert index.nodes[NODE_A].assigned == 13
+
+
+async def test_a_pod_the_index_cannot_take_is_skipped_and_the_watch_goes_on(env: Env) -> None:
+    """Anyone who may create a pod may annotate it: a steering record nested deeper than the JSON parser goes
+    (about 100 kB, within the annotation limit) must not stop the pod watch. The record is ignored (the pod is
+    counted as an unsteered one), and pods created after it reach the index. Had the handler failed on it, the
+    same event would replay on every retry and stop every later pod for good: the reflector passes over an
+    object it cannot apply, logs it and counts it (`ipguard_watch_objects_skipped_total`)."""
+    poisoned = live.pod("shop", "odd-0", None, phase="Pending")
+    poisoned["metadata"]["annotations"] = {"ipguard.io/steered": "[" * 100_000}
+    await env.fk.create("pods", poisoned, namespace="shop")
+    await env.fk.create("pods", live.pod("shop", "after-0", NODE_B), namespace="shop")
+    await until(lambda: "shop/after-0" in env.service.index.pods, "the pod after the odd one indexed")
+    assert "shop/odd-0" in env.service.index.pods
+    await env.consistent()
+
+    reflector = env.service.reflectors["pods"]
+    handler = reflector.handler
+
+    class Refusing:
+        """The pod handler, failing on one pod (any fault in applying one object)."""
+
+        def upsert(self, obj: Any) -> None:
+            if obj["metadata"]["name"] == "bad-0":
+                raise RuntimeError("cannot apply")
+            handler.upsert(obj)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(handler, name)
+
+    reflector.handler = Refusing()
+    errors = reflector.errors
+    await env.fk.create("pods", live.pod("shop", "bad-0", NODE_B), namespace="shop")
+    await env.fk.create("pods", live.pod("shop", "after-1", NODE_B), namespace="shop")
+    await until(lambda: "shop/after-1" in env.service.index.pods, "the pod after the failing one indexed")
+    assert reflector.skipped == 1 and reflector.errors == errors and "shop/bad-0" not in env.service.index.pods
+    _, metrics = await env.client.get("/metrics")
+    assert scrape.value(metrics, "ipguard_watch_objects_skipped_total", resource="pods") == 1
 
 
 async def test_stale_data_fails_open_and_recovers(env: Env) -> None:

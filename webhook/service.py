@@ -334,6 +334,9 @@ class Service:
                            reflector_values("errors")))
         registry.add(Gauge("ipguard_watch_relists_total", "Relists after 410 Gone, by resource.", ("resource",),
                            reflector_values("relists_410")))
+        registry.add(Gauge("ipguard_watch_objects_skipped_total",
+                           "Listed or watched objects that could not be applied (logged, passed over), by resource.",
+                           ("resource",), reflector_values("skipped")))
         registry.add(Gauge("ipguard_config_errors_total", "ConfigMap versions refused as invalid.", (),
                            lambda: [((), float(self.feed.config_errors))]))
         registry.add(Gauge("ipguard_config_valid",

@@ -264,14 +264,18 @@ def _term_zones(term: Mapping[str, Any], zones: set[str]) -> set[str]:
     return result
 
 
+RECORD_MAX = 64 * 1024  # far above any record ipguard writes (zones and at most a few dozen node names)
+
+
 def read_record(pod: Pod) -> dict[str, Any] | None:
-    """ipguard's record of the steering it added to this pod, if any (a malformed one is ignored)."""
+    """ipguard's record of the steering it added to this pod, if any. A malformed one is ignored, and so is one
+    that is not ipguard's to have written: too long, or nested past the parser's depth (anyone may annotate)."""
     text = _map(metadata(pod).get("annotations")).get(STEERED_ANNOTATION)
-    if not isinstance(text, str):
+    if not isinstance(text, str) or len(text) > RECORD_MAX:
         return None
     try:
         record = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return record if isinstance(record, dict) else None
 

@@ -109,6 +109,7 @@ class Reflector:
     relists_410: int = 0
     events: int = 0
     errors: int = 0
+    skipped: int = 0  # objects the handler could not take (logged, counted, passed over)
     backoff: Backoff = field(default_factory=Backoff)
     listed: asyncio.Event = field(default_factory=asyncio.Event)  # set once synced
     _task: asyncio.Task[None] | None = None
@@ -202,7 +203,7 @@ class Reflector:
             page = orjson.loads(await response.read())
             response.release()
             for item in page.get("items") or ():
-                self.handler.upsert(item)
+                self._hand(self.handler.upsert, item)
             meta = page.get("metadata") or {}
             resource_version = str(meta.get("resourceVersion") or resource_version)
             token = meta.get("continue") or None
@@ -285,11 +286,24 @@ class Reflector:
             raise ApiError(int(code or 500), str(obj.get("message")))
         self.events += 1
         if kind in ("ADDED", "MODIFIED"):
-            self.handler.upsert(obj)
+            self._hand(self.handler.upsert, obj)
         elif kind == "DELETED":
-            self.handler.delete(obj)
+            self._hand(self.handler.delete, obj)
         rv = (obj.get("metadata") or {}).get("resourceVersion")
         return str(rv) if rv else resource_version
+
+    def _hand(self, take: Callable[[Mapping[str, Any]], None], obj: Mapping[str, Any]) -> None:
+        """One object to the handler. One it cannot take is logged, counted and passed over: a bad object (a pod
+        anyone may create) failing the watch would replay on every retry and stop all the others for good."""
+        try:
+            take(obj)
+        except Exception as exc:
+            self.skipped += 1
+            meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+            name = "/".join(str(meta.get(k)) for k in ("namespace", "name") if meta.get(k)) if isinstance(
+                meta, Mapping) else "?"
+            log.exception("%s: object %s skipped: it could not be applied (%s)", self.kind, name or "?",
+                          type(exc).__name__, extra={"fields": {"resource": self.kind, "object": name}})
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,13 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncio
+
 import pytest
 
-from tests import live
+from tests import live, scrape
 from tests.fakekube import FakeKube
 from tests.live import aws_env  # noqa: F401  (autouse fixture)
 from webhook.apiserver import ENI_CONFIG, SECURITY_GROUP_POLICY, admission_review, as_created
 from webhook.service import ServeOptions, Service
+from webhook.sources import vpc
+from webhook.sources.ec2.client import Call
 from webhook.sources.kube import api_client
 
 A, B = "us-east-1a", "us-east-1b"
@@ -279,3 +283,38 @@ async def test_an_eniconfig_update_that_moves_nodes_subnet_warns(env: Env) -> No
     assert answer["allowed"] is True
     assert (f"ipguard: ENIConfig {B}: 1 node(s) keep ENIs in {ec2c.subnet_b}; new ENIs use {new_subnet}"
             in answer["warnings"])
+
+
+async def test_service_quotas_out_of_reach_hold_back_neither_the_vpc_listing_nor_the_eni_refresh(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A private cluster with no Service Quotas endpoint: the call hangs (here: a server that accepts and never
+    answers). The ENI refresh goes on meanwhile (the VPC listing is its own task), the groups and subnets of the
+    listing are applied, the quotas fall back to the settings' or EC2's defaults, and the failure is counted."""
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        await asyncio.sleep(30)
+        writer.close()
+
+    accepted = asyncio.Event()
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setattr(vpc, "QUOTAS_CLIENT_CONFIG", vpc.QUOTAS_CLIENT_CONFIG.merge(
+        vpc.Config(read_timeout=3, retries={"mode": "standard", "max_attempts": 1})))
+    poller = env.service.vpc_poller
+    assert poller is not None and env.service.poller is not None
+    poller.quotas_endpoint_url = f"http://127.0.0.1:{port}"
+    new_subnet = env.moto.ec2().create_subnet(VpcId=env.ec2.vpc, CidrBlock="10.0.4.0/24",
+                                              AvailabilityZone=A)["Subnet"]["SubnetId"]
+    poller.next_at = 0.0
+    try:
+        await asyncio.wait_for(accepted.wait(), 10)
+        eni_refresh = env.service.poller.stats[Call.ENIS].last_success
+        await live.eventually(lambda: env.service.poller.stats[Call.ENIS].last_success != eni_refresh,
+                              "an ENI refresh while Service Quotas hangs", 2.5)
+        assert new_subnet not in env.service.state.vpc.subnets  # the listing still waits on the quotas
+        await live.eventually(lambda: new_subnet in env.service.state.vpc.subnets, "the listing applied", 10)
+        assert env.service.state.vpc.service_quotas is None and poller.quota_failures == 1
+        _, metrics = await env.client.get("/metrics")
+        assert scrape.value(metrics, "ipguard_ec2_errors_total", call="quotas", reason="failed") == 1
+    finally:
+        server.close()

@@ -264,14 +264,32 @@ class Service:
         while True:
             try:
                 await self.refresh_ec2()
-                if self.vpc_poller is not None:
-                    await self.vpc_poller.refresh()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 self.ec2_loop_errors += 1
                 log.exception("EC2 refresh failed")
             await asyncio.sleep(self.options.ec2_tick)
+
+    async def _vpc_loop(self) -> None:
+        # Apart from the ENI and subnet refresh: a slow VPC listing (Service Quotas with no endpoint, a VPC with
+        # thousands of groups) must not hold back the figures every decision rests on.
+        assert self.vpc_poller is not None
+        while True:
+            try:
+                await self.vpc_poller.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.ec2_loop_errors += 1
+                log.exception("EC2 VPC listing failed")
+            await asyncio.sleep(self.options.ec2_tick)
+
+    def _start_ec2(self) -> None:
+        if self.poller is not None:
+            self._tasks.append(asyncio.create_task(self._ec2_loop(), name="ec2"))
+        if self.vpc_poller is not None:
+            self._tasks.append(asyncio.create_task(self._vpc_loop(), name="ec2-vpc"))
 
     # ---- lifecycle --------------------------------------------------------------------------------------
 
@@ -291,8 +309,7 @@ class Service:
     async def start(self) -> RunningServer:
         for reflector in self.reflectors.values():
             reflector.start()
-        if self.poller is not None:
-            self._tasks.append(asyncio.create_task(self._ec2_loop(), name="ec2"))
+        self._start_ec2()
         self._tasks.append(asyncio.create_task(self._freeze_when_loaded(), name="gc-freeze"))
         if self.certificates is not None:
             # Before listening, so the first handshake already has a certificate when the API server answers.
@@ -350,7 +367,10 @@ class Service:
                 return []
             counts = [((str(kind), reason), float(n)) for kind, s in self.poller.stats.items()
                       for reason, n in s.errors_by_reason.items()]
-            return [*counts, (("refresh", "unexpected"), float(self.ec2_loop_errors))]
+            vpc = self.vpc_poller
+            more = [(("vpc", "failed"), float(vpc.failures)), (("quotas", "failed"), float(vpc.quota_failures))
+                    ] if vpc is not None else []
+            return [*counts, *more, (("refresh", "unexpected"), float(self.ec2_loop_errors))]
 
         registry.add(Gauge("ipguard_ec2_errors_total", "EC2 call failures, by call and reason.", ("call", "reason"),
                            ec2_errors))
@@ -378,8 +398,7 @@ class Service:
         """Start only the sources and wait until the index is loaded (for `ipguard report` on a live cluster)."""
         for reflector in self.reflectors.values():
             reflector.start()
-        if self.poller is not None:
-            self._tasks.append(asyncio.create_task(self._ec2_loop(), name="ec2"))
+        self._start_ec2()
         deadline = self.clock() + seconds
         while not self.loaded():
             if self.clock() > deadline:

@@ -6,8 +6,9 @@ counts come from `SecurityGroupProvider.fetch_security_groups` (DescribeSecurity
 quotas come from the Service Quotas API when the role allows `servicequotas:GetServiceQuota`; when it does
 not, the settings or EC2's defaults apply (said once in the log, and by `ipguard report`).
 
-Runs beside the EC2 poller, every `period` seconds; never on the request path. A failed listing keeps the
-last good one, whose age then tells the checks to fail open.
+Runs beside the EC2 poller (its own task: a slow listing never holds back the ENI and subnet figures), every
+`period` seconds; never on the request path. A failed listing keeps the last good one, whose age then tells the
+checks to fail open; quotas that cannot be read leave the settings' or EC2's defaults in force.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import boto3
+from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from webhook.model.vpc import (
@@ -33,6 +35,11 @@ from webhook.sources.ec2.poller import Ec2Poller
 from webhook.sources.ec2.security_groups import SecurityGroupInfo
 
 log = logging.getLogger(__name__)
+
+# Service Quotas is optional: a private cluster often has no endpoint for it. Short timeouts and one retry, so an
+# unreachable endpoint costs seconds, not botocore's default minutes (60 s timeouts, three attempts).
+QUOTAS_CLIENT_CONFIG = Config(retries={"mode": "standard", "max_attempts": 2}, connect_timeout=3, read_timeout=10,
+                              user_agent_extra="ipguard")
 
 
 def group_rules(info: SecurityGroupInfo) -> GroupRules:
@@ -52,7 +59,9 @@ class VpcPoller:
         self.quotas_endpoint_url = quotas_endpoint_url
         self.clock = clock or ec2.clock
         self.next_at = 0.0
-        self.errors = 0
+        self.errors = 0  # failed listings in a row (for the backoff)
+        self.failures = 0  # failed listings since start (for the metrics)
+        self.quota_failures = 0  # Service Quotas answers that failed, besides a denial
         self.last_error: str | None = None
         self._quotas_denied_said = False
 
@@ -82,9 +91,11 @@ class VpcPoller:
         return found
 
     def fetch_quotas(self) -> Quotas | None:
-        """Both quotas from Service Quotas, or None when they cannot be read (no permission, no endpoint)."""
+        """Both quotas from Service Quotas, or None when they cannot be read (no permission, no endpoint, an
+        error): the settings or EC2's defaults then apply. Never fails the listing of groups and subnets."""
         client: Any = boto3.session.Session().client(
             "service-quotas", region_name=self.ec2.region, endpoint_url=self.quotas_endpoint_url,
+            config=QUOTAS_CLIENT_CONFIG,
         )
         values = {}
         try:
@@ -98,8 +109,18 @@ class VpcPoller:
                              "defaults", exc.response["Error"].get("Code"))
                     self._quotas_denied_said = True
                 return None
-            raise
+            self._quotas_failed(exc)
+            return None
+        except (BotoCoreError, KeyError, TypeError, ValueError) as exc:
+            self._quotas_failed(exc)
+            return None
         return Quotas(values[GROUPS_PER_ENI_QUOTA_CODE], values[RULES_PER_GROUP_QUOTA_CODE], "Service Quotas")
+
+    def _quotas_failed(self, exc: Exception) -> None:
+        self.quota_failures += 1
+        if self.quota_failures in (1, 10) or self.quota_failures % 100 == 0:  # every 5 min would flood the log
+            log.warning("Service Quotas unreachable or failing (%s: %s): security-group quotas from the settings or "
+                        "EC2's defaults", type(exc).__name__, exc, extra={"fields": {"failures": self.quota_failures}})
 
     # ---- refresh ---------------------------------------------------------------------------------------
 
@@ -117,6 +138,7 @@ class VpcPoller:
             quotas = await asyncio.to_thread(self.fetch_quotas) if self.quotas_wanted else None
         except (BotoCoreError, ClientError) as exc:
             self.errors += 1
+            self.failures += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
             self.next_at = self.clock() + min(self.period, 30.0 * 2 ** min(self.errors, 4))
             log.warning("EC2 VPC listing failed: %s; keeping the last good data", exc)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import ssl
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from tests.fakekube import FakeKube
 from tests.paths import REPO
 from tests.test_tls import https_server, served_cert
 from webhook.service import ServeOptions, Service
+from webhook.sources import certificates
 from webhook.sources.certificates import CHANGED_AT, CertificateKeeper
 from webhook.sources.kube import api_client
 from webhook.tls import CertReloader
@@ -281,3 +283,35 @@ async def test_serve_with_manage_certificates_answers_with_the_certificate_it_pu
                     assert resp.status == 200 and expected in await resp.text()
     finally:
         await service.stop()
+
+
+async def test_an_api_server_that_never_answers_fails_the_round_instead_of_hanging_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client's default is no timeout: a call the API server accepts and never answers would stop renewals
+    for good (and, at start, the listener), with no error counted. Every call is bounded: the round fails, and
+    the keeper's loop counts it and tries again."""
+    async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    monkeypatch.setattr(certificates, "API_TIMEOUT", 0.5)
+    api = await api_client(host=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    reloader = CertReloader(tmp_path / "tls.crt", tmp_path / "tls.key", allow_missing=True)
+    keeper = CertificateKeeper(api, NAMESPACE, tmp_path / "tls.crt", tmp_path / "tls.key", days=1, settle=SETTLE,
+                               on_served=reloader.maybe_reload)
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(keeper.reconcile(), 10)
+        assert asyncio.get_running_loop().time() - started < 5  # the call's own timeout, not the wait's
+        assert keeper.state is None
+        loop = asyncio.create_task(keeper.run(0.01))
+        await asyncio.sleep(2)
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+        assert keeper.errors >= 2
+    finally:
+        await api.close()
+        server.close()

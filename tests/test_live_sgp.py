@@ -5,12 +5,11 @@ Every deny and warn case with the exact figures in its message; stale EC2 data n
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import asyncio
 
 import pytest
 

@@ -44,6 +44,8 @@ ESSENTIAL = ("nodes", "pods")
 # What the EC2 refresh needs listed first: the nodes' instances, and the ENIConfigs and CNI settings that say
 # which subnets their pods use.
 EC2_INPUTS = ("nodes", "eniconfigs", "daemonsets")
+# The certificate round before listening waits this long at most (its calls have their own timeouts too).
+START_RECONCILE_SECONDS = 20.0
 
 
 @dataclass(slots=True)
@@ -314,7 +316,8 @@ class Service:
         if self.certificates is not None:
             # Before listening, so the first handshake already has a certificate when the API server answers.
             try:
-                await self.certificates.reconcile()
+                # Bounded: the listener must open even while the API server does not answer (the loop retries).
+                await asyncio.wait_for(self.certificates.reconcile(), START_RECONCILE_SECONDS)
             except Exception:
                 self.certificates.errors += 1
                 log.exception("certificates not in place yet; retrying")

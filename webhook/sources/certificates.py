@@ -34,6 +34,10 @@ from webhook.tls import generate_ca, generate_serving_cert, service_dns_names, w
 
 log = logging.getLogger("ipguard.certificates")
 
+# Each call to the API server: the client's default is no timeout at all, and a call that never returns would
+# stop renewals (and, at start, the listener) for good, with no error to count.
+API_TIMEOUT = 15.0
+
 # Secret keys: cert-manager's names for the served pair and its CA, ours for the rest.
 TLS_CRT, TLS_KEY, CA_CRT, CA_KEY, BUNDLE = "tls.crt", "tls.key", "ca.crt", "ca.key", "ca-bundle.crt"
 NEXT = "next-"
@@ -233,7 +237,7 @@ class CertificateKeeper:
 
     async def _read_secret(self, core: k8s.CoreV1Api) -> dict[str, Any] | None:
         try:
-            secret = await core.read_namespaced_secret(self.secret_name, self.namespace)
+            secret = await core.read_namespaced_secret(self.secret_name, self.namespace, _request_timeout=API_TIMEOUT)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -250,13 +254,13 @@ class CertificateKeeper:
                 metadata=k8s.V1ObjectMeta(name=self.secret_name, namespace=self.namespace, annotations=annotations,
                                           labels={"app.kubernetes.io/name": "ipguard"}))
             # Created by another replica between our read and our write: 409 AlreadyExists, as a stale update.
-            await core.create_namespaced_secret(self.namespace, secret)
+            await core.create_namespaced_secret(self.namespace, secret, _request_timeout=API_TIMEOUT)
             return
         body = found["body"]
         # resourceVersion stays in the body: the apiserver refuses the write (409) if the Secret changed since.
         body["metadata"]["annotations"] = {**(body["metadata"].get("annotations") or {}), **annotations}
         body["data"] = secret_data(state)
-        await core.replace_namespaced_secret(self.secret_name, self.namespace, body)
+        await core.replace_namespaced_secret(self.secret_name, self.namespace, body, _request_timeout=API_TIMEOUT)
 
     # ---- webhook configurations -------------------------------------------------------------------------------
 
@@ -272,7 +276,7 @@ class CertificateKeeper:
         published = True
         for kind, read, patch in kinds:
             try:
-                config = await read(self.webhook_configuration)
+                config = await read(self.webhook_configuration, _request_timeout=API_TIMEOUT)
                 ops: list[dict[str, Any]] = [
                     {"op": "test", "path": "/metadata/resourceVersion", "value": config.metadata.resource_version}
                 ]
@@ -283,7 +287,7 @@ class CertificateKeeper:
                                 {"op": "add", "path": f"/webhooks/{i}/clientConfig/caBundle",
                                  "value": state.bundle_b64}]
                 if len(ops) > 1:
-                    await patch(self.webhook_configuration, ops)
+                    await patch(self.webhook_configuration, ops, _request_timeout=API_TIMEOUT)
                     self.bundle_patches += 1
                     log.info("caBundle published", extra={"fields": {"configuration": kind,
                                                                      "name": self.webhook_configuration}})

@@ -795,6 +795,21 @@ async def test_prefix_delegation_free_blocks(moto_server: Server) -> None:
         await poller.refresh(index, {"node-0": instance})
         assert index.nodes["node-0"].ec2_held == 3 * 16
         assert index.subnets[subnet].free_blocks == 9
+
+        # The subnet's ENIs cannot be read any more: the last good count stands for the staleness bound, then
+        # is unknown (the free addresses alone count, as if unfragmented: an old count could deny on blocks
+        # freed since, and nothing would say the data was old).
+        def fail_subnet_enis(params: dict[str, Any], **_: Any) -> None:
+            if "subnet-id" in str(params.get("body")):
+                raise EndpointConnectionError(endpoint_url=moto_server.url)
+
+        poller.client.meta.events.register("before-call.ec2.DescribeNetworkInterfaces", fail_subnet_enis)
+        seen = []
+        for _ in range(5):
+            clock.advance(31)
+            await poller.refresh(index, {"node-0": instance})
+            seen.append(index.subnets[subnet].free_blocks)
+        assert seen == [9, 9, 9, None, None], seen  # counted at t, kept to t + 120 s
     finally:
         poller.close()
 

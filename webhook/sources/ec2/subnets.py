@@ -111,8 +111,11 @@ def parse_subnet(raw: SubnetTypeDef) -> SubnetInfo:
 
 class SubnetProvider:
     """Subnet figures, cached for one period per question asked (which subnets, in which VPC, in which mode).
-    Free /28 counts keep their last good value when the subnet's ENIs could not be read, and reservations
-    theirs when they could not be read (a missing permission, for one)."""
+    Free /28 counts keep their last good value when the subnet's ENIs could not be read, for `blocks_max_age`
+    seconds (then unknown: the free addresses alone count, as if unfragmented, which never denies), and
+    reservations theirs when they could not be read (a missing permission, for one)."""
+
+    blocks_max_age = 120.0  # as the default staleness bound: an older count could deny on what is gone
 
     def __init__(
         self, ec2: Ec2, period: float, *, all_vpc_subnets: bool = False, reservation_ttl: float = 300.0
@@ -120,7 +123,7 @@ class SubnetProvider:
         self.ec2 = ec2
         self.all_vpc_subnets = all_vpc_subnets
         self._cache: TTLCache[tuple[object, ...], dict[str, SubnetInfo]] = TTLCache(8, period, ec2.clock)
-        self._free_blocks: dict[str, int] = {}
+        self._free_blocks: dict[str, tuple[int, float]] = {}  # subnet id -> (free /28s, when counted)
         self._reserved: dict[str, tuple[str, ...]] = {}  # subnet id -> explicitly reserved CIDRs, last good
         # Reservations change rarely and the call takes one subnet at a time: asked once per TTL per subnet.
         self._reservations_fresh: TTLCache[str, tuple[str, ...]] = TTLCache(4096, reservation_ttl, ec2.clock)
@@ -216,9 +219,11 @@ class SubnetProvider:
                 if used is not None and info.subnet_id in wanted:
                     taken = [*used.get(info.subnet_id, ()), *(reserved or {}).get(info.subnet_id, ())]
                     blocks = free_prefix_blocks(info.cidr, taken)
-                    self._free_blocks[info.subnet_id] = blocks
+                    self._free_blocks[info.subnet_id] = (blocks, self.ec2.clock())
                 else:
-                    blocks = self._free_blocks.get(info.subnet_id)
+                    last = self._free_blocks.get(info.subnet_id)
+                    if last is not None and self.ec2.clock() - last[1] <= self.blocks_max_age:
+                        blocks = last[0]
             out.append(replace(info, free_blocks=blocks))
         return out
 

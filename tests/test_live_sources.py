@@ -22,6 +22,7 @@ import pytest
 from tests import live, scrape
 from tests.fakekube import FakeKube
 from tests.fakekube.server import PauseMode
+from tests.fakekube.store import ApiError
 from tests.live import aws_env  # noqa: F401  (autouse fixture)
 from webhook.model.cni import IPV6_STAND_ASIDE
 from webhook.model.config import Mode
@@ -497,6 +498,39 @@ async def test_ready_with_no_ec2_nodes_yet(moto: live.Moto, tmp_path: Path) -> N
         assert service.stale_reason() is None
         answer = await client.post("/validate", live.review(live.zone_pod("web-1", None), name="web-1"))
         assert answer["allowed"] is True and answer["auditAnnotations"]["reason"] == "no nodes known yet"
+    finally:
+        await client.close()
+        await service.stop()
+        await fk.stop()
+
+
+async def test_not_ready_while_a_resource_is_forbidden_and_readyz_names_it(moto: live.Moto, tmp_path: Path) -> None:
+    """An upgrade whose RBAC was not applied: listing service accounts answers 403. ipguard stays not ready (the
+    policies' service-account selectors need them), and /readyz says which resource and why, instead of only
+    "not loaded"; once the rule is there, it becomes ready."""
+    fk = FakeKube(bookmark_interval=0.5)
+    url = await fk.start()
+    forbidden = True
+
+    async def rbac(_method: str, path: str) -> None:
+        if forbidden and path.endswith("/serviceaccounts"):
+            raise ApiError(403, "Forbidden", 'serviceaccounts is forbidden: User "system:serviceaccount:ipguard:'
+                           'ipguard" cannot list resource "serviceaccounts" in API group "" at the cluster scope')
+
+    fk.before_request = rbac
+    paths = live.certs(tmp_path)
+    service = Service(await api_client(host=url), serve_options(paths, moto))
+    service.reflectors["serviceaccounts"].backoff.maximum = 0.5
+    running = await service.start()
+    client = live.Client(running.url, paths.ca_cert)
+    try:
+        await live.eventually(lambda: service.reflectors["serviceaccounts"].errors > 0, "the forbidden list tried")
+        status, text = await client.get("/readyz")
+        assert status == 503
+        assert text.startswith("capacity index not loaded yet; waiting for serviceaccounts (HTTP 403"), text
+        assert "pods" not in text.split("waiting for", 1)[1]  # listed: not named
+        forbidden = False
+        await live.eventually(lambda: _ready(client), "/readyz 200 once the rule is there")
     finally:
         await client.close()
         await service.stop()

@@ -119,6 +119,7 @@ class WebhookServer:
     index_loaded: Callable[[], bool] = lambda: True
     source_ages: Callable[[], dict[str, float]] = dict  # source -> seconds since it was last current
     notes: Callable[[], list[str]] = list  # what an admin should know while ready (shown by /readyz)
+    waiting_for: Callable[[], str] = str  # while not loaded: the sources not in yet, with their last errors
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     log_allows: bool = False
     draining: bool = False  # shutting down: not ready, still answering
@@ -145,7 +146,8 @@ class WebhookServer:
         if self.draining:
             return False, "shutting down"
         if not self.index_loaded():
-            return False, "capacity index not loaded yet"
+            waiting = self.waiting_for()
+            return False, "capacity index not loaded yet" + (f"; waiting for {waiting}" if waiting else "")
         if self.reloader is not None and not self.reloader.ready:
             return False, "serving certificate not loaded"
         return True, "; ".join(["ok", *self.notes()])

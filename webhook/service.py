@@ -141,7 +141,7 @@ class Service:
         )
         reloader = CertReloader(o.tls_cert, o.tls_key, allow_missing=True) if o.tls else None
         self.server = WebhookServer(self.state, reloader, self.loaded, self.source_ages, self.notes,
-                                    callers=self._callers())
+                                    callers=self._callers(), waiting_for=self.waiting_for)
         self.certificates = (
             CertificateKeeper(self.api, o.config_namespace, o.tls_cert, o.tls_key, secret_name=o.certificate_secret,
                               service=o.service_name, webhook_configuration=o.webhook_configuration,
@@ -187,6 +187,15 @@ class Service:
         settings and ipguard's own settings matter as much as the pods), and EC2 answered for ENIs and subnets."""
         kube = all(r.synced for r in self.reflectors.values())
         return kube and (self.poller is None or self.ec2_ready)
+
+    def waiting_for(self) -> str:
+        """What the index still waits for before it is loaded, each with its last error (a forbidden resource after
+        an upgrade whose RBAC was not applied shows here, by name)."""
+        parts = [f"{kind} ({r.last_error})" if r.last_error else kind
+                 for kind, r in self.reflectors.items() if not r.synced]
+        if self.poller is not None and not self.ec2_ready:
+            parts.append("EC2 network interfaces and subnets")
+        return ", ".join(parts)
 
     def source_ages(self) -> dict[str, float]:
         ages: dict[str, float] = {}

@@ -137,7 +137,8 @@ class FakeKube:
         self._thread: threading.Thread | None = None
         self._flowschema_uid = str(uuid.uuid4())
         self._prioritylevel_uid = str(uuid.uuid4())
-        #: awaited with (method, path) before each request is handled: lets a test order concurrent requests
+        #: awaited with (method, path) before each request is handled: lets a test order concurrent requests, or
+        #: answer for the server by raising ApiError (a 403 from RBAC, say)
         self.before_request: Callable[[str, str], Awaitable[None]] | None = None
 
     # ==========================================================================================================
@@ -450,9 +451,9 @@ class FakeKube:
         if self._paused == "503":
             err = ApiError(503, "ServiceUnavailable", "the server is currently unable to handle the request")
             return _json_response(err.body(), 503)
-        if self.before_request is not None:
-            await self.before_request(request.method, path)
         try:
+            if self.before_request is not None:
+                await self.before_request(request.method, path)  # may answer for the server (ApiError)
             return await handler(request)
         except ApiError as exc:
             return _json_response(exc.body(), exc.code)

@@ -110,6 +110,7 @@ class Reflector:
     events: int = 0
     errors: int = 0
     skipped: int = 0  # objects the handler could not take (logged, counted, passed over)
+    last_error: str | None = None  # why the last list or watch failed, until a list succeeds (for /readyz)
     backoff: Backoff = field(default_factory=Backoff)
     listed: asyncio.Event = field(default_factory=asyncio.Event)  # set once synced
     _task: asyncio.Task[None] | None = None
@@ -170,6 +171,7 @@ class Reflector:
             except Exception as exc:
                 self.connected = False
                 self.errors += 1
+                self.last_error = str(exc)[:200] or type(exc).__name__
                 away = isinstance(exc, (aiohttp.ClientConnectionError, TimeoutError, OSError)) or (
                     isinstance(exc, ApiError) and exc.status in AWAY_STATUSES)
                 delay = self.backoff.next(self.probe_max if away else None)
@@ -216,6 +218,7 @@ class Reflector:
         self.listed.set()
         self.backoff.reset()  # the server answers again: the next failure starts from a short wait
         self.missing = False
+        self.last_error = None
         self.last_current = self.clock()  # current once the list (a relist after 410 too) has finished
         log.info("%s: listed at resourceVersion %s", self.kind, resource_version)
         return resource_version
@@ -333,7 +336,8 @@ def watched_resources(api: k8s.ApiClient, config_namespace: str, config_name: st
         Watched("nodes", core.list_node, False),
         Watched("pods", core.list_pod_for_all_namespaces, False),
         Watched("namespaces", core.list_namespace, False),
-        # Labels only matter (serviceAccountSelector); optional so a missing RBAC rule cannot block readiness.
+        # Labels only matter (serviceAccountSelector). Optional means absent-is-fine (404); forbidden (403: the RBAC
+        # of an older release) keeps ipguard not ready, and /readyz names the resource and the error.
         Watched("serviceaccounts", core.list_service_account_for_all_namespaces, True),
         Watched("eniconfigs", crd("crd.k8s.amazonaws.com", "v1alpha1", "eniconfigs"), True),
         Watched("securitygrouppolicies", crd("vpcresources.k8s.aws", "v1beta1", "securitygrouppolicies"), True),

@@ -1234,6 +1234,36 @@ async def test_cluster_name_detected_from_the_nodes_instances(moto_server: Serve
 
 
 
+async def test_cluster_name_is_found_on_an_instance_past_the_first_call(moto_server: Server) -> None:
+    """Each call asks about a few instances (20). When those carry no cluster tag, the next refresh asks the
+    next ones: only the instances actually asked are done with (before, every instance counted as asked after
+    the first call, and a cluster whose first 20 instances lacked the tags never learnt its name)."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    control_plane_eni(ec2, cluster.subnets[0], "prod")
+    index = build_index(cluster)
+    run = ec2.run_instances(ImageId=AMI, MinCount=22, MaxCount=22, InstanceType="m5.large",
+                            SubnetId=cluster.subnets[0])
+    instances = dict(cluster.node_instances)
+    for i, instance in enumerate(run["Instances"]):
+        index.upsert_node(f"node-extra-{i}", zone=ZONES[0], instance_type="m5.large", pod_subnet=cluster.subnets[0],
+                          allocatable_pods=29)
+        instances[f"node-extra-{i}"] = instance["InstanceId"]
+    last = max(instances.values())  # sorts after the first call's 20
+    ec2.create_tags(Resources=[last], Tags=[{"Key": "kubernetes.io/cluster/prod", "Value": "owned"}])
+    clock = FakeClock()
+    poller = make_poller(moto_server.url, clock)
+    try:
+        names = []
+        for _ in range(3):
+            await poller.refresh(index, instances)
+            names.append(poller.cluster_name)
+            clock.advance(31)
+        assert names[0] is None and names[-1] == "prod", names
+    finally:
+        poller.close()
+
+
 # ---- subnets new nodes can launch into ----------------------------------------------------------------
 
 

@@ -347,6 +347,9 @@ class Service:
                 await task
         for reflector in self.reflectors.values():
             await reflector.stop()
+        if self.poller is not None:
+            # The EC2 worker process and threads: a fetch in flight must not hold the exit past the grace period.
+            self.poller.close()
         await self.api.close()
 
     # ---- metrics ----------------------------------------------------------------------------------------

@@ -43,11 +43,18 @@ class VpcProvider:
         self.cluster_name = cluster_name
         self._asked: set[str] = set()
 
+    CHUNK = 20  # instances asked about per call
+
+    @classmethod
+    def chunk(cls, instance_ids: Iterable[str]) -> list[str]:
+        """The instances one call asks about (a few: the first tagged one is enough)."""
+        return sorted(set(instance_ids))[:cls.CHUNK]
+
     def fetch_cluster_facts(self, instance_ids: Iterable[str]) -> ClusterFacts:
         """The VPC of the first of the instances EC2 still knows, and the cluster name the first tagged one
         carries (blocking: thread pool only)."""
         paginator = self.ec2.client.get_paginator("describe_instances")
-        chunk = sorted(set(instance_ids))[:20]
+        chunk = self.chunk(instance_ids)
         vpc_id: str | None = None
         name: str | None = None
         for page in paginator.paginate(Filters=[{"Name": "instance-id", "Values": chunk}]) if chunk else ():
@@ -60,11 +67,11 @@ class VpcProvider:
     async def resolve(self, instance_ids: Iterable[str]) -> bool:
         """Ask EC2 for the VPC and cluster name while either is unknown; True when EC2 was asked. Raises
         CallFailed."""
-        ids = frozenset(instance_ids) - self._asked
+        ids = self.chunk(frozenset(instance_ids) - self._asked)
         if (self.vpc_id is not None and self.cluster_name is not None) or not ids:
             return False
         facts = await self.ec2.call(Call.VPC, lambda: self.fetch_cluster_facts(ids))
-        self._asked |= ids
+        self._asked.update(ids)  # only those asked: the next call asks the next ones while a fact is missing
         self.vpc_id = self.vpc_id or facts.vpc_id
         self.cluster_name = self.cluster_name or facts.cluster_name
         return True

@@ -166,6 +166,23 @@ def test_match_conditions_skip_host_network_and_mirror_pods(base: list[dict[str,
         assert _match(hook, {**plain, "spec": {**plain["spec"], "hostNetwork": False}})
 
 
+def test_match_conditions_pass_policies_and_eniconfigs_through_even_without_a_spec(
+        base: list[dict[str, Any]]) -> None:
+    """The validating webhook also judges SecurityGroupPolicies and ENIConfigs: the conditions, written for pods,
+    must let them through, one without a spec included. (The interpreter here reads `has()` on a missing parent
+    as false; the apiserver's CEL may raise "no such key" there instead, which would leave the call to
+    failurePolicy: the expressions test `spec` first.)"""
+    validating = [h for h in webhooks(base) if h["name"].startswith("validate.")]
+    assert validating
+    objects = [_review_pod(name) for name in sorted(p.name for p in FIXTURES.glob("*.validate.json"))
+               if json.loads((FIXTURES / name).read_text())["request"]["kind"]["kind"] != "Pod"]
+    assert {o["kind"] for o in objects} == {"SecurityGroupPolicy", "ENIConfig"}
+    bare = {"apiVersion": "crd.k8s.amazonaws.com/v1alpha1", "kind": "ENIConfig", "metadata": {"name": "us-east-1a"}}
+    for hook in validating:
+        for obj in [*objects, bare]:
+            assert _match(hook, obj) is True, obj["kind"]
+
+
 async def test_rbac_reads_only_what_the_watches_list(base: list[dict[str, Any]]) -> None:
     """List and watch only the resources ipguard's watches list; no get on whole kinds, no writes but by name."""
     api = k8s.ApiClient()

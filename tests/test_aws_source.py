@@ -687,8 +687,9 @@ async def test_unreachable_endpoint_keeps_last_good_data_and_recovers(moto_serve
         moto_server.stop()
         clock.advance(31)
         result = await poller.refresh(index, cluster.node_instances)
-        # subnets are not asked while ENIs fail: a fresh subnet figure needs fresh held figures beside it
-        assert result.failed == {Call.ENIS: "unreachable"}
+        # subnets are asked first (see poller.refresh) and fail too; nothing is applied: a fresh subnet figure
+        # needs fresh held figures beside it
+        assert result.failed == {Call.SUBNETS: "unreachable", Call.ENIS: "unreachable"}
         assert {n: index.nodes[n].ec2_held for n in cluster.node_instances} == good_held
         assert {s: index.subnets[s].free_ips for s in cluster.subnets} == good_free
         assert index.version == version
@@ -723,6 +724,38 @@ async def test_unreachable_endpoint_keeps_last_good_data_and_recovers(moto_serve
         poller.close()
 
 
+async def test_an_ip_assigned_between_the_two_reads_is_never_counted_gone_from_both(moto_server: Server) -> None:
+    """ipamd tops a node's pool up at any moment, between a refresh's two reads too. Subnets are read first: an
+    address assigned in between counts both free in its subnet and held on its node until the next refresh (a
+    few more pods admitted), never gone from both, which would deny pods while the address sits warm on the
+    node. The next refresh settles it."""
+    ec2 = ec2_client(moto_server.url)
+    cluster = create_cluster(ec2)
+    index = build_index(cluster)
+    clock = FakeClock()
+    poller = make_poller(moto_server.url, clock)
+    subnet = cluster.subnets[0]
+    try:
+        assert (await poller.refresh(index, cluster.node_instances)).ok
+        held, free = index.nodes["node-0"].ec2_held, live_free(ec2, subnet)
+        assert held == 5
+
+        def top_up(**_: Any) -> None:  # ipamd, between the subnet read and the ENI read
+            ec2.assign_private_ip_addresses(NetworkInterfaceId=cluster.cni_enis[0], SecondaryPrivateIpAddressCount=6)
+            poller.client.meta.events.unregister("after-call.ec2.DescribeSubnets", top_up)
+
+        poller.client.meta.events.register("after-call.ec2.DescribeSubnets", top_up)
+        clock.advance(31)
+        assert (await poller.refresh(index, cluster.node_instances)).ok
+        assert index.nodes["node-0"].ec2_held == index.nodes["node-0"].warm == held + 6  # (no pods on it)
+        assert index.subnets[subnet].free_ips == free  # read before the six went: credited twice, for now
+        clock.advance(31)
+        assert (await poller.refresh(index, cluster.node_instances)).ok
+        assert index.subnets[subnet].free_ips == free - 6 == live_free(ec2, subnet)
+    finally:
+        poller.close()
+
+
 async def test_throttling_keeps_last_good_enis(moto_server: Server) -> None:
     ec2 = ec2_client(moto_server.url)
     cluster = create_cluster(ec2)
@@ -742,7 +775,7 @@ async def test_throttling_keeps_last_good_enis(moto_server: Server) -> None:
         assert index.nodes["node-0"].ec2_held == 5  # the last good figure
         assert poller.stats[Call.ENIS].last_success == enis_success
         assert poller.stats[Call.ENIS].errors_by_reason == {"throttled": 1}
-        # Subnets are not asked without fresh ENIs beside them: the last good pair stays.
+        # Subnets are not applied without fresh ENIs beside them: the last good pair stays.
         assert Call.SUBNETS not in result.fetched
         assert index.subnets[cluster.subnets[0]].free_ips != live_free(ec2, cluster.subnets[0])
 
@@ -1354,7 +1387,7 @@ async def test_worker_process_errors_are_counted_like_thread_errors_and_keep_the
         moto_server.stop()
         clock.advance(31)
         result = await poller.refresh(index, cluster.node_instances)
-        assert result.failed == {Call.ENIS: "unreachable"}
+        assert result.failed == {Call.SUBNETS: "unreachable", Call.ENIS: "unreachable"}  # subnets asked first
         assert poller.stats[Call.ENIS].errors_by_reason == {"unreachable": 1}
         assert {n: index.nodes[n].ec2_held for n in cluster.node_instances} == good_held
     finally:

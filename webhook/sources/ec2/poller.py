@@ -300,25 +300,18 @@ class Ec2Poller:
         elif types:
             cached.add(Call.INSTANCE_TYPES)
 
-        # ENIs before subnets: an IP assigned between the two calls is then debited twice (safe) rather than
-        # credited twice.
+        # Subnets before ENIs: an IP ipamd assigns between the two calls is then counted both free in its subnet and
+        # held on its node until the next refresh (credited twice: a few more pods admitted), rather than gone from
+        # both (debited twice: a denial while the IP sits warm on its node, which must never happen).
         vpc_id = self.vpc.vpc_id
         subnet_key = (*self.subnet_provider.key(vpc_id, subnet_ids, prefix_mode), launch_subnets)
         # New limits make the index recompute every node and re-baseline every subnet on its last figure:
         # give it fresh figures in the same step.
         subnets_due = bool(subnet_ids) and (not self.subnet_provider.fresh(subnet_key) or bool(changed_limits))
-        instances: dict[str, InstanceEnis] | None = None
-        if instance_ids:
-            try:
-                instances = await self.enis.instances(instance_ids, vpc_id, full=subnets_due)
-                (fetched if instances is not None else cached).add(Call.ENIS)
-            except CallFailed as exc:
-                failed[Call.ENIS] = exc.reason
-
         subnets: list[SubnetInfo] | None = None
         counted: list[SubnetInfo] = []
-        # Without fresh ENIs a subnet figure would pair with stale held figures (growth debited twice): wait.
-        if subnets_due and Call.ENIS not in failed:
+        # A subnet figure is of no use without fresh held figures beside it: not asked while ENIs back off.
+        if subnets_due and (not instance_ids or self.ec2.due(Call.ENIS)):
             # Custom networking takes precedence over subnet discovery: ENIConfig subnets only.
             discover = not index.cni.custom_networking
             try:
@@ -328,6 +321,18 @@ class Ec2Poller:
                 failed[Call.SUBNETS] = exc.reason
         elif subnet_ids:
             cached.add(Call.SUBNETS)
+        instances: dict[str, InstanceEnis] | None = None
+        if instance_ids:
+            try:
+                instances = await self.enis.instances(instance_ids, vpc_id, full=subnets_due)
+                (fetched if instances is not None else cached).add(Call.ENIS)
+            except CallFailed as exc:
+                failed[Call.ENIS] = exc.reason
+        if Call.ENIS in failed and subnets is not None:
+            # A subnet figure pairs only with fresh held figures (what nodes drew since would count against it
+            # twice): it waits for the next refresh.
+            subnets = None
+            fetched.discard(Call.SUBNETS)
         if subnets is not None:
             self.excluded_subnets = frozenset(s.subnet_id for s in subnets if s.cni_excluded)
             subnets = [s for s in subnets if s.subnet_id in subnet_ids or self._kept(index, s)]

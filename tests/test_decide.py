@@ -862,3 +862,36 @@ def test_decisions_from_kept_figures_equal_decisions_worked_out_afresh(
         ix._memo.clear()
         ix._node_memo.clear()
         assert kept == [decide(judged, ix, rules, namespace="apps") for judged in (pod, group)]
+
+
+def _branch_pod_on(node: str) -> dict[str, Any]:
+    """A security-groups-for-pods pod (it asks for a branch ENI) pinned to a node by spec.nodeName."""
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sg-0", "namespace": "apps"},
+            "spec": {"nodeName": node, "containers": [{"name": "app", "image": "nginx", "resources": {
+                "requests": {"vpc.amazonaws.com/pod-eni": "1"}, "limits": {"vpc.amazonaws.com/pod-eni": "1"}}}]}}
+
+
+def test_a_branch_pod_pinned_to_a_node_of_unknown_type_is_not_denied() -> None:
+    """No limits for the instance type: its branch ENI room is unknown, not 0 (an IP pod there is judged on its
+    allocatable pods). A known type with room is allowed as before."""
+    for instance_type in ("m5.large", "m9z.large"):
+        index = CapacityIndex(cni=CniSettings(pod_eni=True))
+        index.upsert_node("n1", zone="a", instance_type=instance_type, pod_subnet="s-a", allocatable_pods=29)
+        index.upsert_subnet("s-a", zone="a", free_ips=200)
+        assert decide(_branch_pod_on("n1"), index, Settings()).verdict is Verdict.ALLOW, instance_type
+
+
+def test_a_branch_pod_pinned_to_a_node_whose_branch_eni_is_cooling_is_not_denied() -> None:
+    """An m5.large takes 9 branch ENIs; one was just deleted and sits in the resource controller's cooldown,
+    which frees its slot within a minute: like a warm IP in its cooldown, no ground for a denial. With all 9
+    in use and none cooling, the pinned pod is denied."""
+    index = CapacityIndex(cni=CniSettings(pod_eni=True))
+    index.upsert_node("n1", zone="a", instance_type="m5.large", pod_subnet="s-a", allocatable_pods=29)
+    index.upsert_subnet("s-a", zone="a", free_ips=100)
+    for i in range(9):
+        index.upsert_pod(f"apps/sg-{i + 1}", "n1", PodUse.BRANCH)
+    assert index.nodes["n1"].branch_room == 0
+    assert decide(_branch_pod_on("n1"), index, Settings()).verdict is Verdict.DENY
+    index.remove_pod("apps/sg-1")
+    assert index.nodes["n1"].branch_cooling == 1 and index.nodes["n1"].branch_room == 0
+    assert decide(_branch_pod_on("n1"), index, Settings()).verdict is Verdict.ALLOW

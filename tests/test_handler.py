@@ -6,7 +6,7 @@ import copy
 import json
 
 from tests.paths import FIXTURES
-from tests.test_server_e2e import A, fixture_cluster
+from tests.test_server_e2e import A, B, fixture_cluster
 from webhook.admission.handler import AdmissionState, handle, judge, respond
 from webhook.admission.wire import parse_review
 from webhook.model.config import Settings
@@ -93,3 +93,45 @@ def test_own_steering_never_turns_into_a_denial() -> None:
         review = {**body, "request": {**body["request"], "uid": f"v-{i}", "name": f"api-{i}", "object": pod}}
         answer = handle(parse_review(json.dumps(review).encode()), "validate", state)
         assert answer.response["allowed"], answer.decision
+
+
+def _zone_pod(zone: str, priority: int = 0, policy: str = "PreemptLowerPriority") -> bytes:
+    """The captured Deployment pod, confined to a zone, at this priority (as the Priority plugin sets it)."""
+    document = json.loads((FIXTURES / "pod-create-generatename.validate.json").read_bytes())
+    spec = document["request"]["object"]["spec"]
+    spec["nodeSelector"] = {"topology.kubernetes.io/zone": zone}
+    spec["priority"], spec["preemptionPolicy"] = priority, policy
+    return json.dumps(document).encode()
+
+
+def test_a_pod_the_scheduler_may_preempt_for_is_not_denied_for_full_nodes() -> None:
+    """Zone A is out of pod IPs. A pod above the default priority, allowed to preempt, makes the scheduler evict
+    lower-priority pods, whose IPs come back to it after the cooldown: ipguard does not know the priorities of
+    the pods in place, so it admits it and says why (a warning, an audit annotation) rather than deny a pod that
+    may get an IP. The same pod at priority 0, or with preemptionPolicy Never, is denied."""
+    state = AdmissionState(fixture_cluster(exhausted=[A]), Settings())
+    critical = handle(parse_review(_zone_pod(A, 2_000_001_000)), "validate", state)
+    assert critical.response["allowed"] is True and critical.decision.preempts == 2_000_001_000
+    assert critical.response["auditAnnotations"]["preempts"] == "2000001000"
+    (warning,) = critical.response["warnings"]
+    assert warning.startswith("ipguard: every allowed zone is out of pod IPs; admitted: at priority 2000001000")
+    assert critical.reservation is None and state.index.reservations() == []
+    for priority, policy in ((0, "PreemptLowerPriority"), (1000, "Never")):
+        answer = handle(parse_review(_zone_pod(A, priority, policy)), "validate", state)
+        assert answer.response["allowed"] is False and answer.decision.preempts is None
+
+
+def test_a_create_retried_under_the_same_name_is_not_judged_against_its_own_reservation() -> None:
+    """Zone B has 9 warm IPs, no subnet address, and a reserve of 8: one pod IP to give. The pod is admitted and
+    holds it; its create is then refused by a later admission step (a quota) and retried under the same name at
+    once: judged without its own first reservation, it is admitted again, and it still holds exactly one.
+    Another pod is then denied."""
+    index = fixture_cluster(free=0)
+    state = AdmissionState(index, Settings(zone_reserves={B: 8}))
+    for _ in range(2):
+        answer = handle(parse_review(_zone_pod(B)), "validate", state)
+        assert answer.response["allowed"] is True and answer.reservation == "held"
+        assert [r.key for r in index.reservations()] == ["payments/api-7d9c8b6f5d-hpsl2"]
+    other = json.loads(_zone_pod(B))
+    other["request"]["name"] = other["request"]["object"]["metadata"]["name"] = "api-7d9c8b6f5d-other"
+    assert handle(parse_review(json.dumps(other).encode()), "validate", state).response["allowed"] is False

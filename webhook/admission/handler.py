@@ -22,6 +22,7 @@ from webhook.admission.messages import (
     clean_warning,
     denial_message,
     denial_warnings,
+    preempt_warning,
     steer_warning,
     wait_warning,
 )
@@ -124,6 +125,10 @@ def respond(review: Review, decision: Decision, stage: Stage, settings: Settings
             outcome = "steered" if mode is not Mode.DRY_RUN else "recorded"
             if mode is not Mode.DRY_RUN:
                 warnings.append(steer_warning(decision))
+    elif decision.preempts is not None:
+        # Said once, by the validating stage: out of IPs, yet the scheduler can free some for it.
+        if mode is not Mode.DRY_RUN:
+            warnings.append(preempt_warning(decision))
     elif decision.waits_for_node:
         # Said once, by the validating stage: without an autoscaler such a pod sits Pending with no other hint.
         if mode is not Mode.DRY_RUN:
@@ -157,16 +162,25 @@ def respond(review: Review, decision: Decision, stage: Stage, settings: Settings
 def handle(review: Review, stage: Stage, state: AdmissionState, *, reserve: bool = True) -> Answer:
     """Decide, answer, and (validating an admitted pod, not a dry run) hold its IP until the watch shows it.
     `reserve` False: answer alike, but hold nothing (a caller that may not be the API server)."""
+    own = _own_key(review) if stage == "validate" and not review.dry_run else None
+    if own is not None:
+        # A create retried under the same name (refused after this admission by a quota or a later webhook) is
+        # judged without the reservation its first try took, which its own IP would otherwise be counted in.
+        state.index.release(own)
     decision = judge(review, stage, state)
     answer = respond(review, decision, stage, state.settings, state.index.cni)
-    if (reserve and stage == "validate" and answer.response["allowed"] and not review.dry_run
-            and decision.reserve_zone):
-        metadata = (review.object or {}).get("metadata")
-        name = review.name or (metadata.get("name") if isinstance(metadata, dict) else None)
-        if review.namespace and name:
-            settings = state.settings
-            held = state.guard.reserve(pod_key(review.namespace, name), decision.reserve_zone,
-                                       decision.reserve_node, window=settings.reservation_confirm,
-                                       limit=settings.max_unconfirmed)
-            return replace(answer, reservation="held" if held else "skipped")
+    if reserve and own is not None and answer.response["allowed"] and decision.reserve_zone:
+        settings = state.settings
+        held = state.guard.reserve(own, decision.reserve_zone, decision.reserve_node,
+                                   window=settings.reservation_confirm, limit=settings.max_unconfirmed)
+        return replace(answer, reservation="held" if held else "skipped")
     return answer
+
+
+def _own_key(review: Review) -> str | None:
+    """The index key of the pod a review creates, when it has a namespace and a name."""
+    if review.kind != "Pod" or review.operation != "CREATE" or not review.namespace:
+        return None
+    metadata = (review.object or {}).get("metadata")
+    name = review.name or (metadata.get("name") if isinstance(metadata, dict) else None)
+    return pod_key(review.namespace, name) if isinstance(name, str) and name else None

@@ -142,6 +142,11 @@ def denial_warnings(decision: Decision) -> list[str]:
     return [clean_warning(line) for line in lines]
 
 
+def preempt_warning(decision: Decision) -> str:
+    return clean_warning(f"ipguard: {decision.reason}; admitted: at priority {decision.preempts} it may preempt "
+                         "lower-priority pods and take their IPs")
+
+
 def wait_warning(decision: Decision) -> str:
     if decision.selection:
         return clean_warning(
@@ -199,4 +204,6 @@ def audit_annotations(decision: Decision, mode: str, outcome: str) -> dict[str, 
         notes["node"] = f"{decision.node.node} room={decision.node.room} warm={decision.node.warm_free}"
     if decision.stale:
         notes["stale"] = "true"
+    if decision.preempts is not None:
+        notes["preempts"] = str(decision.preempts)
     return notes

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain, islice
 from typing import Any, NamedTuple
 
@@ -96,6 +96,7 @@ class Decision:
     findings: tuple[Finding, ...] = ()  # checks other than placement (policies, ENIConfigs): see findings.py
     selection: str = ""  # the node selection that lists the only nodes it may run on (`pool=gpu`), when judged so
     selected_nodes: int = 0  # how many nodes that selection allows now
+    preempts: int | None = None  # allowed though out of IPs: its priority lets the scheduler preempt for it
 
     @property
     def open_zones(self) -> tuple[str, ...]:
@@ -115,6 +116,26 @@ def decide(
     operation: str = "CREATE",
     stale: bool = False,
     branch: bool = False,
+) -> Decision:
+    decision = _decide(pod, index, settings, namespace=namespace, operation=operation, stale=stale, branch=branch)
+    if decision.verdict is Verdict.DENY and not decision.findings:
+        priority = pods.preempting_priority(pod)
+        if priority is not None:
+            # The scheduler evicts lower-priority pods for it (ipguard does not know the priorities of the pods
+            # in place): their IPs come back to it after the cooldown. When unsure, admit, and say so.
+            return replace(decision, verdict=Verdict.ALLOW, preempts=priority, reserve_zone=None, reserve_node=None)
+    return decision
+
+
+def _decide(
+    pod: Mapping[str, Any],
+    index: CapacityIndex,
+    settings: Settings,
+    *,
+    namespace: str | None,
+    operation: str,
+    stale: bool,
+    branch: bool,
 ) -> Decision:
     name = pods.display_name(pod, namespace)
     ns = name.split("/", 1)[0]
@@ -468,7 +489,10 @@ def _decide_pinned(name: str, node_name: str, use: PodUse, index: CapacityIndex,
         return not_applicable(name, f"pinned to Windows node {node_name}: a different IPAM, not modelled")
     subnet = index.subnets.get(node.pod_subnet) if node.pod_subnet else None
     if use is PodUse.BRANCH:
-        can_take = node.branch_room > 0 and (subnet is None or subnet.supply > 0)
+        # Unknown limits give no branch room to go on; a branch ENI in its cooldown frees its slot (and its
+        # address) within a minute: neither is ground for a denial, as a warm IP in its cooldown is not.
+        can_take = node.limits is None or node.branch_cooling > 0 or (
+            node.branch_room > 0 and (subnet is None or subnet.supply > 0))
     else:
         # Only addresses count here: a node out of pod slots is the scheduler's and kubelet's to refuse.
         can_take = _gives_ip(node, index)

@@ -66,6 +66,17 @@ def is_host_network(pod: Pod) -> bool:
     return spec(pod).get("hostNetwork") is True
 
 
+def preempting_priority(pod: Pod) -> int | None:
+    """The pod's priority when the scheduler may preempt for it: above the default 0 (the Priority admission
+    plugin has set it from the PriorityClass before webhooks run), and its preemptionPolicy not Never. Preempted
+    pods free their node slots and, after the cooldown, their IPs: full nodes are then no proof it gets none."""
+    pod_spec = spec(pod)
+    priority = pod_spec.get("priority")
+    if not isinstance(priority, int) or isinstance(priority, bool) or priority <= 0:
+        return None
+    return None if pod_spec.get("preemptionPolicy") == "Never" else priority
+
+
 def is_fargate(pod: Pod) -> bool:
     labels = _map(metadata(pod).get("labels"))
     return FARGATE_PROFILE_LABEL in labels or spec(pod).get("schedulerName") == FARGATE_SCHEDULER

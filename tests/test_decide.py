@@ -895,3 +895,37 @@ def test_a_branch_pod_pinned_to_a_node_whose_branch_eni_is_cooling_is_not_denied
     index.remove_pod("apps/sg-1")
     assert index.nodes["n1"].branch_cooling == 1 and index.nodes["n1"].branch_room == 0
     assert decide(_branch_pod_on("n1"), index, Settings()).verdict is Verdict.ALLOW
+
+
+def test_a_warm_ip_ec2_shows_is_not_taken_back_by_a_subnet_count_that_lags() -> None:
+    """Zone a's subnet had no free address at its last count; EC2 now shows a node holding one more IP than its
+    pods use (its subnet's count is refreshed less often than the nodes' ENIs, and an address was freed and
+    drawn in between). The draw makes the subnet's supply negative, which takes back predicted warm IPs only:
+    the one EC2 shows is there, the zone has room for one pod, and a pod confined to it is admitted, not
+    denied. A node whose warm pool is only predicted (no EC2 figure yet), grown past what the subnet had, still
+    has it taken back."""
+    def cluster(ec2_figure: bool) -> CapacityIndex:
+        index = CapacityIndex(cni=CniSettings(warm_ip_target=1))
+        index.upsert_node("n1", zone="a", instance_type="m5.large", pod_subnet="s-a", allocatable_pods=29)
+        for i in range(5):
+            index.upsert_pod(f"apps/p{i}", "n1", PodUse.IP)
+        if ec2_figure:
+            index.set_node_held("n1", 5)
+        index.upsert_subnet("s-a", zone="a", free_ips=0)
+        if ec2_figure:
+            index.set_node_held("n1", 6)  # one more IP since the subnet's count
+        else:
+            index.upsert_pod("apps/p5", "n1", PodUse.IP)  # ipamd would top the pool up: from nothing
+        return index
+
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web-0", "namespace": "apps"},
+           "spec": {"nodeSelector": {"topology.kubernetes.io/zone": "a"},
+                    "containers": [{"name": "app", "image": "nginx"}]}}
+    shown = cluster(ec2_figure=True)
+    assert shown.nodes["n1"].warm == 1 and shown.subnets["s-a"].supply == -1
+    assert shown.zone_headroom("a") == 1
+    assert decide(pod, shown, Settings()).verdict is Verdict.ALLOW
+    predicted = cluster(ec2_figure=False)
+    assert predicted.nodes["n1"].warm == 1 and predicted.nodes["n1"].ec2_held is None
+    assert predicted.subnets["s-a"].supply == -1 and predicted.zone_headroom("a") == 0
+    assert decide(pod, predicted, Settings()).verdict is Verdict.DENY

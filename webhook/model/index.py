@@ -21,7 +21,9 @@ Quantities, per node n:
 Per subnet s: supply(s) = free addresses EC2 last reported, less what its nodes drew since (held IPs, /28
 blocks, ENI primaries, node primaries, branch ENIs). Its yield serves waiting pods, then new pods, cheapest
 units first; what is left is what new nodes could draw on. When that is less than its nodes' top-ups, which
-nodes hold its last addresses is not known until the next refresh (`uncertain_nodes`).
+nodes hold its last addresses is not known until the next refresh (`uncertain_nodes`). Below zero, the yield
+takes back the warm IPs predicted on nodes EC2 has not shown yet, never more: beyond them, what is out of date
+is the subnet's count, not the warm IPs EC2 shows.
 Per zone z:
   headroom = sum min(room, warm) + sum of its subnets' yield to new pods - unbound reservations - pending
 Unbound reservations are those not on a known node (node-bound ones are already inside room and warm);
@@ -35,7 +37,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 from webhook.model import ipamd
@@ -171,6 +173,9 @@ class Subnet:
     nodes: int = 0
     wants: dict[UnitKind, Demand] = field(default_factory=dict)  # its nodes' growth units, summed by kind
     topups: int = 0  # sum of its nodes' top-ups
+    # sum of min(room, warm) of its nodes whose warm IPs are predicted (no EC2 figure yet): the only warm IPs a
+    # shortfall may take back. Below zero by EC2's own figures, the subnet's count is what is out of date.
+    predicted_warm: int = 0
     tags: Mapping[str, str] = field(default_factory=dict)  # its EC2 tags, as last fetched
     launchable: bool = False  # an autoscaler (Karpenter's EC2NodeClass) can launch new nodes into it
     held_only: bool = False  # known only because nodes hold ENIs in it: no ENIConfig or node puts new ENIs there
@@ -394,8 +399,8 @@ class Cooling:
 
 
 # What a node's contribution put in the subnets' sums: (pod subnet, counted, demand, /28 blocks, growth units,
-# its parts in other subnets, its top-up).
-_Brought = tuple[Subnet | None, bool, int, int, tuple[tuple[UnitKind, Demand], ...], tuple[Placed, ...], int]
+# its parts in other subnets, its top-up, its predicted warm IPs).
+_Brought = tuple[Subnet | None, bool, int, int, tuple[tuple[UnitKind, Demand], ...], tuple[Placed, ...], int, int]
 
 # A pod entry: (node name or None, use, zone it was steered to while unbound or None).
 PodEntry = tuple[str | None, PodUse, str | None]
@@ -797,11 +802,13 @@ class CapacityIndex:
                     dry.discard(node.name)
                     if not dry:
                         del zone.dry_nodes[dry_key]
+        predicted = min(node.room, node.warm) if counted and node.ec2_held is None else 0
         if subnet is not None:
             subnet.nodes += sign * counted
             subnet.demand += sign * node.demand
             subnet.demand_blocks += sign * node.demand_blocks
             subnet.topups += sign * node.topup
+            subnet.predicted_warm += sign * predicted
             add_demand(subnet.wants, node.units, sign)
         elsewhere = node.elsewhere if node.known else ()
         for part in elsewhere:
@@ -811,7 +818,7 @@ class CapacityIndex:
             add_demand(other.wants, part.units, sign)
         if subnets is None:
             self._mark_dirty(node, sign, (subnet, counted, node.demand, node.demand_blocks, node.units, elsewhere,
-                                          node.topup))
+                                          node.topup, predicted))
 
     def _mark_dirty(self, node: Node, sign: int, brought: _Brought) -> None:
         """Queue the subnets whose sums a node's detach and attach moved (none when it brought back the same)."""
@@ -945,6 +952,10 @@ class CapacityIndex:
     def _subnet_state(self, subnet: Subnet) -> tuple[int, int, Yield, int]:
         addresses, blocks = self._supply(subnet)
         served = subnet_yield(addresses, blocks, subnet.wants)
+        if served.new_ips < -subnet.predicted_warm:
+            # A shortfall takes back predicted warm IPs only: one beyond them is EC2's count of the subnet lagging
+            # what its nodes drew (their warm IPs are in EC2's figures: certain), not IPs that are not there.
+            served = replace(served, new_ips=-subnet.predicted_warm)
         # A subnet in the index by its discovery tag alone gives new nodes nothing when ipamd does not discover.
         discovery_only = subnet.discoverable and not subnet.nodes and not subnet.launchable
         # One that only holds ENIs attached before an ENIConfig change gives new nodes nothing either.
@@ -960,7 +971,7 @@ class CapacityIndex:
         else:
             supply, blocks, served, addresses = state
         zone = self._zone(subnet.zone)
-        usable = self._usable_signed(subnet.nodes, supply, blocks)
+        usable = self._usable_signed(subnet.nodes, supply, blocks, subnet.predicted_warm)
         zone.supply += usable - subnet.usable
         subnet.usable = usable
         zone.growth += served.new_ips - subnet.growth
@@ -1462,14 +1473,15 @@ class CapacityIndex:
             for s in sorted(self.subnets.values(), key=lambda s: (s.zone, s.subnet_id))
         ]
 
-    def _usable_signed(self, nodes: int, supply: int, blocks: int) -> int:
+    def _usable_signed(self, nodes: int, supply: int, blocks: int, predicted_warm: int) -> int:
         """What a subnet's schedulable nodes can still draw on: free addresses, in whole /28 blocks under
-        prefix delegation (none when no node draws on it); below zero when predictions outran it."""
+        prefix delegation (none when no node draws on it); below zero when predicted warm IPs outran it (by
+        no more than those: see `Subnet.predicted_warm`)."""
         if not nodes:
             return 0
         if self.cni.prefix_delegation and supply >= 0:
             return blocks * PREFIX_SIZE
-        return supply
+        return max(supply, -predicted_warm)
 
     def _usable(self, subnet: Subnet) -> int:
         return max(0, subnet.usable)
@@ -1536,7 +1548,7 @@ class CapacityIndex:
             supply, blocks, served, addresses = self._subnet_state(subnet)
             subnet.supply, subnet.growth, subnet.addresses = supply, served.new_ips, addresses
             subnet.waiting_served = served.waiting_served
-            subnet.usable = self._usable_signed(subnet.nodes, supply, blocks)
+            subnet.usable = self._usable_signed(subnet.nodes, supply, blocks, subnet.predicted_warm)
             zone = zones.setdefault(subnet.zone, Zone(subnet.zone))
             zone.add_subnet(subnet.subnet_id, subnet.discoverable)
             zone.supply += subnet.usable

@@ -929,3 +929,19 @@ def test_a_warm_ip_ec2_shows_is_not_taken_back_by_a_subnet_count_that_lags() -> 
     assert predicted.nodes["n1"].warm == 1 and predicted.nodes["n1"].ec2_held is None
     assert predicted.subnets["s-a"].supply == -1 and predicted.zone_headroom("a") == 0
     assert decide(pod, predicted, Settings()).verdict is Verdict.DENY
+
+
+@pytest.mark.parametrize("free", [1, 12, 15, 16])
+def test_under_prefix_delegation_a_branch_pod_needs_one_address_not_a_whole_prefix(free: int) -> None:
+    """A branch ENI takes one address from the subnet, prefix delegation or not: a zone whose subnet has fewer
+    than 16 free addresses (no whole /28) still has room for branch pods, as the pinned path already said."""
+    index = CapacityIndex(cni=CniSettings(prefix_delegation=True, pod_eni=True, warm_prefix_target=1))
+    index.upsert_node("n1", zone="a", instance_type="m5.large", pod_subnet="s-a", allocatable_pods=110)
+    for i in range(5):
+        index.upsert_pod(f"apps/p{i}", "n1", PodUse.IP)
+    index.upsert_subnet("s-a", zone="a", free_ips=free, free_blocks=free // 16)
+    pod = _branch_pod_on("n1")
+    del pod["spec"]["nodeName"]
+    decision = decide(pod, index, Settings())
+    assert decision.verdict is Verdict.ALLOW, decision.reason
+    assert decision.zones[0].subnet_free == free and decision.zones[0].headroom == min(free, 9)

@@ -292,7 +292,7 @@ def _zone_check(zone_name: str, use: PodUse, index: CapacityIndex, settings: Set
         reserve,
         zone.branch_room if use is PodUse.BRANCH else zone.room,
         zone.warm,
-        max(0, zone.supply),
+        max(0, zone.loose_supply if use is PodUse.BRANCH else zone.supply),
         zone.reservations + zone.pending,
         zone.subnet_tuple,
         zone.addresses - zone.unbound_reservations - zone.pending,

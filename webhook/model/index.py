@@ -188,6 +188,7 @@ class Subnet:
     left_blocks: int = 0
     addresses: int = 0  # pod IPs new nodes could still get from it
     usable: int = 0  # what its schedulable nodes can draw on (whole /28s under prefix delegation)
+    loose: int = 0  # the same in single addresses, whatever the mode (a branch ENI takes one)
     unserved: Unserved = ()  # its nodes' new ENIs it could not fund (subnet discovery may)
     spare: tuple[int, int] = (0, 0)  # (addresses, blocks) free once its own nodes' growth is funded
     # what is left cannot fund every node's top-up: its last addresses go to whichever nodes' ipamd asks first,
@@ -216,6 +217,7 @@ class Zone:
     waiting: int = 0  # pods on its nodes with no IP yet
     cooling: int = 0  # freed IPs in cooldown on nodes with room: back within IP_COOLDOWN_PERIOD
     supply: int = 0  # sum of its subnets' supply (may be negative, see the module docstring)
+    loose_supply: int = 0  # the same in single addresses under prefix delegation too (branch ENIs take one each)
     growth: int = 0  # sum of its subnets' yield to new pods on its nodes
     discovery_growth: int = 0  # new pods whose ENIs only the zone's discovery-tagged subnets can fund
     discovery_waiting_served: int = 0
@@ -257,7 +259,7 @@ class Zone:
     def branch_headroom(self) -> int:
         """Pods needing a branch ENI (one subnet address each, no warm-pool IP) the zone can still take."""
         debit = self.unbound_reservations + self.pending
-        return min(self.branch_room - debit, self.supply - debit)
+        return min(self.branch_room - debit, self.loose_supply - debit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -974,6 +976,9 @@ class CapacityIndex:
         usable = self._usable_signed(subnet.nodes, supply, blocks, subnet.predicted_warm)
         zone.supply += usable - subnet.usable
         subnet.usable = usable
+        loose = self._usable_signed(subnet.nodes, supply, None, subnet.predicted_warm)
+        zone.loose_supply += loose - subnet.loose
+        subnet.loose = loose
         zone.growth += served.new_ips - subnet.growth
         zone.waiting_served += served.waiting_served - subnet.waiting_served
         zone.addresses += addresses - subnet.addresses
@@ -1473,13 +1478,13 @@ class CapacityIndex:
             for s in sorted(self.subnets.values(), key=lambda s: (s.zone, s.subnet_id))
         ]
 
-    def _usable_signed(self, nodes: int, supply: int, blocks: int, predicted_warm: int) -> int:
+    def _usable_signed(self, nodes: int, supply: int, blocks: int | None, predicted_warm: int) -> int:
         """What a subnet's schedulable nodes can still draw on: free addresses, in whole /28 blocks under
-        prefix delegation (none when no node draws on it); below zero when predicted warm IPs outran it (by
-        no more than those: see `Subnet.predicted_warm`)."""
+        prefix delegation (`blocks` None: single addresses all the same), none when no node draws on it; below
+        zero when predicted warm IPs outran it (by no more than those: see `Subnet.predicted_warm`)."""
         if not nodes:
             return 0
-        if self.cni.prefix_delegation and supply >= 0:
+        if self.cni.prefix_delegation and supply >= 0 and blocks is not None:
             return blocks * PREFIX_SIZE
         return max(supply, -predicted_warm)
 
@@ -1549,9 +1554,11 @@ class CapacityIndex:
             subnet.supply, subnet.growth, subnet.addresses = supply, served.new_ips, addresses
             subnet.waiting_served = served.waiting_served
             subnet.usable = self._usable_signed(subnet.nodes, supply, blocks, subnet.predicted_warm)
+            subnet.loose = self._usable_signed(subnet.nodes, supply, None, subnet.predicted_warm)
             zone = zones.setdefault(subnet.zone, Zone(subnet.zone))
             zone.add_subnet(subnet.subnet_id, subnet.discoverable)
             zone.supply += subnet.usable
+            zone.loose_supply += subnet.loose
             zone.growth += served.new_ips
             zone.waiting_served += served.waiting_served
             zone.addresses += addresses
@@ -1573,7 +1580,8 @@ def _aggregates(zones: dict[str, Zone], subnets: dict[str, Subnet], nodes: dict[
     return {
         "zones": {
             z.name: (
-                z.nodes, z.room, z.branch_room, z.warm, z.warm_usable, z.growth, z.supply, z.reservations,
+                z.nodes, z.room, z.branch_room, z.warm, z.warm_usable, z.growth, z.supply, z.loose_supply,
+                z.reservations,
                 z.unbound_reservations, z.pending, z.beyond_warm_unknown, z.unknown_subnet_nodes, z.addresses,
                 z.waiting, z.waiting_served, z.no_config_nodes, z.discovery_growth, z.cooling, z.topups_short,
                 sorted(z.full_nodes),

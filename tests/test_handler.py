@@ -10,6 +10,7 @@ from tests.test_server_e2e import A, B, fixture_cluster
 from webhook.admission.handler import AdmissionState, handle, judge, respond
 from webhook.admission.wire import parse_review
 from webhook.model.config import Settings
+from webhook.model.index import PodUse
 
 
 def review(name: str, stage: str):  # type: ignore[no-untyped-def]
@@ -104,19 +105,29 @@ def _zone_pod(zone: str, priority: int = 0, policy: str = "PreemptLowerPriority"
     return json.dumps(document).encode()
 
 
-def test_a_pod_the_scheduler_may_preempt_for_is_not_denied_for_full_nodes() -> None:
-    """Zone A is out of pod IPs. A pod above the default priority, allowed to preempt, makes the scheduler evict
-    lower-priority pods, whose IPs come back to it after the cooldown: ipguard does not know the priorities of
-    the pods in place, so it admits it and says why (a warning, an audit annotation) rather than deny a pod that
-    may get an IP. The same pod at priority 0, or with preemptionPolicy Never, is denied."""
-    state = AdmissionState(fixture_cluster(exhausted=[A]), Settings())
-    critical = handle(parse_review(_zone_pod(A, 2_000_001_000)), "validate", state)
-    assert critical.response["allowed"] is True and critical.decision.preempts == 2_000_001_000
-    assert critical.response["auditAnnotations"]["preempts"] == "2000001000"
-    (warning,) = critical.response["warnings"]
+def test_a_system_critical_pod_is_not_denied_where_the_scheduler_would_preempt_for_it() -> None:
+    """Zone A is out of pod IPs. A system-critical pod (priority above every user PriorityClass, allowed to
+    preempt) makes the scheduler evict a user pod where a node has no pod slot left; that pod's IP comes back to
+    it after the cooldown. Once a zone A node runs full, ipguard admits it and says why (a warning, an audit
+    annotation) rather than deny a pod that gets an IP. Denied as before: with no full node (the scheduler binds
+    it where a slot is free, without preempting, and the sandbox fails), at a user priority (a globalDefault
+    class gives every pod the same), and with preemptionPolicy Never."""
+    index = fixture_cluster(exhausted=[A])
+    state = AdmissionState(index, Settings())
+    critical = _zone_pod(A, 2_000_001_000)
+    assert handle(parse_review(critical), "validate", state).response["allowed"] is False  # a slot is free
+    node = index.nodes["ip-10-0-1-10.ec2.internal"]
+    assert node.allocatable_pods == 29 and node.capacity == 18
+    for i in range(29):  # 18 pods with a VPC IP and 11 on the host network: no pod slot left
+        index.upsert_pod(f"shop/p-{i}", node.name, PodUse.IP if i < 18 else PodUse.NONE)
+    answer = handle(parse_review(critical), "validate", state)
+    assert answer.response["allowed"] is True and answer.decision.preempts == 2_000_001_000
+    assert answer.response["auditAnnotations"]["preempts"] == "2000001000"
+    (warning,) = answer.response["warnings"]
     assert warning.startswith("ipguard: every allowed zone is out of pod IPs; admitted: at priority 2000001000")
-    assert critical.reservation is None and state.index.reservations() == []
-    for priority, policy in ((0, "PreemptLowerPriority"), (1000, "Never")):
+    assert answer.reservation is None and index.reservations() == []
+    for priority, policy in ((0, "PreemptLowerPriority"), (1_000_000, "PreemptLowerPriority"),
+                             (2_000_001_000, "Never")):
         answer = handle(parse_review(_zone_pod(A, priority, policy)), "validate", state)
         assert answer.response["allowed"] is False and answer.decision.preempts is None
 
@@ -132,6 +143,21 @@ def test_a_create_retried_under_the_same_name_is_not_judged_against_its_own_rese
         answer = handle(parse_review(_zone_pod(B)), "validate", state)
         assert answer.response["allowed"] is True and answer.reservation == "held"
         assert [r.key for r in index.reservations()] == ["payments/api-7d9c8b6f5d-hpsl2"]
+    other = json.loads(_zone_pod(B))
+    other["request"]["name"] = other["request"]["object"]["metadata"]["name"] = "api-7d9c8b6f5d-other"
+    assert handle(parse_review(json.dumps(other).encode()), "validate", state).response["allowed"] is False
+
+
+def test_a_review_from_outside_the_control_plane_moves_no_reservation() -> None:
+    """A pod's reservation is held; a made-up review under its name from a caller outside the control plane
+    (answered with reserve=False) neither takes one nor releases the real pod's: the zone's last IP stays held,
+    and another pod is still denied."""
+    index = fixture_cluster(free=0)
+    state = AdmissionState(index, Settings(zone_reserves={B: 8}))
+    assert handle(parse_review(_zone_pod(B)), "validate", state).reservation == "held"
+    made_up = handle(parse_review(_zone_pod(B)), "validate", state, reserve=False)
+    assert made_up.reservation is None
+    assert [r.key for r in index.reservations()] == ["payments/api-7d9c8b6f5d-hpsl2"]
     other = json.loads(_zone_pod(B))
     other["request"]["name"] = other["request"]["object"]["metadata"]["name"] = "api-7d9c8b6f5d-other"
     assert handle(parse_review(json.dumps(other).encode()), "validate", state).response["allowed"] is False

@@ -286,9 +286,10 @@ async def test_an_eniconfig_update_that_moves_nodes_subnet_warns(env: Env) -> No
 
 async def test_service_quotas_out_of_reach_hold_back_neither_the_vpc_listing_nor_the_eni_refresh(
         env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A private cluster with no Service Quotas endpoint: the call hangs (here: a server that accepts and never
-    answers). The ENI refresh goes on meanwhile (the VPC listing is its own task), the groups and subnets of the
-    listing are applied, the quotas fall back to the settings' or EC2's defaults, and the failure is counted."""
+    """Service Quotas out of reach (a private cluster with no endpoint for it, or a hang: here a server that
+    accepts and never answers). The ENI refresh goes on meanwhile (the VPC listing is its own task), the groups
+    and subnets of the listing are applied, the quotas read before stay in force (a raised quota must not fall
+    back to the defaults on one failed call), and the failure is counted apart from the EC2 errors' alert."""
     async def silent(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         accepted.set()
         await asyncio.sleep(30)
@@ -301,6 +302,8 @@ async def test_service_quotas_out_of_reach_hold_back_neither_the_vpc_listing_nor
         vpc.Config(read_timeout=3, retries={"mode": "standard", "max_attempts": 1})))
     poller = env.service.vpc_poller
     assert poller is not None and env.service.poller is not None
+    read_before = env.service.state.vpc.service_quotas
+    assert read_before is not None and read_before.source == "Service Quotas"
     poller.quotas_endpoint_url = f"http://127.0.0.1:{port}"
     new_subnet = env.moto.ec2().create_subnet(VpcId=env.ec2.vpc, CidrBlock="10.0.4.0/24",
                                               AvailabilityZone=A)["Subnet"]["SubnetId"]
@@ -312,7 +315,7 @@ async def test_service_quotas_out_of_reach_hold_back_neither_the_vpc_listing_nor
                               "an ENI refresh while Service Quotas hangs", 2.5)
         assert new_subnet not in env.service.state.vpc.subnets  # the listing still waits on the quotas
         await live.eventually(lambda: new_subnet in env.service.state.vpc.subnets, "the listing applied", 10)
-        assert env.service.state.vpc.service_quotas is None and poller.quota_failures == 1
+        assert env.service.state.vpc.service_quotas == read_before and poller.quota_failures == 1
         _, metrics = await env.client.get("/metrics")
         assert scrape.value(metrics, "ipguard_ec2_errors_total", call="quotas", reason="failed") == 1
     finally:

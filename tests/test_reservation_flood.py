@@ -237,7 +237,8 @@ def test_caller_filter_reads_networks_from_a_source_as_it_learns_them() -> None:
     assert CallerFilter().allowed("203.0.113.9")  # nothing configured: everyone
 
 
-async def test_serve_answers_only_the_control_plane_interfaces_ec2_describes(moto: live.Moto, tmp_path: Path) -> None:
+async def test_serve_reserves_only_for_the_control_plane_interfaces_ec2_describes(
+        moto: live.Moto, tmp_path: Path) -> None:
     """On EKS, with no list configured: once EC2 has shown the cluster's control-plane network interfaces
     (described `Amazon EKS <cluster name>`), a review from any other address is answered as any other (the
     control plane gets new interfaces on a version update, and a refusal would fail the pod under

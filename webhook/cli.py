@@ -326,10 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--certificate-secret", default="ipguard-tls", help="with --manage-certificates: the Secret")
     sp.add_argument("--service-name", default="ipguard", help="the webhook Service (the certificate's DNS names)")
     sp.add_argument("--admission-source", action="append", metavar="CIDR",
-                    help="answer /mutate and /validate only from these networks (the control plane's addresses; "
-                         "repeatable or comma-separated); others get 403. Default: any caller")
+                    help="reviews take reservations only from these networks (the control plane's addresses; "
+                         "repeatable or comma-separated); others are answered but hold none. Default: any caller")
     sp.add_argument("--no-control-plane-callers", action="store_true",
-                    help="do not restrict /mutate and /validate to the EKS control plane's network interfaces "
+                    help="do not keep reservations to reviews from the EKS control plane's network interfaces "
                          "(learnt from EC2, `Amazon EKS <cluster>`); --admission-source still applies")
     sp.add_argument("--webhook-configuration", default="ipguard",
                     help="name of ipguard's Mutating- and ValidatingWebhookConfiguration (caBundle patched)")

@@ -162,14 +162,15 @@ def respond(review: Review, decision: Decision, stage: Stage, settings: Settings
 def handle(review: Review, stage: Stage, state: AdmissionState, *, reserve: bool = True) -> Answer:
     """Decide, answer, and (validating an admitted pod, not a dry run) hold its IP until the watch shows it.
     `reserve` False: answer alike, but hold nothing (a caller that may not be the API server)."""
-    own = _own_key(review) if stage == "validate" and not review.dry_run else None
+    # (not for a caller that may not be the API server: it must not move a real pod's reservation either)
+    own = _own_key(review) if reserve and stage == "validate" and not review.dry_run else None
     if own is not None:
         # A create retried under the same name (refused after this admission by a quota or a later webhook) is
         # judged without the reservation its first try took, which its own IP would otherwise be counted in.
         state.index.release(own)
     decision = judge(review, stage, state)
     answer = respond(review, decision, stage, state.settings, state.index.cni)
-    if reserve and own is not None and answer.response["allowed"] and decision.reserve_zone:
+    if own is not None and answer.response["allowed"] and decision.reserve_zone:
         settings = state.settings
         held = state.guard.reserve(own, decision.reserve_zone, decision.reserve_node,
                                    window=settings.reservation_confirm, limit=settings.max_unconfirmed)

@@ -120,11 +120,27 @@ def decide(
     decision = _decide(pod, index, settings, namespace=namespace, operation=operation, stale=stale, branch=branch)
     if decision.verdict is Verdict.DENY and not decision.findings:
         priority = pods.preempting_priority(pod)
-        if priority is not None:
-            # The scheduler evicts lower-priority pods for it (ipguard does not know the priorities of the pods
-            # in place): their IPs come back to it after the cooldown. When unsure, admit, and say so.
+        if priority is not None and _preemptible(decision, index):
+            # The scheduler evicts a user pod for it where a node has no pod slot left: that pod's IP comes back to
+            # it after the cooldown. (Where a node has a slot it binds there without preempting, and the sandbox
+            # fails: the denial stands.)
             return replace(decision, verdict=Verdict.ALLOW, preempts=priority, reserve_zone=None, reserve_node=None)
     return decision
+
+
+def _preemptible(decision: Decision, index: CapacityIndex) -> bool:
+    """A node the pod may run on (its pinned node, else any in its allowed zones) whose pod slots are all taken
+    and that runs pods with a VPC IP, one of which the scheduler could evict for it. Walks nodes: denials of
+    system-critical pods only."""
+    def full_with_ip_pods(node: Node | None) -> bool:
+        return (node is not None and node.known and node.allocatable_pods is not None
+                and node.pods >= node.allocatable_pods and node.assigned > 0)
+
+    if decision.node is not None:
+        return full_with_ip_pods(index.nodes.get(decision.node.node))
+    zones = {check.zone for check in decision.zones}
+    return any(node.zone in zones and index.counted(node) and full_with_ip_pods(node)
+               for node in index.nodes.values())
 
 
 def _decide(

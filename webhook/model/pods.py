@@ -66,13 +66,16 @@ def is_host_network(pod: Pod) -> bool:
     return spec(pod).get("hostNetwork") is True
 
 
+SYSTEM_PRIORITY = 1_000_000_000  # PriorityClasses above this are the system's (system-node-critical, ...)
+
+
 def preempting_priority(pod: Pod) -> int | None:
-    """The pod's priority when the scheduler may preempt for it: above the default 0 (the Priority admission
-    plugin has set it from the PriorityClass before webhooks run), and its preemptionPolicy not Never. Preempted
-    pods free their node slots and, after the cooldown, their IPs: full nodes are then no proof it gets none."""
+    """The pod's priority when it is a system-critical one the scheduler preempts for: above every user-defined
+    PriorityClass (a globalDefault among them gives every pod the same, and preempts nothing), set by the Priority
+    admission plugin before webhooks run, and its preemptionPolicy not Never."""
     pod_spec = spec(pod)
     priority = pod_spec.get("priority")
-    if not isinstance(priority, int) or isinstance(priority, bool) or priority <= 0:
+    if not isinstance(priority, int) or isinstance(priority, bool) or priority <= SYSTEM_PRIORITY:
         return None
     return None if pod_spec.get("preemptionPolicy") == "Never" else priority
 

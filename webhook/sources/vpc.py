@@ -91,8 +91,9 @@ class VpcPoller:
         return found
 
     def fetch_quotas(self) -> Quotas | None:
-        """Both quotas from Service Quotas, or None when they cannot be read (no permission, no endpoint, an
-        error): the settings or EC2's defaults then apply. Never fails the listing of groups and subnets."""
+        """Both quotas from Service Quotas; None when the role may not read them (the settings or EC2's defaults
+        then apply); the last good ones on any other failure (no endpoint, throttling, a timeout). Never fails
+        the listing of groups and subnets."""
         client: Any = boto3.session.Session().client(
             "service-quotas", region_name=self.ec2.region, endpoint_url=self.quotas_endpoint_url,
             config=QUOTAS_CLIENT_CONFIG,
@@ -110,17 +111,18 @@ class VpcPoller:
                     self._quotas_denied_said = True
                 return None
             self._quotas_failed(exc)
-            return None
+            return self.facts.service_quotas
         except (BotoCoreError, KeyError, TypeError, ValueError) as exc:
             self._quotas_failed(exc)
-            return None
+            return self.facts.service_quotas
         return Quotas(values[GROUPS_PER_ENI_QUOTA_CODE], values[RULES_PER_GROUP_QUOTA_CODE], "Service Quotas")
 
     def _quotas_failed(self, exc: Exception) -> None:
         self.quota_failures += 1
         if self.quota_failures in (1, 10) or self.quota_failures % 100 == 0:  # every 5 min would flood the log
-            log.warning("Service Quotas unreachable or failing (%s: %s): security-group quotas from the settings or "
-                        "EC2's defaults", type(exc).__name__, exc, extra={"fields": {"failures": self.quota_failures}})
+            log.warning("Service Quotas unreachable or failing (%s: %s): the last quotas read stay in force (the "
+                        "settings' or EC2's defaults if none was)", type(exc).__name__, exc,
+                        extra={"fields": {"failures": self.quota_failures}})
 
     # ---- refresh ---------------------------------------------------------------------------------------
 

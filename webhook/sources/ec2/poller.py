@@ -321,18 +321,7 @@ class Ec2Poller:
                 failed[Call.SUBNETS] = exc.reason
         elif subnet_ids:
             cached.add(Call.SUBNETS)
-        instances: dict[str, InstanceEnis] | None = None
-        if instance_ids:
-            try:
-                instances = await self.enis.instances(instance_ids, vpc_id, full=subnets_due)
-                (fetched if instances is not None else cached).add(Call.ENIS)
-            except CallFailed as exc:
-                failed[Call.ENIS] = exc.reason
-        if Call.ENIS in failed and subnets is not None:
-            # A subnet figure pairs only with fresh held figures (what nodes drew since would count against it
-            # twice): it waits for the next refresh.
-            subnets = None
-            fetched.discard(Call.SUBNETS)
+        # The subnets' own ENIs (free /28s under prefix delegation) before the nodes' too, for the same reason.
         if subnets is not None:
             self.excluded_subnets = frozenset(s.subnet_id for s in subnets if s.cni_excluded)
             subnets = [s for s in subnets if s.subnet_id in subnet_ids or self._kept(index, s)]
@@ -347,6 +336,20 @@ class Ec2Poller:
                     failed[Call.SUBNET_ENIS] = exc.reason
                 reserved = await self.subnet_provider.reservations(pod_subnets)
             counted = self.subnet_provider.with_free_blocks(subnets, pod_subnets, prefix_mode, used, reserved)
+        instances: dict[str, InstanceEnis] | None = None
+        if instance_ids:
+            try:
+                instances = await self.enis.instances(instance_ids, vpc_id, full=subnets_due)
+                (fetched if instances is not None else cached).add(Call.ENIS)
+            except CallFailed as exc:
+                failed[Call.ENIS] = exc.reason
+        if Call.ENIS in failed and subnets is not None:
+            # A subnet figure pairs only with fresh held figures (what nodes drew since would count against it
+            # twice): it waits for the next refresh, its free /28 counts with it.
+            subnets = None
+            counted = []
+            fetched.discard(Call.SUBNETS)
+            fetched.discard(Call.SUBNET_ENIS)
 
         # The control plane's ENIs feed no capacity figure: best effort, counted in the stats only.
         control_plane: ControlPlane | None = None

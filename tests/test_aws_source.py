@@ -898,8 +898,8 @@ async def test_run_loop_never_raises_and_stops(moto_server: Server) -> None:
     poller = make_poller(moto_server.url, asyncio.get_running_loop().time, eni_period=0.1, subnet_period=0.1)
     task = asyncio.create_task(poller.run(index, lambda: cluster.node_instances, lambda: set()))
     try:
-        await eventually(lambda: poller.stats[Call.SUBNETS].last_success is not None)
-        assert index.nodes["node-0"].ec2_held == 5
+        await eventually(lambda: index.nodes["node-0"].ec2_held == 5
+                         and poller.stats[Call.SUBNETS].last_success is not None)
         moto_server.stop()
         await eventually(lambda: poller.stats[Call.ENIS].errors >= 2)
         assert not task.done()  # errors are counted, never raised

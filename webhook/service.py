@@ -13,7 +13,7 @@ import gc
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -272,28 +272,24 @@ class Service:
         # The first refresh as soon as EC2 can be asked the right things (the nodes, and where custom networking
         # puts their pods), not a tick later: it is what readiness waits for.
         await asyncio.gather(*(self.reflectors[kind].listed.wait() for kind in EC2_INPUTS))
-        while True:
-            try:
-                await self.refresh_ec2()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                self.ec2_loop_errors += 1
-                log.exception("EC2 refresh failed")
-            await asyncio.sleep(self.options.ec2_tick)
+        await self._every_tick(self.refresh_ec2, "EC2 refresh")
 
     async def _vpc_loop(self) -> None:
         # Apart from the ENI and subnet refresh: a slow VPC listing (Service Quotas with no endpoint, a VPC with
         # thousands of groups) must not hold back the figures every decision rests on.
         assert self.vpc_poller is not None
+        await self._every_tick(self.vpc_poller.refresh, "EC2 VPC listing")
+
+    async def _every_tick(self, step: Callable[[], Awaitable[object]], what: str) -> None:
+        """`step` every EC2 tick, forever: a failure is counted and logged, never raised."""
         while True:
             try:
-                await self.vpc_poller.refresh()
+                await step()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 self.ec2_loop_errors += 1
-                log.exception("EC2 VPC listing failed")
+                log.exception("%s failed", what)
             await asyncio.sleep(self.options.ec2_tick)
 
     def _start_ec2(self) -> None:

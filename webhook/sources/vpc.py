@@ -8,7 +8,8 @@ not, the settings or EC2's defaults apply (said once in the log, and by `ipguard
 
 Runs beside the EC2 poller (its own task: a slow listing never holds back the ENI and subnet figures), every
 `period` seconds; never on the request path. A failed listing keeps the last good one, whose age then tells the
-checks to fail open; quotas that cannot be read leave the settings' or EC2's defaults in force.
+checks to fail open. Quotas the role may not read leave the settings' or EC2's defaults in force; a failed read
+keeps the last quotas read.
 """
 
 from __future__ import annotations

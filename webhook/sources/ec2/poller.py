@@ -1,9 +1,11 @@
 """The EC2 poller: asks each provider for what is due, in the order the figures need, and applies the
 answers to the capacity index: the nodes' figures in slices between requests, then the subnets' in one step.
 
-Order matters: the VPC first (the ENI and subnet filters use it), then instance types, then the nodes' ENIs,
-then subnets, and subnets only right after fresh ENIs, so each subnet baseline in the index pairs with held
-figures at least as new as it. On errors or throttling the index keeps the last good figures.
+Order matters: the VPC first (the ENI and subnet filters use it), then instance types, then the subnets (and
+their ENIs under prefix delegation), then the nodes' ENIs: an address ipamd assigns between the two reads is
+counted twice until the next refresh rather than gone from both. Subnet figures are applied only beside fresh
+held figures, so each subnet baseline in the index pairs with held figures at least as new as it. On errors or
+throttling the index keeps the last good figures.
 Never called from an admission request: it blocks on the network.
 """
 
